@@ -1,1 +1,4 @@
-"""volumed.io"""
+"""Reading and writing volumes: NIfTI, NRRD, MHA, DICOM series; NIfTI and DICOM SEG outputs."""
+
+from volumed.io.reader import describe_series, read_dicom_series, read_label, read_volume, resample_label_to  # noqa: F401
+from volumed.io.volume import SourceInfo, Volume  # noqa: F401

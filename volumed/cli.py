@@ -1,0 +1,110 @@
+"""The ``volumed`` command.
+
+Errors caused by input (a :class:`volumed.errors.VolumedError`) are printed as one line on
+stderr with exit code 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from volumed.errors import VolumedError
+
+app = typer.Typer(
+    name="volumed",
+    help="3D medical imaging on MONAI: read CT/MR volumes and DICOM series, preview them, and run models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+encoders_app = typer.Typer(help="Inspect the registered 3D encoders (STU-Net, CT-ViT, SwinUNETR).", no_args_is_help=True)
+app.add_typer(encoders_app, name="encoders")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
+) -> None:
+    """volumed: CT/MR volumes in, masks, findings and reports out, in the scan's own geometry."""
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Override the modality: CT or MR."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Print a volume's geometry (shape, spacing, orientation, affine), intensity statistics and series UIDs."""
+    from volumed.io import read_volume
+    from volumed.io.info import describe_volume
+
+    summary = describe_volume(read_volume(path, series_uid=series_uid, modality=modality))
+    typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.to_text())
+
+
+@app.command()
+def preview(
+    path: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
+    label: Optional[Path] = typer.Option(None, "--label", "-l", help="Label map to overlay (any grid: resampled onto the image in world space)."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Write three orthogonal slices (axial, coronal, sagittal) as a PNG, with an optional label overlay."""
+    from volumed.inference.preview import render_preview
+    from volumed.io import read_label, read_volume
+
+    vol = read_volume(path, series_uid=series_uid)
+    lab = read_label(label, vol).data if label is not None else None
+    render_preview(vol, output, label=lab, overwrite=overwrite, title=f"{Path(path).name}  {vol.orientation}  "
+                   f"{' x '.join(map(str, vol.shape))}  {', '.join(f'{s:.3g}' for s in vol.spacing)} mm")
+    typer.echo(f"wrote {output}")
+
+
+@encoders_app.command("list")
+def encoders_list(
+    input_size: int = typer.Option(128, "--input-size", help="Cube edge (voxels) for the FLOPs and memory columns."),
+) -> None:
+    """Table of encoder presets: parameters, memory and FLOPs (counted on the meta device, so free)."""
+    from volumed.encoders.summary import format_table, summarize_all
+
+    typer.echo(format_table(summarize_all(input_size=input_size)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(ctx: typer.Context) -> None:
+    """VoCo self-supervised pretraining (LightningCLI): volumed pretrain --config configs/pretrain_voco-cpu.yaml [--trainer.max_steps N]."""
+    from volumed.tasks.cli_pretrain import main as pretrain_main
+
+    pretrain_main(list(ctx.args))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="volumed")
+    except VolumedError as err:
+        if debug:
+            raise
+        msg = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        typer.echo(f"volumed: error: {msg}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("volumed: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

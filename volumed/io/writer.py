@@ -1,0 +1,252 @@
+"""The one writer: NIfTI volumes and masks on the input's grid, and DICOM SEG via highdicom.
+
+Every write is atomic (:mod:`volumed.io.atomic`) and refuses to replace an existing file unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from volumed import __version__
+from volumed.errors import DicomSeriesError, VolumedError
+from volumed.io.atomic import atomic_output, check_writable
+from volumed.io.coding import readable_name, structure_code
+from volumed.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def write_nifti(volume: Volume, path: str | Path, *, overwrite: bool = False, dtype=None) -> Path:
+    """Write ``volume`` as NIfTI with its exact affine (sform and qform, scanner space)."""
+    path = Path(path)
+    data = volume.data if dtype is None else volume.data.astype(dtype)
+    img = nib.Nifti1Image(np.asarray(data), volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_label_map(label: np.ndarray, reference: Volume, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an integer label map that lies on ``reference``'s grid, with its affine."""
+    label = _on_grid(label, reference, path)
+    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
+    return write_nifti(reference.with_data(label.astype(dtype)), path, overwrite=overwrite)
+
+
+def write_masks(
+    label: np.ndarray, names: Mapping[int, str], reference: Volume, out_dir: str | Path, *, overwrite: bool = False
+) -> dict[str, Path]:
+    """One binary uint8 NIfTI per structure (``<name>.nii.gz``) on ``reference``'s grid."""
+    label = _on_grid(label, reference, out_dir)
+    out_dir = Path(out_dir)
+    targets = {name: out_dir / f"{name}.nii.gz" for name in names.values()}
+    for p in targets.values():  # fail before writing anything
+        check_writable(p, overwrite)
+    written = {}
+    for value, name in names.items():
+        written[name] = write_nifti(reference.with_data((label == value).astype(np.uint8)), targets[name], overwrite=overwrite)
+    return written
+
+
+def _on_grid(label: np.ndarray, reference: Volume, where) -> np.ndarray:
+    label = np.asarray(label)
+    if tuple(label.shape) != reference.shape:
+        raise VolumedError(f"label map shape {tuple(label.shape)} is not the reference grid {reference.shape}", where)
+    if label.min(initial=0) < 0:
+        raise VolumedError("label map holds negative values", where)
+    return label
+
+
+# ----------------------------------------------------------------------------------- DICOM SEG
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One structure of a label map: its ``value`` in the map and its canonical ``name``."""
+
+    value: int
+    name: str
+    label: str | None = None  # shown to readers; defaults to the readable name
+
+
+def _load_source_datasets(source: Volume) -> list:
+    """The source slices as pydicom datasets, in the volume's ``k`` order, with UIDs checked."""
+    import pydicom
+
+    if source.source.format != "dicom" or not source.source.files:
+        raise DicomSeriesError(
+            "a DICOM SEG needs a DICOM source series; this volume was read from "
+            f"{source.source.format} (write NIfTI instead)",
+            source.source.path,
+        )
+    missing = [n for n, v in (("StudyInstanceUID", source.source.study_uid), ("SeriesInstanceUID", source.source.series_uid),
+                               ("FrameOfReferenceUID", source.source.frame_of_reference_uid)) if not v]
+    if missing:
+        raise DicomSeriesError(
+            f"source series has empty {', '.join(missing)} (anonymised?); a DICOM SEG must reference them, "
+            "so it cannot be written for this series. Restore the UIDs, or use the NIfTI outputs",
+            source.source.path,
+        )
+    datasets = []
+    for f in source.source.files:
+        ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        meta = getattr(ds, "file_meta", None)
+        # Some anonymisers blank SOP Class/Instance UID in the data set but keep them in the file
+        # meta; take them from there (in memory only: inputs are never modified).
+        if not getattr(ds, "SOPClassUID", None) and meta is not None and getattr(meta, "MediaStorageSOPClassUID", None):
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        if not getattr(ds, "SOPInstanceUID", None) and meta is not None and getattr(meta, "MediaStorageSOPInstanceUID", None):
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        if not getattr(ds, "SOPInstanceUID", None) or not getattr(ds, "SOPClassUID", None):
+            raise DicomSeriesError("slice has no SOPInstanceUID/SOPClassUID; a DICOM SEG cannot reference it", f)
+        datasets.append(ds)
+    return datasets
+
+
+def write_dicom_seg(
+    label: np.ndarray,
+    source: Volume,
+    segments: Sequence[SegmentSpec],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    series_description: str = "volumed segmentation",
+    series_number: int = 300,
+    algorithm_name: str = "volumed",
+    algorithm_version: str = __version__,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> Path:
+    """Write a binary DICOM SEG for ``label`` (on ``source``'s grid) referencing the source series.
+
+    Args:
+        label: integer label map ``(X, Y, Z)`` on the source grid.
+        source: the DICOM volume the labels belong to (``read_volume`` of the series).
+        segments: which label values become segments, with their canonical names. Values absent
+            from ``label`` still get a segment (an empty one is omitted by highdicom's frame
+            logic but keeps its description) only if listed; pass only what should be stored.
+        series_instance_uid, sop_instance_uid: deterministic UIDs (for idempotent PACS uploads);
+            fresh UIDs when ``None``.
+
+    Segments are numbered 1..N in the order given; each carries its name as SegmentLabel, a
+    SNOMED CT property type where one is known (else the local ``99VOLUMED`` scheme, see
+    :mod:`volumed.io.coding`), and a laterality modifier for left/right structures.
+    """
+    import highdicom as hd
+
+    path = Path(path)
+    check_writable(path, overwrite)
+    label = _on_grid(label, source, path)
+    if not segments:
+        raise VolumedError("no segments to write", path)
+    datasets = _load_source_datasets(source)
+
+    # highdicom wants frames in source order: (frames, rows, cols, segments), frame k = slice k,
+    # rows = j, cols = i.
+    masks = np.stack([(label == s.value) for s in segments], axis=-1)  # (X, Y, Z, S)
+    pixel_array = np.ascontiguousarray(np.transpose(masks, (2, 1, 0, 3))).astype(np.uint8)
+
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence
+    )
+    descriptions = []
+    for number, spec in enumerate(segments, start=1):
+        code = structure_code(spec.name)
+        category, prop_type, laterality = code.as_highdicom()
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=(spec.label or readable_name(spec.name))[:64],
+            segmented_property_category=category,
+            segmented_property_type=prop_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(),
+            tracking_id=spec.name[:64],
+        )
+        if laterality is not None:
+            from pydicom.dataset import Dataset
+
+            mod = Dataset()
+            mod.CodeValue, mod.CodingSchemeDesignator, mod.CodeMeaning = laterality.value, laterality.scheme_designator, laterality.meaning
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [mod]
+        descriptions.append(desc)
+
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=1,
+        manufacturer="volumed",
+        manufacturer_model_name=algorithm_name,
+        software_versions=algorithm_version,
+        device_serial_number="0",
+        series_description=series_description[:64],
+        omit_empty_frames=True,
+    )
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        seg.save_as(str(tmp))
+    return path
+
+
+@dataclass(frozen=True)
+class SegSegment:
+    number: int
+    label: str
+    name: str  # tracking id (canonical name) when present, else the label
+    property_type: tuple[str, str, str]
+    laterality: tuple[str, str, str] | None
+
+
+@dataclass(frozen=True)
+class DicomSegContent:
+    """A DICOM SEG read back onto its source grid: ``masks[s]`` is ``(X, Y, Z)`` bool."""
+
+    segments: tuple[SegSegment, ...]
+    masks: dict[int, np.ndarray]
+    series_uid: str
+    referenced_series_uid: str
+    frame_of_reference_uid: str
+    study_uid: str
+
+
+def read_dicom_seg(path: str | Path, source: Volume) -> DicomSegContent:
+    """Read a binary DICOM SEG and place every segment on ``source``'s ``(X, Y, Z)`` grid."""
+    import highdicom as hd
+
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as err:
+        raise VolumedError(f"not a readable DICOM SEG ({type(err).__name__}: {err})", path) from err
+    sop_uids = list(source.source.sop_instance_uids)
+    segments = []
+    masks = {}
+    for number in seg.get_segment_numbers():
+        d = seg.get_segment_description(number)
+        ptype = d.segmented_property_type
+        mod = getattr(d.SegmentedPropertyTypeCodeSequence[0], "SegmentedPropertyTypeModifierCodeSequence", None)
+        lat = (mod[0].CodeValue, mod[0].CodingSchemeDesignator, mod[0].CodeMeaning) if mod else None
+        segments.append(SegSegment(number, d.segment_label, d.tracking_id or d.segment_label,
+                                   (ptype.value, ptype.scheme_designator, ptype.meaning), lat))
+        arr = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=sop_uids, segment_numbers=[number], combine_segments=False, ignore_spatial_locations=True
+        )  # (Z, rows=j, cols=i, 1)
+        masks[number] = np.transpose(arr[..., 0], (2, 1, 0)).astype(bool)
+    ref_series = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    return DicomSegContent(tuple(segments), masks, seg.SeriesInstanceUID, ref_series, seg.FrameOfReferenceUID, seg.StudyInstanceUID)
