@@ -8,3 +8,7 @@ from volumed.encoders.registry import (  # noqa: F401
     list_encoders,
     register_encoder,
 )
+from volumed.encoders import stunet  # noqa: F401
+from volumed.encoders import ctvit  # noqa: F401
+from volumed.encoders import swin  # noqa: F401
+from volumed.encoders.weights import LoadReport, load_encoder_weights, save_weights  # noqa: F401,E402
