@@ -63,3 +63,14 @@ def test_preview_radiological_orientation(ts_dir, tmp_path):
     assert cols.mean() < axial.shape[1] / 2
     data, spacing = to_ras(vol)
     assert spacing == pytest.approx((0.9765625, 0.9765625, 2.0))
+
+
+def test_encoders_list_table():
+    from volumed.encoders import list_encoders
+
+    result = runner.invoke(app, ["encoders", "list"])
+    assert result.exit_code == 0, result.output
+    for name in list_encoders():
+        assert name in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("stunet_b "))
+    assert "28.73" in row  # encoder-only parameters (M) of STU-Net-B
