@@ -50,3 +50,11 @@ class ConfigError(VolumedError):
 
 class WeightsLoadError(VolumedError):
     """A checkpoint could not be read, or did not fit the model with ``strict=True``."""
+
+
+class UnknownTermError(VolumedError):
+    """A text prompt names no known anatomy term; ``suggestions`` holds the nearest known terms."""
+
+    def __init__(self, message: str, suggestions: tuple[str, ...] = (), path: str | Path | None = None):
+        self.suggestions = tuple(suggestions)
+        super().__init__(message, path)
