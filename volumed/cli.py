@@ -72,6 +72,29 @@ def preview(
     typer.echo(f"wrote {output}")
 
 
+@app.command("segment")
+def segment_command(
+    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable: liver, 'left kidney', 'L1 vertebra'."),
+    all_terms: bool = typer.Option(False, "--all", help="Also segment every structure the model was trained on (for the image's modality)."),
+    free_text: bool = typer.Option(False, "--free-text", help="Accept prompts outside the anatomy vocabulary (flagged free_text in labels.json)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (config.json + model.safetensors); default: bundles/volumed_promptseg_ct/models."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder: masks/, labels.nii.gz, labels.json, statistics.json, preview.png (+ segmentation.dcm)."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell (it recognises CT by air at -1000 HU)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
+) -> None:
+    """Segment anatomy named by text prompts; masks, label map, statistics and preview on the input's grid."""
+    from volumed.inference.segment import segment
+
+    result = segment(image, prompt, model_dir=model, out_dir=output, all_terms=all_terms, allow_free_text=free_text,
+                     series_uid=series_uid, modality=modality, overwrite=overwrite, device=device, progress=progress)
+    for line in result.summary():
+        typer.echo(line, err=line.startswith("warning:"))
+
+
 @encoders_app.command("list")
 def encoders_list(
     input_size: int = typer.Option(128, "--input-size", help="Cube edge (voxels) for the FLOPs and memory columns."),

@@ -1,0 +1,399 @@
+"""``volumed segment`` (volumed.inference.segment): outputs on the input grid for NIfTI and the real
+DICOM series, SEG round trip, the label-map priority rule, small images, atomic outputs and
+bad input (API and CLI).
+
+A tiny untrained package is built once (STU-Net tiny, 6 mm model grid, 64x64x16 patch): geometry
+and plumbing do not depend on accuracy, which the training engineer measures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from volumed.cli import main
+from volumed.errors import ConfigError, OutputExistsError, UnknownTermError
+from volumed.inference import segment as segment_module
+from volumed.inference.package import PromptSegConfig, build_model, load_package, save_package
+from volumed.inference.segment import (
+    PRIORITY_RULE,
+    CoarseProbabilities,
+    PromptSegPredictor,
+    is_trained,
+    resolve_prompts,
+    segment,
+)
+from volumed.inference.stats import compute_statistics
+from volumed.io import read_volume
+from volumed.io.volume import Volume
+from volumed.io.writer import read_dicom_seg
+from volumed.text.encoder import TextEncoder, default_model_dir, model_hash
+
+TERMS = ["liver", "spleen", "kidney_left", "kidney_right", "costal_cartilages"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = PromptSegConfig(
+        encoder="stunet_tiny",
+        # Total stride 32 x 32 x 8, so a 16-slice patch works.
+        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
+        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
+                            pixel_levels=[1, 2, 3, 4, 5]),
+        text_model_hash=model_hash(default_model_dir()),
+        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
+        patch_size=(64, 64, 16),
+        terms=TERMS,
+        modalities=["CT"],
+    )
+    return save_package(build_model(config), config, tmp_path_factory.mktemp("pkg") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+def _nii(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _assert_on_grid(path: Path, volume: Volume) -> np.ndarray:
+    data, affine = _nii(path)
+    assert data.shape == volume.shape, path
+    np.testing.assert_allclose(affine, volume.affine, atol=1e-4, err_msg=str(path))
+    return data
+
+
+def fake_probabilities(self, case, queries, *, progress=False):
+    """Deterministic stand-in for the network: term k lights up voxels with HU above 300 - 200 k."""
+    hu = case.image.as_tensor()[0] * 2000.0 - 1000.0  # undo the -1000..1000 window
+    return torch.stack([torch.sigmoid((hu - (300.0 - 200.0 * k)) / 20.0) for k in range(queries.shape[0])])
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def test_nifti_outputs_lie_on_the_input_grid(package, ts_dir, tmp_path):
+    image = ts_dir / "example_ct_sm.nii.gz"
+    volume = read_volume(image)
+    out = tmp_path / "out"
+    result = segment(image, ["liver", "left kidney"], model_dir=package, out_dir=out, progress=False)
+
+    assert [t.name for t in result.terms] == ["liver", "kidney_left"]
+    assert [t.prompt for t in result.terms] == ["liver", "left kidney"]
+    assert all(t.trained and not t.free_text for t in result.terms)
+    assert result.dicom_seg is None and result.warnings == ()
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "labels.nii.gz", "masks", "preview.png", "statistics.json"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["kidney_left.nii.gz", "liver.nii.gz"]
+    assert not list(tmp_path.glob(".out.volumed-*")), "staging folder left behind"
+
+    label = _assert_on_grid(out / "labels.nii.gz", volume)
+    assert set(np.unique(label)) <= {0, 1, 2}
+    stats = json.loads((out / "statistics.json").read_text())
+    assert stats["shape"] == [122, 101, 30] and stats["modality"] == "CT"
+    for term in result.terms:
+        mask = _assert_on_grid(term.mask_path, volume)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        # The label map never claims a voxel that the term's own mask does not hold.
+        assert not np.any((label == term.value) & (mask == 0))
+        # statistics.json is computed on the original grid, from exactly this mask.
+        expected = compute_statistics(mask, volume, term.name).to_dict()
+        saved = stats["terms"][term.name]
+        assert saved["voxels"] == expected["voxels"] == int(mask.sum())
+        assert saved["volume_ml"] == pytest.approx(mask.sum() * 27 / 1000)  # 3 mm isotropic
+        assert saved["components"] == expected["components"]
+        assert saved["bbox_voxels"] == [list(c) for c in expected["bbox_voxels"]]
+        assert saved["intensity"]["unit"] == "HU"
+    table = json.loads((out / "labels.json").read_text())
+    assert table["labels"]["2"] == {"name": "kidney_left", "prompt": "left kidney", "free_text": False, "trained": True}
+    assert table["priority"] == PRIORITY_RULE and table["threshold"] == 0.5
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dicom_series_outputs_overlay_in_physical_space_and_seg_round_trips(package, ts_dir, tmp_path):
+    series = ts_dir / "example_ct_dicom_with_uids"
+    volume = read_volume(series)  # 512 x 512 x 20, LPS
+    out = tmp_path / "out"
+    result = segment(series, ["liver", "spleen"], model_dir=package, out_dir=out, progress=False)
+
+    label = _assert_on_grid(out / "labels.nii.gz", volume)
+    for term in result.terms:
+        _assert_on_grid(term.mask_path, volume)
+    assert result.dicom_seg == out / "segmentation.dcm" and result.warnings == ()
+    seg = read_dicom_seg(result.dicom_seg, volume)
+    assert seg.referenced_series_uid == volume.source.series_uid
+    assert seg.frame_of_reference_uid == volume.source.frame_of_reference_uid
+    present = [t for t in result.terms if np.any(label == t.value)]
+    assert present, "the untrained tiny model should still mark some voxels"
+    assert [s.name for s in seg.segments] == [t.name for t in present]
+    for segment_info, term in zip(seg.segments, present):
+        np.testing.assert_array_equal(seg.masks[segment_info.number], label == term.value)
+
+
+def test_dicom_series_without_uids_skips_the_seg_with_a_warning(package, ts_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    series = ts_dir / "example_ct_dicom"
+    volume = read_volume(series)
+    out = tmp_path / "out"
+    result = segment(series, ["liver"], model_dir=package, out_dir=out, progress=False)
+    assert result.dicom_seg is None and not (out / "segmentation.dcm").exists()
+    assert len(result.warnings) == 1 and "DICOM SEG skipped" in result.warnings[0]
+    assert "StudyInstanceUID" in result.warnings[0]
+    assert any(line.startswith("warning: DICOM SEG skipped") for line in result.summary())
+    _assert_on_grid(out / "labels.nii.gz", volume)
+    _assert_on_grid(out / "masks" / "liver.nii.gz", volume)
+    assert (out / "statistics.json").is_file() and (out / "preview.png").is_file()
+
+
+def _write_itk(volume: Volume, path: Path) -> Path:
+    """Write ``volume`` with SimpleITK (NRRD / MHA): ITK stores LPS, volumed works in RAS."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.transpose(volume.data, (2, 1, 0)))  # ITK arrays are (z, y, x)
+    spacing = np.asarray(volume.spacing)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(v) for v in ras_to_lps @ volume.affine[:3, 3]))
+    img.SetDirection(tuple(float(v) for v in (ras_to_lps @ volume.affine[:3, :3] / spacing).ravel()))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_image_smaller_than_the_patch_is_padded_and_comes_back_on_its_grid(package, ts_dir, tmp_path, suffix):
+    full = read_volume(ts_dir / "example_ct_sm.nii.gz")
+    # 30 x 30 x 8 voxels at 3 mm = 15 x 15 x 4 at 6 mm: far below the 64 x 64 x 16 patch.
+    affine = full.affine.copy()
+    affine[:, 3] = full.affine @ np.array([40, 30, 10, 1.0])
+    small = Volume(np.ascontiguousarray(full.data[40:70, 30:60, 10:18]), affine, "CT")
+    path = _write_itk(small, tmp_path / f"small{suffix}")
+    assert read_volume(path, modality="CT").same_grid(small)
+    # The crop holds no air, so the reader cannot recognise CT by itself: it must be named.
+    with pytest.raises(ConfigError, match="cannot tell whether the image is CT or MR"):
+        segment(path, ["liver"], model_dir=package, out_dir=tmp_path / "out", progress=False)
+    result = segment(path, ["liver", "spleen"], model_dir=package, out_dir=tmp_path / "out", modality="CT", progress=False)
+    label = _assert_on_grid(result.label_map, small)
+    for term in result.terms:
+        _assert_on_grid(term.mask_path, small)
+    assert label.shape == (30, 30, 8)
+
+
+# ------------------------------------------------------------------------- priority and masks
+
+
+def test_label_map_priority_highest_probability_then_prompt_order(package, text_encoder, monkeypatch):
+    model, config = load_package(package)
+    # No resampling and no crop: model grid == original grid, so probabilities come back exactly.
+    config = replace(config, preprocessing=dict(modality="CT", target_spacing=None, crop_foreground=False))
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    volume = Volume(np.full((6, 5, 4), 40.0, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "CT")
+    x = torch.arange(6)[:, None, None].expand(6, 5, 4)
+    y = torch.arange(5)[None, :, None].expand(6, 5, 4)
+    probs = torch.stack([
+        torch.where(x < 4, 0.8, 0.1),  # liver
+        torch.full((6, 5, 4), 0.4),  # right kidney: nowhere above threshold, skipped before inversion
+        torch.where((x >= 2) & (y < 3), 0.9, 0.2),  # spleen: higher where it overlaps the liver
+        torch.where((x < 4) & (y >= 3), 0.8, 0.0),  # left kidney: ties with the liver
+    ]).float()
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: probs)
+    terms = predictor.resolve_prompts(["liver", "right kidney", "spleen", "left kidney"], "CT")
+    case = predictor.preprocess(volume)
+    assert [(k, p is None) for k, p in predictor.iter_original(probs, case)] == [(1, True), (0, False), (2, False), (3, False)]
+    pred = predictor.predict(volume, terms)
+
+    np.testing.assert_array_equal(pred.masks[0], (x < 4).numpy())
+    assert pred.masks[1].shape == (6, 5, 4) and not pred.masks[1].any()
+    np.testing.assert_array_equal(pred.masks[2], ((x >= 2) & (y < 3)).numpy())  # overlap kept
+    np.testing.assert_array_equal(pred.masks[3], ((x < 4) & (y >= 3)).numpy())
+    expected = np.zeros((6, 5, 4), np.uint8)
+    expected[(x < 4).numpy()] = 1  # liver; the tie with the left kidney goes to the earlier prompt
+    expected[((x >= 2) & (y < 3)).numpy()] = 3  # spleen wins where its probability is higher
+    np.testing.assert_array_equal(pred.label_map, expected)
+    assert set(pred.seconds) == {"queries", "preprocess", "sliding_window", "invert"}
+
+
+def test_all_terms_adds_trained_terms_available_in_the_modality(package, text_encoder):
+    model, config = load_package(package)
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    ct = predictor.resolve_prompts(["left kidney"], "CT", all_terms=True)
+    assert [t.name for t in ct] == ["kidney_left", "liver", "spleen", "kidney_right", "costal_cartilages"]
+    mr = predictor.resolve_prompts([], "MR", all_terms=True)  # costal cartilages: CT only
+    assert [t.name for t in mr] == ["liver", "spleen", "kidney_left", "kidney_right"]
+    # A term trained as free text (not in the vocabulary) comes with --all, flagged free text.
+    trained_free = resolve_prompts(["liver"], "CT", trained_terms=["liver", "pulmonary artery"], all_terms=True)
+    assert [(t.name, t.is_free_text) for t in trained_free] == [("liver", False), ("pulmonary artery", True)]
+    assert is_trained(trained_free[1], ["pulmonary artery"]) and not is_trained(ct[0], ["liver"])
+    with pytest.raises(ConfigError, match="--all: the model lists no trained terms available in MR"):
+        resolve_prompts([], "MR", trained_terms=["costal_cartilages"], all_terms=True)
+    free = predictor.resolve_prompts(["liver", "hepatic cyst"], "CT", allow_free_text=True)
+    assert free[1].is_free_text and predictor.prompt_texts(free) == ["liver", "hepatic cyst"]
+    assert predictor.prompt_texts(ct[:1]) == ["kidney_left"]  # the canonical name, as in training
+
+
+def test_coarse_blending_matches_full_resolution_blending(package, ts_dir, text_encoder):
+    model, config = load_package(package)
+    # 3 mm, no crop: a 70 x 64 x 16 model grid, 2 x 1 x 1 overlapping windows of 64 x 64 x 16.
+    config = replace(config, preprocessing=dict(modality="CT", target_spacing=[3.0, 3.0, 3.0], crop_foreground=False))
+    coarse = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    full = PromptSegPredictor(model, config, text_encoder=text_encoder, coarse_blending=False)
+    volume = read_volume(ts_dir / "example_ct_sm.nii.gz")
+    volume = Volume(np.ascontiguousarray(volume.data[20:90, 10:74, 8:24]), volume.affine, "CT")
+    case = coarse.preprocess(volume)
+    assert case.model_shape == (70, 64, 16)
+    assert coarse._coarse_stride(case.model_shape) == (2, 2, 2) and full._coarse_stride(case.model_shape) is None
+    queries = coarse.term_queries(coarse.resolve_prompts(["liver", "spleen"], "CT"), "CT")
+    a = coarse.predict_probabilities(case, queries)
+    b = full.predict_probabilities(case, queries)
+    assert a.shape == tuple(b.shape) == (2, 70, 64, 16)
+    a = a[0:2]
+    # Blending before or after the (linear) upsampling differs only where windows overlap, and the
+    # sigmoid comes before instead of after the upsampling: small differences, and no shift.
+    assert float((a - b).abs().mean()) < 0.01
+    assert float(((a > 0.5) == (b > 0.5)).float().mean()) > 0.97
+    # A window interval that is not a multiple of the stride falls back to full resolution.
+    odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
+    assert odd._coarse_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
+
+
+def test_coarse_probabilities_crop_the_padding_and_keep_the_grid():
+    # A linear ramp along x sampled at coarse voxel centres (i + 0.5) * 2 - 0.5 comes back as the
+    # ramp on the fine grid (trilinear, align_corners=False), offset by the padding.
+    fine_x = torch.arange(12, dtype=torch.float32)
+    coarse = ((torch.arange(6) + 0.5) * 2 - 0.5)[None, :, None, None].expand(1, 6, 2, 2).float()
+    probs = CoarseProbabilities(coarse, (12, 4, 4), (8, 3, 3), offset=(2, 0, 1))
+    assert probs.shape == (1, 8, 3, 3)
+    out = probs[0:1]
+    assert out.shape == (1, 8, 3, 3)
+    torch.testing.assert_close(out[0, 1:-1, 0, 0], fine_x[3:9])  # interior: exact; edges clamp
+
+
+def test_upsampling_only_the_box_above_threshold_gives_the_same_masks():
+    # A smooth random field on a coarse grid, two blobs above 0.5 in term 0, none in term 1.
+    g = torch.Generator().manual_seed(0)
+    field = torch.nn.functional.avg_pool3d(torch.rand(2, 1, 24, 20, 10, generator=g), 3, 1, 1)[:, 0]
+    field = 0.3 + 0.4 * (field - field.min()) / (field.max() - field.min())  # 0.3 .. 0.7
+    field[0, 3:6, 4:8, 2:5] = 0.9
+    field[1] = field[1].clamp(max=0.45)
+    probs = CoarseProbabilities(field, (48, 40, 20), (45, 40, 17), offset=(2, 0, 1))
+    full, boxed = probs[0:2], probs.above([0, 1], 0.5)
+    assert boxed.shape == full.shape == (2, 45, 40, 17)
+    hot = full > 0.5
+    assert hot[0].any() and not hot[1].any() and not boxed[1].any()
+    np.testing.assert_array_equal((boxed > 0.5).numpy(), hot.numpy())
+    near = torch.nn.functional.max_pool3d(hot[:1].float(), 5, 1, 2)[0] > 0  # 2 voxels around
+    torch.testing.assert_close(boxed[0][near], full[0][near])  # exact where inversion reads
+
+
+# ------------------------------------------------------------------------------ atomic outputs
+# ------------------------------------------------------------------------------ atomic outputs
+
+
+def test_existing_outputs_are_refused_before_any_compute_and_overwrite_replaces_them(package, ts_dir, tmp_path, monkeypatch):
+    image = ts_dir / "example_ct_sm.nii.gz"
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "old_term.nii.gz").write_bytes(b"old")
+    (out / "labels.json").write_text("{}")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the model was loaded although the output folder is not writable")
+
+    with monkeypatch.context() as m:
+        m.setattr(PromptSegPredictor, "from_package", no_compute)
+        with pytest.raises(OutputExistsError, match=r"out: output folder holds outputs of an earlier run \(labels.json"):
+            segment(image, ["liver"], model_dir=package, out_dir=out, progress=False)
+    assert (out / "labels.json").read_text() == "{}"
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    segment(image, ["liver"], model_dir=package, out_dir=out, overwrite=True, progress=False)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["liver.nii.gz"]  # stale mask removed
+    assert json.loads((out / "labels.json").read_text())["labels"]["1"]["name"] == "liver"
+    # An empty existing folder is fine without --overwrite.
+    (tmp_path / "empty").mkdir()
+    segment(image, ["liver"], model_dir=package, out_dir=tmp_path / "empty", progress=False)
+
+
+def test_a_failure_mid_way_leaves_no_partial_output(package, ts_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+
+    def broken_preview(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("volumed.inference.preview.render_preview", broken_preview)
+    with pytest.raises(OSError, match="disk full"):
+        segment(ts_dir / "example_ct_sm.nii.gz", ["liver"], model_dir=package, out_dir=tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither outputs nor staging folder
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_bad_prompts_raise_clear_errors(package, ts_dir, tmp_path):
+    image = ts_dir / "example_ct_sm.nii.gz"
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="give at least one anatomy prompt"):
+        segment(image, [], model_dir=package, out_dir=out)
+    with pytest.raises(UnknownTermError, match="unknown anatomy term 'livr' for CT; nearest terms:") as err:
+        segment(image, ["livr"], model_dir=package, out_dir=out)
+    assert len(err.value.suggestions) == 3 and "liver" in err.value.suggestions
+    with pytest.raises(ConfigError, match="prompts 'liver' and 'Liver' both resolve to 'liver'"):
+        segment(image, ["liver", "Liver"], model_dir=package, out_dir=out)
+    with pytest.raises(ConfigError, match="no segmentation model folder here"):
+        segment(image, ["liver"], model_dir=tmp_path / "nowhere", out_dir=out)
+    assert not out.exists()
+
+
+def test_prompts_and_models_for_another_modality_are_refused(package, shared_data, tmp_path):
+    mr = shared_data / "pyradiomics_mri" / "prostate_phantom_subvolume.nrrd"
+    with pytest.raises(ConfigError, match="'costal cartilages' resolves to 'costal_cartilages', which TotalSegmentator segments only in CT"):
+        segment(mr, ["costal cartilages"], model_dir=package, out_dir=tmp_path / "out", modality="MR")
+    with pytest.raises(ConfigError, match="the model was trained on CT images only; this image is MR"):
+        segment(mr, ["liver"], model_dir=package, out_dir=tmp_path / "out", modality="MR")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "volumed: error: prompts: give at least one anatomy prompt (--prompt liver) or --all"),
+        (["-p", "livr"], "volumed: error: prompt: unknown anatomy term 'livr' for CT; nearest terms: "),
+        (["-p", "liver", "-p", "hepar"], "volumed: error: prompts: prompts 'liver' and 'hepar' both resolve to 'liver'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_on_stderr_with_exit_code_2(package, ts_dir, tmp_path, capsys, args, message):
+    argv = ["segment", str(ts_dir / "example_ct_sm.nii.gz"), "--model", str(package), "-o", str(tmp_path / "o"), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_cli_existing_output_and_success(package, ts_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    out = tmp_path / "o"
+    argv = ["segment", str(ts_dir / "example_ct_sm.nii.gz"), "--model", str(package), "-o", str(out), "-p", "liver",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "liver" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"volumed: error: {out}: output folder holds outputs of an earlier run") and err.count("\n") == 1
+
+
+def test_default_model_dir_is_in_the_repository_bundles():
+    path = segment_module.default_model_dir()
+    assert path.parts[-3:] == ("bundles", "volumed_promptseg_ct", "models")
+    assert (path.parents[2] / "volumed").is_dir()

@@ -1,0 +1,66 @@
+"""Per-structure statistics (volumed.inference.stats): volume, intensity, boxes, components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from volumed.errors import ConfigError
+from volumed.inference.stats import compute_statistics
+from volumed.io.volume import Volume
+
+# Spacing 2 x 3 x 4 mm (24 mm^3 per voxel), the i axis flipped (L instead of R), shifted origin.
+AFFINE = np.array([[-2.0, 0, 0, 10.0], [0, 3.0, 0, -20.0], [0, 0, 4.0, 30.0], [0, 0, 0, 1]])
+
+
+def _image(modality: str = "CT") -> Volume:
+    data = np.arange(10 * 8 * 6, dtype=np.float32).reshape(10, 8, 6) - 100.0
+    return Volume(data, AFFINE, modality)
+
+
+def test_volume_intensity_box_and_components():
+    image = _image()
+    mask = np.zeros(image.shape, bool)
+    mask[1:3, 2:4, 1:2] = True  # 4 voxels
+    mask[3, 4, 2] = True  # touches the block only by a corner: same 26-connected component
+    mask[8, 7, 5] = True  # isolated voxel
+    s = compute_statistics(mask, image, "liver")
+    assert s.name == "liver" and s.voxels == 6
+    assert s.volume_ml == pytest.approx(6 * 24 / 1000)
+    values = image.data[mask].astype(np.float64)
+    assert s.intensity.unit == "HU"
+    assert (s.intensity.mean, s.intensity.min, s.intensity.max) == pytest.approx(
+        (values.mean(), values.min(), values.max())
+    )
+    assert s.intensity.std == pytest.approx(values.std())
+    assert s.bbox_voxels == ((1, 2, 1), (8, 7, 5))
+    # i runs towards the left (x decreases): voxel 8's outer edge is at 10 - 2 * 8.5 = -7 mm.
+    assert s.bbox_mm == (
+        pytest.approx((10 - 2 * 8.5, -20 + 3 * 1.5, 30 + 4 * 0.5)),
+        pytest.approx((10 - 2 * 0.5, -20 + 3 * 7.5, 30 + 4 * 5.5)),
+    )
+    assert s.components == 2
+    d = s.to_dict()
+    assert d["intensity"]["unit"] == "HU" and d["bbox_voxels"] == ((1, 2, 1), (8, 7, 5))
+
+
+def test_face_separated_blocks_are_separate_components_and_mr_has_no_hu():
+    image = _image("MR")
+    mask = np.zeros(image.shape, bool)
+    mask[0:2, 0:2, 0:2] = True
+    mask[4:6, 0:2, 0:2] = True  # a one-voxel gap along i
+    s = compute_statistics(mask.astype(np.uint8), image, "kidney")
+    assert s.components == 2 and s.voxels == 16
+    assert s.intensity.unit == "intensity"
+
+
+def test_empty_mask_has_zero_volume_and_no_values():
+    s = compute_statistics(np.zeros((10, 8, 6), bool), _image(), "spleen")
+    assert (s.voxels, s.volume_ml, s.components) == (0, 0.0, 0)
+    assert s.intensity.mean is None and s.intensity.max is None
+    assert s.bbox_voxels is None and s.bbox_mm is None
+
+
+def test_mask_off_grid_is_an_error():
+    with pytest.raises(ConfigError, match=r"mask shape \(10, 8, 5\) is not the image grid \(10, 8, 6\)"):
+        compute_statistics(np.zeros((10, 8, 5), bool), _image(), "liver")
