@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import machine_description, write_section  # bench/ is on sys.path when run as a script
+
 import torch
 
 from volumed.encoders import create_encoder, list_encoders
@@ -30,17 +32,6 @@ from volumed.encoders.summary import format_table, summarize_all, summarize_enco
 HEADING = "## Encoders: parameters, memory and FLOPs at 128³"
 BASELINE = "stunet_tiny"
 
-
-def _machine() -> str:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # The load average tells whether other work shared the cores while timing ran.
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{platform.processor() or platform.machine()}, {cores} cores, {mem_gib:.0f} GiB memory, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}, "
-        f"load average {load} (1, 5, 15 min) at the end"
-    )
 
 
 def time_forward(name: str, size: int, repeats: int = 5) -> tuple[tuple[int, int, int], float]:
@@ -79,20 +70,6 @@ def tiny_timings(size: int = 64) -> str:
     return "\n".join(head + rows)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), keeping other sections."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(HEADING + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        rest = "\n" + text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section.rstrip("\n") + "\n" + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             HEADING,
             "",
-            f"Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `{command}`. Machine: {_machine()}.",
+            f"Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `{command}`. Machine: {machine_description()}.",
             "",
             "Measured on the meta device (no memory allocated), batch 1, fp32, 1 input channel.",
             "Encoders alone: the full STU-Net segmenters (decoder and 105-class heads) have",
@@ -132,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    write_section(args.output, section)
+    write_section(args.output, HEADING, section)
     print(f"\nwrote section {HEADING!r} of {args.output}")
 
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import machine_description, write_section  # bench/ is on sys.path when run as a script
+
 import torch
 
 from volumed.data.vocab import TOTALSEG_CT_CLASSES
@@ -73,16 +75,6 @@ def _recipe_config() -> PromptSegConfig:
         terms=list(TOTALSEG_CT_CLASSES[:24]),
     )
 
-
-def _machine() -> str:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # other work sharing the cores while timing
-    return (
-        f"{platform.processor() or platform.machine()}, {cores} cores, {mem_gib:.0f} GiB memory, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}, "
-        f"load average {load} (1, 5, 15 min) at the end"
-    )
 
 
 def _package(tmp: Path) -> tuple[Path, str]:
@@ -188,20 +180,6 @@ def run(repeats: int, sequential_repeats: int, n_prompts: int = 24) -> tuple[lis
     return lines, ratio
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), keeping other sections."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(HEADING + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        rest = "\n" + text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section.rstrip("\n") + "\n" + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -221,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         return
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/bench_prompts.py", *(argv if argv is not None else sys.argv[1:])])
-    header = [HEADING, "", f"Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `{command}`. Machine: {_machine()}.", ""]
-    write_section(args.output, "\n".join(header + lines) + "\n")
+    header = [HEADING, "", f"Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `{command}`. Machine: {machine_description()}.", ""]
+    write_section(args.output, HEADING, "\n".join(header + lines) + "\n")
     print(f"wrote the section {HEADING!r} of {args.output}")
 
 

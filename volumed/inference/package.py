@@ -123,6 +123,19 @@ def save_package(model: TextPromptedSegmenter, config: PromptSegConfig, out_dir:
     return out
 
 
+def read_config(path: str | Path) -> PromptSegConfig:
+    """``path/config.json`` as a :class:`PromptSegConfig` (cheap: no network is built)."""
+    root = Path(path)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ConfigError(f"not a volumed model folder: {CONFIG_NAME} is missing", root)
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"unreadable model config ({err})", cfg_path) from err
+    return PromptSegConfig.from_dict(data, cfg_path)
+
+
 def load_package(path: str | Path, *, strict: bool = True) -> tuple[TextPromptedSegmenter, PromptSegConfig]:
     """Rebuild the network from ``path/config.json`` and load ``path/model.safetensors``.
 
@@ -132,14 +145,7 @@ def load_package(path: str | Path, *, strict: bool = True) -> tuple[TextPrompted
     from volumed.encoders.weights import load_encoder_weights
 
     root = Path(path)
-    cfg_path = root / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise ConfigError(f"not a volumed model folder: {CONFIG_NAME} is missing", root)
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"unreadable model config ({err})", cfg_path) from err
-    config = PromptSegConfig.from_dict(data, cfg_path)
+    config = read_config(root)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise WeightsLoadError(f"{WEIGHTS_NAME} is missing", root)

@@ -58,7 +58,7 @@ from monai.inferers import sliding_window_inference
 from volumed.data.transforms import PreprocessConfig, PreprocessedCase, invert_to_original, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
-from volumed.inference.package import CONFIG_NAME, PromptSegConfig, TextPromptedSegmenter, load_package
+from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.stats import TermStatistics, compute_statistics
 from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
@@ -126,14 +126,7 @@ def read_package_config(model_dir: str | Path | None = None) -> tuple[Path, Prom
         if model_dir is None:
             hint += ", or train the default model: volumed train promptseg --config configs/train_promptseg-cpu.yaml"
         raise ConfigError(f"no segmentation model folder here; {hint}", path)
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise ConfigError(f"not a volumed model folder: {CONFIG_NAME} is missing", path)
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"unreadable model config ({err})", cfg_path) from err
-    return path, PromptSegConfig.from_dict(data, cfg_path)
+    return path, read_config(path)
 
 
 def resolve_prompts(
