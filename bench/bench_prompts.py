@@ -100,7 +100,8 @@ def run(repeats: int, sequential_repeats: int, n_prompts: int = 24) -> tuple[lis
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir, model_desc = _package(tmp)
-        predictor = PromptSegPredictor.from_package(model_dir)
+        # The optional coarse blending (faster, less accurate; off in volumed segment) against the default.
+        predictor = PromptSegPredictor.from_package(model_dir, coarse_blending=True)
         # The same model blending every window at full resolution: the per-term cost before the fix.
         full_res = PromptSegPredictor(predictor.model, predictor.config, text_encoder=predictor.text_encoder, coarse_blending=False)
         cfg = predictor.config

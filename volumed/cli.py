@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from volumed.errors import VolumedError
+from volumed.errors import ConfigError, VolumedError
 
 app = typer.Typer(
     name="volumed",
@@ -111,6 +111,20 @@ def pretrain(ctx: typer.Context) -> None:
     from volumed.tasks.cli_pretrain import main as pretrain_main
 
     pretrain_main(list(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation)."),
+) -> None:
+    """Train a head (LightningCLI): volumed train promptseg --config configs/train_promptseg-cpu.yaml [--trainer.max_steps N]."""
+    tasks = {"promptseg": "volumed.tasks.cli_train"}
+    if task not in tasks:
+        raise ConfigError(f"unknown training task {task!r}; available: {', '.join(sorted(tasks))}", "volumed train")
+    import importlib
+
+    importlib.import_module(tasks[task]).main(list(ctx.args))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

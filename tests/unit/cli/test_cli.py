@@ -74,3 +74,12 @@ def test_encoders_list_table():
         assert name in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("stunet_b "))
     assert "28.73" in row  # encoder-only parameters (M) of STU-Net-B
+
+
+def test_train_unknown_task_is_a_one_line_error(capsys):
+    from volumed.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "nope"])
+    assert info.value.code == 2
+    assert "unknown training task 'nope'; available: promptseg" in capsys.readouterr().err

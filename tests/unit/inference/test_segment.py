@@ -242,7 +242,7 @@ def test_coarse_blending_matches_full_resolution_blending(package, ts_dir, text_
     model, config = load_package(package)
     # 3 mm, no crop: a 70 x 64 x 16 model grid, 2 x 1 x 1 overlapping windows of 64 x 64 x 16.
     config = replace(config, preprocessing=dict(modality="CT", target_spacing=[3.0, 3.0, 3.0], crop_foreground=False))
-    coarse = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    coarse = PromptSegPredictor(model, config, text_encoder=text_encoder, coarse_blending=True)
     full = PromptSegPredictor(model, config, text_encoder=text_encoder, coarse_blending=False)
     volume = read_volume(ts_dir / "example_ct_sm.nii.gz")
     volume = Volume(np.ascontiguousarray(volume.data[20:90, 10:74, 8:24]), volume.affine, "CT")
@@ -259,7 +259,7 @@ def test_coarse_blending_matches_full_resolution_blending(package, ts_dir, text_
     assert float((a - b).abs().mean()) < 0.01
     assert float(((a > 0.5) == (b > 0.5)).float().mean()) > 0.97
     # A window interval that is not a multiple of the stride falls back to full resolution.
-    odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
+    odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder, coarse_blending=True)
     assert odd._coarse_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
 
 
