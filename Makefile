@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared/data
 # The demo's embedded default: the real 20-slice CT DICOM series and its reference segmentation.
-IMAGE ?= $(SHARED)/totalsegmentator_ct_sm/example_ct_dicom
+IMAGE ?= $(SHARED)/totalsegmentator_ct_sm/example_ct_dicom_with_uids
 LABEL ?= $(SHARED)/totalsegmentator_ct_sm/example_seg_dicom.nii.gz
 OUT ?= demo_out
 
@@ -27,6 +27,7 @@ demo: venv
 	@mkdir -p $(OUT)
 	$(BIN)/volumed info $(IMAGE)
 	$(BIN)/volumed preview $(IMAGE) $(if $(LABEL),--label $(LABEL)) -o $(OUT)/preview.png --overwrite
+	$(BIN)/volumed segment $(IMAGE) --all -o $(OUT)/segment --overwrite --no-progress
 	@echo "demo outputs are in $(OUT)/"
 
 test: venv

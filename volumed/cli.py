@@ -36,6 +36,9 @@ def _root(
     """volumed: CT/MR volumes in, masks, findings and reports out, in the scan's own geometry."""
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not debug:
+        # highdicom logs every copied DICOM module at INFO: noise for a user.
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 @app.command()
