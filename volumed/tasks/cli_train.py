@@ -18,36 +18,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 from volumed.tasks.promptseg import PackageExport, PromptSegDataModule, PromptSegModule
+from volumed.tasks.run_cli import RunCLI, build_cli
 
 __all__ = ["PromptSegCLI", "main"]
 
 DEFAULT_OUT = "runs/promptseg"
 
 
-def _checkpoint_dir(out: str | Path) -> str:
-    return str(Path(out) / "checkpoints")
+class PromptSegCLI(RunCLI):
+    """The shared run CLI plus ``--package_dir``; the package records the training patch and seed."""
 
+    default_out = DEFAULT_OUT
 
-class PromptSegCLI(LightningCLI):
-    """LightningCLI with ``--out``, ``--package_dir``, ``--ckpt_path``, ``--num_threads`` and a
-    ModelCheckpoint group."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out", type=str, default=DEFAULT_OUT, help="run folder: checkpoints/, logs, package/")
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--package_dir", type=str | None, default=None, help="where the trained package goes (default <out>/package)")
-        parser.add_argument(
-            "--ckpt_path", type=str | None, default=None, help="resume: 'last' (<out>/checkpoints/last.ckpt) or a .ckpt path"
-        )
-        parser.add_argument("--num_threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100, "checkpoint.save_top_k": 0})
-        parser.link_arguments("out", "trainer.default_root_dir")
-        parser.link_arguments("out", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         # The sliding-window ROI recorded in the package is the training patch.
         parser.link_arguments("data.patch_size", "model.patch_size")
         parser.link_arguments("seed_everything", "model.seed")
@@ -57,19 +43,8 @@ class PromptSegCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     """Train from command-line arguments (``None``: ``sys.argv[1:]``) and save the package."""
     args = list(sys.argv[1:] if argv is None else argv)
-    cli = PromptSegCLI(
-        PromptSegModule,
-        PromptSegDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__.split("\n\n")[0] if __doc__ else None},
-    )
+    cli = build_cli(PromptSegCLI, PromptSegModule, PromptSegDataModule, args, __doc__.split("\n\n")[0] if __doc__ else None)
     cfg = cli.config
-    if cfg["num_threads"]:
-        torch.set_num_threads(int(cfg["num_threads"]))
     out = Path(cfg["out"])
     package_dir = Path(cfg["package_dir"]) if cfg["package_dir"] else out / "package"
     config_files = [str(p) for p in (cfg.get("config") or [])]

@@ -1,0 +1,61 @@
+"""The LightningCLI base of every ``volumed`` training command (``pretrain``, ``train <task>``).
+
+One run folder per run: ``--out`` is the Trainer's root and holds ``checkpoints/`` (``last.ckpt``
+always kept and refreshed, so an interrupted run loses at most ``every_n_train_steps`` steps);
+``--ckpt_path last`` resumes from it; ``--num_threads`` sets torch's CPU threads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+
+def checkpoint_dir(out: str | Path) -> str:
+    return str(Path(out) / "checkpoints")
+
+
+class RunCLI(LightningCLI):
+    """LightningCLI with ``--out``, ``--ckpt_path``, ``--num_threads`` and a ModelCheckpoint group.
+
+    Subclasses set ``default_out`` and may add arguments after calling ``super()``.
+    """
+
+    default_out = "runs/run"
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--out", type=str, default=self.default_out, help="run folder: checkpoints/, logs, outputs")
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None, help="resume: 'last' (<out>/checkpoints/last.ckpt) or a .ckpt path"
+        )
+        parser.add_argument("--num_threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100, "checkpoint.save_top_k": 0})
+        parser.link_arguments("out", "trainer.default_root_dir")
+        parser.link_arguments("out", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+
+
+def build_cli(cli_class: type[RunCLI], model_class, datamodule_class, argv: list[str] | None, description: str | None) -> RunCLI:
+    """Parse ``argv`` into ``cli_class`` (not run yet) and apply ``--num_threads``."""
+    with warnings.catch_warnings():
+        # `volumed <command> ...` passes the arguments after its sub-command explicitly while
+        # sys.argv still holds the whole command line; that is intended, not a mistake.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = cli_class(
+            model_class,
+            datamodule_class,
+            run=False,
+            args=argv,
+            seed_everything_default=0,
+            # The modules bring their own optimiser and schedule (configure_optimizers).
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": description},
+        )
+    if cli.config["num_threads"]:
+        torch.set_num_threads(int(cli.config["num_threads"]))
+    return cli
