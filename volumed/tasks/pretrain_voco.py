@@ -21,7 +21,6 @@ crop size ``(cx, cy, cz)`` voxels, ``D`` embedding width)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from monai.data import CacheDataset, DataLoader
-from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Resize, Transform
 from monai.utils import convert_to_tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -43,6 +41,7 @@ from volumed.data.transforms import PreprocessConfig, preprocess
 from volumed.data.voco_crops import VoCoCropDataset, VoCoCrops, VoCoCropSampler
 from volumed.encoders import create_encoder
 from volumed.encoders.weights import save_weights
+from volumed.tasks.optim import adamw_warmup_cosine
 from volumed.errors import ConfigError
 from volumed.io import read_volume
 
@@ -313,12 +312,8 @@ class VoCoPretrainModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.student.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        if not math.isfinite(total) or total <= 0:
-            raise ConfigError("VoCo pretraining needs a finite run: set trainer.max_steps (or max_epochs)")
-        scheduler = WarmupCosineSchedule(optimizer, warmup_steps=min(self.hparams.warmup_steps, total - 1), t_total=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.student.parameters(), lr=self.hparams.lr,
+                                   weight_decay=self.hparams.weight_decay, warmup_steps=self.hparams.warmup_steps)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,13 +65,13 @@ from lightning.pytorch.callbacks import Callback
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import Dataset, RandomSampler
 
 from volumed.data.datalist import DatalistEntry, load_datalist, split_terms
 from volumed.data.transforms import PreprocessConfig, PreprocessedCase, build_preprocessing, invert_to_original, preprocess
 from volumed.data.vocab import Vocabulary, default_vocabulary
+from volumed.tasks.optim import adamw_warmup_cosine
 from volumed.errors import ConfigError, DatalistError, UnknownTermError
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, build_model, save_package
 from volumed.io import read_label, read_volume
@@ -746,10 +745,8 @@ class PromptSegModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = int(self.trainer.max_steps) if self._trainer is not None and self.trainer.max_steps > 0 else 1000
-        sched = WarmupCosineSchedule(opt, warmup_steps=min(self.hparams.warmup_steps, max(total - 1, 0)), t_total=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.net.parameters(), lr=self.hparams.lr,
+                                   weight_decay=self.hparams.weight_decay, warmup_steps=self.hparams.warmup_steps)
 
     def package_config(self, training: Mapping[str, Any] | None = None) -> PromptSegConfig:
         """The :class:`PromptSegConfig` to save with the trained weights."""

@@ -211,7 +211,9 @@ def test_cli_one_line_error_and_no_partial_output(case, tmp_path, ts_dir, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("volumed: error: ") and str(path) in err[0]
     assert "Traceback" not in err[0]
-    assert not out.exists() and not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+    # Nothing was written: no output, no temporary file, not even the output folder's content.
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_cli_debug_shows_traceback(tmp_path, ts_dir):
