@@ -6,14 +6,16 @@ Usage::
         [--datalist configs/datalists/promptseg_ct_real.json] [--tag "training scans"] \\
         [--update-metrics] [--no-write]
 
-Every case of the datalist goes through the real inference path: the whole image is preprocessed
-with the package's settings, MONAI ``sliding_window_inference`` runs the network for all terms at
-once, the sigmoid probabilities are inverted trilinearly onto the original grid
-(``volumed.data.transforms.invert_to_original``) and thresholded at the package's threshold. Dice
+Every case of the datalist goes through the real inference path (``PromptSegPredictor``, as
+``volumed segment``): the whole image is preprocessed with the package's settings, MONAI
+``sliding_window_inference`` runs the network for all terms at once, the windows' sigmoid
+probabilities are blended and inverted trilinearly onto the original grid where each structure can
+be, and thresholded at the package's threshold. Dice
 (MONAI ``compute_dice``) is taken against the case's reference masks on the original grid (a label
 map read with ``read_label(path, reference=image)``, union of the term's TotalSegmentator ids).
 
-Only structures that the case annotates and whose reference is non-empty are scored. The table goes
+Only structures that the case annotates and whose reference holds at least ``--min-ml`` (1 mL) are
+scored; smaller references are listed under the table (Dice of a 1-voxel reference is noise). The table goes
 to BENCHMARKS.md (repo root) under "## Text-prompted segmentation: Dice", as a sub-section named by
 ``--tag`` (replaced if present; other sections and tags are kept). ``--update-metrics`` also stores
 the numbers in the package's ``config.json`` (``metrics[tag]``).
@@ -74,8 +76,11 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(compute_dice(p, r, include_background=True)[0, 0])
 
 
-def evaluate(model_dir: Path, datalist: Path, terms: list[str] | None) -> tuple[dict[str, dict[str, float]], list[str], dict]:
-    """Dice ``{case: {term: value}}``, the case names, and timing info."""
+def evaluate(
+    model_dir: Path, datalist: Path, terms: list[str] | None, min_ml: float = 1.0
+) -> tuple[dict[str, dict[str, float]], list[str], dict]:
+    """Dice ``{case: {term: value}}``, the case names, and info (timing; the references too small
+    to score, ``{case: {term: "x mL (n voxels)"}}``)."""
     model, config = load_package(model_dir)
     want = [t for t in (terms or DEFAULT_TERMS) if t in config.terms]
     embeddings, digest = encode_terms(want, config.text_model)
@@ -84,9 +89,16 @@ def evaluate(model_dir: Path, datalist: Path, terms: list[str] | None) -> tuple[
     sources = load_promptseg_datalist(datalist, allow_free_text=True)
     results: dict[str, dict[str, float]] = {}
     names, seconds = [], []
+    too_small: dict[str, dict[str, str]] = {}
     for src in sources:
         volume = read_volume(src.image, modality=src.modality)
         refs = reference_masks(src, volume, want)
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        for t in [t for t, m in refs.items() if m.sum() * voxel_ml < min_ml]:
+            # A reference of a few voxels (the right middle lobe of example_ct_sm is 1 voxel, the
+            # scan ends below it) makes Dice a coin toss, not a measurement: list it, do not score it.
+            n = int(refs.pop(t).sum())
+            too_small.setdefault(src.image.name, {})[t] = f"{n * voxel_ml:.2f} mL ({n} voxel{'s' if n != 1 else ''})"
         if not refs:
             continue
         case_terms = [t for t in want if t in refs]
@@ -97,7 +109,7 @@ def evaluate(model_dir: Path, datalist: Path, terms: list[str] | None) -> tuple[
         names.append(name)
         results[name] = {t: dice(probs[i] > config.threshold, refs[t]) for i, t in enumerate(case_terms)}
         print(name, {t: round(v, 3) for t, v in results[name].items()}, f"{seconds[-1]:.1f} s", flush=True)
-    return results, names, {"seconds_per_case": [round(s, 1) for s in seconds]}
+    return results, names, {"seconds_per_case": [round(s, 1) for s in seconds], "too_small": too_small}
 
 
 def format_table(results: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -144,10 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--update-metrics", action="store_true", help="store the Dice in the package's config.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-ml", type=float, default=1.0, help="references smaller than this are listed, not scored")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    results, names, info = evaluate(args.model, args.datalist, args.terms)
+    results, names, info = evaluate(args.model, args.datalist, args.terms, args.min_ml)
     table = format_table(results, names)
     print(table)
     cfg = json.loads((args.model / CONFIG_NAME).read_text())
@@ -160,18 +173,23 @@ def main(argv: list[str] | None = None) -> None:
         f"Model `{model_label}` ({recipe.get('steps', '?')} steps, {cfg['encoder']} "
         f"{cfg['encoder_kwargs'].get('channels', '')}, patch {cfg['patch_size']}, "
         f"{cfg['preprocessing'].get('target_spacing')} mm), datalist `{args.datalist.name}`. "
-        f"Whole image -> sliding window (overlap {cfg['overlap']}) -> sigmoid -> inverted trilinearly to "
-        f"the original grid -> threshold {cfg['threshold']} -> Dice vs the reference on the original grid. "
+        f"Whole image -> sliding window (overlap {cfg['overlap']}) -> sigmoid, gaussian blending (exact, where the "
+        f"structure can be) -> inverted trilinearly to the original grid -> threshold {cfg['threshold']} -> Dice vs "
+        f"the reference on the original grid (the path of `volumed segment`). "
         f"Inference {info['seconds_per_case']} s per case on {platform.machine()}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f}.\n\n{table}\n"
     )
+    if info["too_small"]:
+        listed = "; ".join(f"{t} in {n}: {v}" for n, d in info["too_small"].items() for t, v in d.items())
+        body += f"\nNot scored, reference under {args.min_ml:g} mL: {listed}.\n"
     if args.note:
         body += f"\n{args.note}\n"
     if not args.no_write:
         write_section(args.output, args.tag, body)
     if args.update_metrics:
         cfg.setdefault("metrics", {})[args.tag] = {
-            "dice": results, "datalist": str(args.datalist.name), "threshold": cfg["threshold"]
+            "dice": results, "datalist": str(args.datalist.name), "threshold": cfg["threshold"],
+            "not_scored_below_ml": {"min_ml": args.min_ml, **info["too_small"]},
         }
         atomic_write_text(args.model / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n", overwrite=True)
 

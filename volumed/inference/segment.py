@@ -6,10 +6,11 @@ Pipeline (one image, ``N`` prompts)::
       -> resolve prompts (vocabulary, image modality)         N canonical terms (or free text)
       -> text embeddings (TextEncoder, cached) -> modality-conditioned queries  (N, D)
       -> preprocess (PreprocessConfig from the package)       model grid (1, x, y, z) in [0, 1]
-      -> MONAI sliding_window_inference (roi = patch_size, gaussian blending); per window the
-         encoder runs ONCE and the term-query decoder answers all N terms in one pass
-      -> sigmoid probabilities (N, x, y, z)
-      -> per chunk of terms: trilinear inversion onto the original grid, threshold -> masks
+      -> MONAI sliding_window_inference (roi = patch_size); per window the encoder runs ONCE
+         and the term-query decoder answers all N terms in one pass (coarse logits kept)
+      -> per term, only in the box where its probability can exceed the threshold: exact
+         gaussian blending of the windows (volumed.inference.blending), trilinear inversion of
+         the box onto the original grid, threshold -> mask, label map
       -> outputs on the original grid (shape and affine of the input, exactly)
 
 Outputs in ``out_dir``:
@@ -55,9 +56,10 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from volumed.data.transforms import PreprocessConfig, PreprocessedCase, invert_to_original, preprocess
+from volumed.data.transforms import PreprocessConfig, PreprocessedCase, invert_box_to_original, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
+from volumed.inference.blending import WindowLogits, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.stats import TermStatistics, compute_statistics
 from volumed.io import read_volume
@@ -73,7 +75,6 @@ __all__ = [
     "SEG_NAME",
     "MASKS_DIR",
     "PRIORITY_RULE",
-    "CoarseProbabilities",
     "Prediction",
     "PromptSegPredictor",
     "SegmentedTerm",
@@ -197,67 +198,14 @@ class Prediction:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class CoarseProbabilities:
-    """Per-term probabilities blended on the decoder's coarse grid; model-grid values on demand.
-
-    Args:
-        coarse: ``(N, X' / s, Y' / s, Z' / s)`` probabilities of the padded model image ``(X', Y', Z')``.
-        padded_shape: ``(X', Y', Z')``, a multiple of the stride ``s``.
-        model_shape: ``(x, y, z)``, the model grid (``<= padded_shape``).
-        offset: padding before the model image in the padded one (voxels per axis).
-
-    ``probs[a:b]`` is ``(b - a, x, y, z)``: trilinear upsampling (``align_corners=False``, the
-    decoder's own upsampling) to the padded grid, cropped to the model grid.
-    """
-
-    def __init__(
-        self,
-        coarse: torch.Tensor,
-        padded_shape: tuple[int, int, int],
-        model_shape: tuple[int, int, int],
-        offset: tuple[int, int, int] = (0, 0, 0),
-    ):
-        self.coarse = coarse
-        self.padded_shape = tuple(int(v) for v in padded_shape)
-        self.model_shape = tuple(int(v) for v in model_shape)
-        self.offset = tuple(int(v) for v in offset)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (int(self.coarse.shape[0]), *self.model_shape)
-
-    def __getitem__(self, terms: slice) -> torch.Tensor:
-        chunk = self.coarse[terms][None]
-        full = torch.nn.functional.interpolate(chunk, size=self.padded_shape, mode="trilinear", align_corners=False)[0]
-        (x, y, z), (ox, oy, oz) = self.model_shape, self.offset
-        return full[:, ox : ox + x, oy : oy + y, oz : oz + z]
-
-    def above(self, terms: Sequence[int], threshold: float, margin: int = 2) -> torch.Tensor:
-        """``(len(terms), x, y, z)`` model-grid probabilities, exact wherever they matter for a
-        threshold: only the box of coarse voxels above ``threshold`` (plus ``margin`` coarse
-        voxels) is upsampled; elsewhere 0 instead of a value that is at most ``threshold``.
-
-        Why that is enough: an upsampled value is a convex combination of its 2 x 2 x 2 coarse
-        neighbours, so away from the box it cannot exceed the threshold; the box's interior equals
-        the full upsampling (the clamped edge of the upsampled block lies in the margin); and the
-        trilinear inversion reads model voxels within one voxel of each sample, still inside the
-        margin. So masks and the label map after inversion are those of the full upsampling, at
-        the cost of each structure's box instead of the whole grid.
-        """
-        s = [p // c for p, c in zip(self.padded_shape, self.coarse.shape[1:])]
-        out = torch.zeros((len(terms), *self.padded_shape))
-        for i, k in enumerate(terms):
-            hot = (self.coarse[k] > threshold).nonzero()
-            if len(hot) == 0:
-                continue
-            lo = [max(0, int(v) - margin) for v in hot.min(dim=0).values]
-            hi = [min(n, int(v) + 1 + margin) for v, n in zip(hot.max(dim=0).values, self.coarse.shape[1:])]
-            block = self.coarse[k, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][None, None]
-            size = [(b - a) * f for a, b, f in zip(lo, hi, s)]
-            up = torch.nn.functional.interpolate(block, size=size, mode="trilinear", align_corners=False)[0, 0]
-            out[i, lo[0] * s[0] : hi[0] * s[0], lo[1] * s[1] : hi[1] * s[1], lo[2] * s[2] : hi[2] * s[2]] = up
-        (x, y, z), (ox, oy, oz) = self.model_shape, self.offset
-        return out[:, ox : ox + x, oy : oy + y, oz : oz + z]
+def _box_above(values: torch.Tensor, threshold: float, box: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
+    """The voxels of ``values`` (the model-grid ``box``) above ``threshold``: their bounding box
+    grown by one voxel (what trilinear resampling reads), within ``box``; ``None`` if none is."""
+    hot = (values > threshold).nonzero()
+    if len(hot) == 0:
+        return None
+    lo, hi = hot.min(dim=0).values, hot.max(dim=0).values
+    return tuple((max(a0, a0 + int(a) - 1), min(b0, a0 + int(b) + 2)) for (a0, b0), a, b in zip(box, lo, hi))
 
 
 class PromptSegPredictor:
@@ -271,15 +219,14 @@ class PromptSegPredictor:
             nothing to the decoder).
         vocabulary: prompt resolution; default :func:`default_vocabulary`.
         device: where the network runs; aggregation of the sliding windows stays on the CPU.
-        invert_chunk: terms inverted to the original grid at a time; bounds the memory of the
-            inversion to ``invert_chunk x X x Y x Z`` floats.
         sw_batch_size: windows per forward pass.
-        coarse_blending: blend windows on the decoder's coarse grid (see
-            :meth:`predict_probabilities`); False (the default) upsamples every window to full
-            resolution first. Off by default because it costs accuracy with the trained default
-            model: it upsamples blended *probabilities* where the decoder upsamples logits (kidney
-            Dice 0.87-0.89 instead of 0.91 on example_ct_sm, DICOM liver 0.915 instead of 0.966);
-            it is 1.4x faster for 24 prompts (bench/bench_prompts.py).
+        lazy_blending: False makes MONAI blend every term at full resolution in every window (the
+            reference the lazy path is tested against; same masks, slower with many prompts).
+
+    Sliding-window blending: when the decoder predicts on a coarse grid (``pixel_levels``
+        without the stride-1 map, as in the default model), the windows are blended exactly but
+        lazily, per term and only where its mask can be (:class:`volumed.inference.blending.WindowLogits`):
+        24 prompts then cost little more than one (bench/bench_prompts.py).
     """
 
     def __init__(
@@ -290,20 +237,18 @@ class PromptSegPredictor:
         text_encoder: TextEncoder | None = None,
         vocabulary: Vocabulary | None = None,
         device: str | torch.device = "cpu",
-        invert_chunk: int = 4,
         sw_batch_size: int = 1,
-        coarse_blending: bool = False,
+        lazy_blending: bool = True,
     ):
-        if invert_chunk < 1 or sw_batch_size < 1:
-            raise ConfigError(f"invert_chunk ({invert_chunk}) and sw_batch_size ({sw_batch_size}) must be >= 1")
+        if sw_batch_size < 1:
+            raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.vocabulary = vocabulary or default_vocabulary()
         self._text_encoder = text_encoder  # loaded on first use: callers with embeddings never need it
-        self.invert_chunk = int(invert_chunk)
         self.sw_batch_size = int(sw_batch_size)
-        self.coarse_blending = bool(coarse_blending)
+        self.lazy_blending = bool(lazy_blending)
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -359,112 +304,124 @@ class PromptSegPredictor:
         settings = {**self.config.preprocessing, "modality": volume.modality}
         return preprocess(volume, None, PreprocessConfig(**settings))
 
-    def _coarse_stride(self, model_shape: Sequence[int]) -> tuple[int, int, int] | None:
-        """Stride of the decoder's per-voxel embedding when windows can be blended on that coarse
-        grid exactly (every window starts on a multiple of it), else ``None``."""
-        if not self.coarse_blending:
-            return None
+    def _decoder_stride(self, model_shape: Sequence[int]) -> tuple[int, int, int] | None:
+        """Stride of the decoder's per-voxel embedding when windows can be blended lazily from
+        coarse logits (:class:`WindowLogits`): coarser than the input, dividing the patch and the
+        window interval (so every window starts on a whole coarse cell); else ``None``."""
         decoder = self.model.segmenter.decoder
         stride = tuple(int(v) for v in decoder.feature_info[decoder.pixel_levels[0]].stride)
-        if stride == (1, 1, 1):
+        if stride == (1, 1, 1) or not self.lazy_blending:
             return None
-        roi = [int(r) for r in self.config.patch_size]
-        for r, s, n in zip(roi, stride, model_shape):
-            interval = int(r * (1 - float(self.config.overlap)))
-            if r % s or (n > r and interval % s):
+        for r, s, n in zip(self.config.patch_size, stride, model_shape):
+            interval = int(int(r) * (1 - float(self.config.overlap)))  # MONAI's _get_scan_interval
+            if int(r) % s or (n > int(r) and interval % s):
                 return None
         return stride  # type: ignore[return-value]
 
     def predict_probabilities(
         self, case: PreprocessedCase, queries: torch.Tensor, *, progress: bool = False
-    ) -> "torch.Tensor | CoarseProbabilities":
-        """Sigmoid probabilities of ``N`` terms on the model grid, float32 on the CPU.
+    ) -> "torch.Tensor | WindowLogits":
+        """Sigmoid probabilities of ``N`` terms on the model grid.
 
-        MONAI's sliding window feeds windows of ``config.patch_size``, blends overlapping windows
-        with gaussian weights and crops back to the image. Per window the encoder runs once and
-        the decoder answers all ``N`` terms.
+        MONAI's ``sliding_window_inference`` places windows of ``config.patch_size`` (the image is
+        padded to at least one patch with 0, the window minimum, air for CT) and runs the network;
+        per window the encoder runs once and the decoder answers all ``N`` terms.
 
-        Returns ``(N, x, y, z)`` probabilities or, when the decoder's per-voxel embedding is coarser
-        than its input (``pixel_levels`` without the stride-1 map) and ``coarse_blending`` is on, a
-        :class:`CoarseProbabilities` that holds them at that stride and gives them on the model
-        grid chunk by chunk of terms: the per-term work in every window (upsampling, sigmoid,
-        blending) then runs on ``1/stride^3`` of the voxels, and the buffer of all terms is that
-        much smaller (24 terms of a 300^3 model grid: 2.6 GB full, 0.32 GB at stride 2).
+        Returns:
+            When the decoder predicts on a coarse grid (:meth:`_decoder_stride`; the image is then
+            also padded to a multiple of the stride), a
+            :class:`WindowLogits`: every window's coarse logits, blended exactly on demand
+            (gaussian weights, as MONAI's ``mode="gaussian"``) but only where each term can exceed
+            the threshold. Otherwise ``(N, x, y, z)`` float32 probabilities blended by MONAI at
+            full resolution.
         """
         segmenter = self.model.segmenter
         image = case.image.as_tensor()[None].to(torch.float32)  # (1, 1, x, y, z)
         model_shape = tuple(int(s) for s in image.shape[2:])
         roi = tuple(int(s) for s in self.config.patch_size)
-        stride = self._coarse_stride(model_shape)
-        offset = (0, 0, 0)
-        if stride is not None:
-            # Pad (0 = window minimum, air for CT) to a multiple of the stride and to at least the
-            # patch, so MONAI pads nothing and every window lands on whole coarse voxels. Split like
-            # MONAI's own padding (half before), rounded to the stride.
-            padded = [max(r, -(-n // s) * s) for n, r, s in zip(model_shape, roi, stride)]
-            offset = tuple(((p - n) // 2) // s * s for n, p, s in zip(model_shape, padded, stride))
-            pads = [v for n, p, o in reversed(list(zip(model_shape, padded, offset))) for v in (o, p - n - o)]
-            image = torch.nn.functional.pad(image, pads)
+        stride = self._decoder_stride(model_shape)
+        common = dict(roi_size=roi, sw_batch_size=self.sw_batch_size, overlap=float(self.config.overlap),
+                      mode="gaussian", progress=progress, sw_device=self.device, device=torch.device("cpu"))
+        if stride is None:
 
-        def predictor(window: torch.Tensor) -> torch.Tensor:
-            # One encoder pass per window answers every term: the decoder is term-independent.
-            features = segmenter.encode_image(window)
-            if stride is None:
-                return torch.sigmoid(segmenter.decode(features, queries, window.shape[2:]))
-            coarse = [w // s for w, s in zip(window.shape[2:], stride)]
-            return torch.sigmoid(segmenter.decode(features, queries, coarse))
+            def full_resolution(window: torch.Tensor) -> torch.Tensor:
+                # One encoder pass per window answers every term: the decoder is term-independent.
+                return torch.sigmoid(segmenter(window, queries))
+
+            with torch.inference_mode():
+                probs = sliding_window_inference(image, predictor=full_resolution, **common)
+            return torch.as_tensor(probs)[0].float()
+
+        # Pad (0: the window minimum, air for CT) to at least the patch and to a multiple of the
+        # stride, half before as MONAI would; MONAI then pads nothing, and every window starts on a
+        # whole coarse cell of the padded image.
+        padded = [max(r, -(-n // s) * s) for n, r, s in zip(model_shape, roi, stride)]
+        offset = tuple((p - n) // 2 for n, p in zip(model_shape, padded))
+        pads = [v for n, p, o in reversed(list(zip(model_shape, padded, offset))) for v in (o, p - n - o)]
+        image = torch.nn.functional.pad(image, pads)
+        coarse = [r // s for r, s in zip(roi, stride)]
+        logits: list[torch.Tensor] = []
+        origins: list[tuple[int, ...]] = []
+
+        def coarse_logits(window: torch.Tensor, where: Sequence[Sequence[slice]]) -> torch.Tensor:
+            out = segmenter.decode(segmenter.encode_image(window), queries, coarse).float().cpu()
+            for b, slices in enumerate(where):
+                logits.append(out[b].clone())
+                origins.append(tuple(int(sl.start) for sl in slices[2:]))
+            # MONAI blends this placeholder (one coarse channel, negligible); WindowLogits blends the terms.
+            return torch.zeros((out.shape[0], 1, *coarse), device=window.device)
 
         with torch.inference_mode():
-            probs = sliding_window_inference(
-                image,
-                roi_size=roi,
-                sw_batch_size=self.sw_batch_size,
-                predictor=predictor,
-                overlap=float(self.config.overlap),
-                mode="gaussian",
-                progress=progress,
-                sw_device=self.device,
-                device=torch.device("cpu"),
-            )
-        probs = torch.as_tensor(probs)[0].float()
-        if stride is None:
-            return probs
-        return CoarseProbabilities(probs, tuple(image.shape[2:]), model_shape, offset)  # type: ignore[arg-type]
+            sliding_window_inference(image, predictor=coarse_logits, with_coord=True, **common)
+        return WindowLogits(logits, origins, roi, stride, image.shape[2:], model_shape, offset, importance_map(roi))
 
     def iter_original(
-        self, probs: "torch.Tensor | CoarseProbabilities", case: PreprocessedCase
-    ) -> Iterator[tuple[int, np.ndarray | None]]:
-        """Yield ``(term index, probability (X, Y, Z) float32)`` on the original grid, trilinearly
-        inverted ``invert_chunk`` terms at a time (threshold only after inversion: a hard mask
-        resampled to a finer grid would be blocky). Coarse probabilities are upsampled only in the
-        box of each structure (:meth:`CoarseProbabilities.above`): the yielded values are exact
-        wherever they can reach the threshold, 0 far from the structure.
+        self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase
+    ) -> Iterator[tuple[int, list[tuple[tuple[slice, slice, slice], np.ndarray]] | None]]:
+        """Yield ``(term index, pieces)`` on the original grid: ``pieces`` is a list of ``(box,
+        probabilities)``, ``box`` a tuple of slices of the original grid and ``probabilities`` its
+        float32 values. Boxes may overlap (the values agree there wherever they exceed the threshold).
 
-        A term whose probability stays at or below ``config.threshold`` everywhere on the model
-        (or coarse) grid yields ``None`` instead, without being inverted: trilinear resampling
-        only forms convex combinations, so its inverted map could not exceed the threshold either
-        (structures outside the field of view cost nothing). Skipped terms come first, the others
-        follow in prompt order.
+        Only boxes around each structure are computed: for :class:`WindowLogits`, a box per group
+        of coarse cells where the blend can exceed ``config.threshold``, blended exactly, then
+        narrowed to the voxels really above it; for a probability tensor, the box of the voxels
+        above it. Each is grown by one voxel and inverted box to box
+        (:func:`volumed.data.transforms.invert_box_to_original`). Trilinear resampling only forms
+        convex combinations, so outside the boxes the inverted probability is at most the
+        threshold; inside, it is exact wherever it can exceed it. Masks (``> threshold``) and the
+        label map are therefore those of a whole-grid inversion, at the cost of the structures.
 
-        Measured alternative, not taken: resampling coarse probabilities straight to the original
-        grid with one MONAI ``SpatialResample`` (instead of upsampling to the model grid and
-        inverting through the trace) was 2x slower on the DICOM series (1.40 s vs 0.70 s, 3 terms).
+        A term nowhere above the threshold yields ``None`` (structures outside the field of view
+        cost nothing). Those come first; the others follow in prompt order.
         """
-        grid = probs.coarse if isinstance(probs, CoarseProbabilities) else probs
-        peaks = torch.as_tensor(grid).flatten(1).amax(dim=1)
-        active = [k for k in range(len(peaks)) if float(peaks[k]) > float(self.config.threshold)]
-        for k in range(len(peaks)):
-            if k not in active:
+        threshold = float(self.config.threshold)
+        found: dict[int, list] = {}
+        if isinstance(probs, WindowLogits):
+            for k in range(probs.num_terms):
+                model_boxes = []
+                for box in probs.regions(k, threshold):
+                    values = probs.blend(k, box)
+                    tight = _box_above(values, threshold, box)
+                    if tight is not None:
+                        model_boxes.append((tight, values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]))
+                found[k] = model_boxes
+        else:
+            probs = torch.as_tensor(probs)
+            whole = tuple((0, n) for n in case.model_shape)
+            for k in range(len(probs)):
+                tight = _box_above(probs[k], threshold, whole)
+                found[k] = [] if tight is None else [(tight, probs[k][tuple(slice(a, b) for a, b in tight)])]
+        for k, model_boxes in found.items():
+            if not model_boxes:
                 yield k, None
-        for start in range(0, len(active), self.invert_chunk):
-            ids = active[start : start + self.invert_chunk]
-            if isinstance(probs, CoarseProbabilities):
-                model = probs.above(ids, float(self.config.threshold))
-            else:
-                model = torch.as_tensor(probs)[ids]
-            chunk = invert_to_original(model, case, mode="bilinear")
-            chunk = chunk[None] if chunk.ndim == 3 else chunk
-            yield from zip(ids, chunk)
+        for k, model_boxes in found.items():
+            pieces = []
+            for box, values in model_boxes:
+                inverted = invert_box_to_original(values[None], box, case)
+                if inverted is not None:
+                    pieces.append((inverted[0], inverted[1][0]))
+            if model_boxes:
+                yield k, pieces or None
 
     def predict(
         self,
@@ -494,16 +451,17 @@ class PromptSegPredictor:
         label = np.zeros(volume.shape, dtype=np.uint8 if len(terms) < 256 else np.uint16)
         masks: list[np.ndarray] | None = [] if on_mask is None else None
         kept: dict[int, np.ndarray] = {}
-        for k, prob in self.iter_original(probs, case):
-            if prob is None:  # nowhere above threshold: an empty mask, no label-map voxel
-                mask = np.zeros(volume.shape, dtype=bool)
-            else:
-                mask = prob > threshold
+        for k, pieces in self.iter_original(probs, case):
+            mask = np.zeros(volume.shape, dtype=bool)
+            # None: nowhere above threshold, an empty mask and no label-map voxel.
+            for box, prob in pieces or ():
+                mask[box] |= prob > threshold
                 # Strictly greater: an exact tie keeps the earlier prompt (the priority rule); the
-                # terms with a probability map arrive in prompt order.
-                win = prob > best
-                best[win] = prob[win]
-                label[win] = k + 1
+                # terms with a probability map arrive in prompt order. Basic slices are views.
+                best_box, label_box = best[box], label[box]
+                win = prob > best_box
+                best_box[win] = prob[win]
+                label_box[win] = k + 1
             if on_mask is not None:
                 on_mask(k, mask)
             else:

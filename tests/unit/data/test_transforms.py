@@ -22,6 +22,7 @@ from volumed.data.transforms import (
     ForegroundThreshold,
     PreprocessConfig,
     build_preprocessing,
+    invert_box_to_original,
     invert_scores_to_labels,
     invert_to_original,
     invert_to_volume,
@@ -143,6 +144,38 @@ def test_orientation_alone_inverts_exactly(dicom_pair):
     assert np.array_equal(back["label"][0].numpy(), label.data)
     assert np.allclose(back["image"][0].numpy(), expected, atol=1e-6)
     assert np.allclose(back["image"].affine.numpy(), image.affine)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    "name, spacing",
+    [
+        ("example_ct_sm.nii.gz", (3.0, 3.0, 3.0)),  # same grid: index copy
+        ("example_ct_dicom", (0.9765625, 0.9765625, 2.0)),  # LPS -> RAS flips only: index copy
+        ("example_ct_dicom", (3.0, 3.0, 3.0)),  # resampled: MONAI SpatialResample
+    ],
+)
+def test_box_inversion_equals_the_whole_grid_inversion(ts_dir, name, spacing):
+    volume = read_volume(ts_dir / name)
+    case = preprocess(volume, None, PreprocessConfig(modality="CT", target_spacing=spacing))
+    g = torch.Generator().manual_seed(0)
+    field = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *case.model_shape, generator=g), 5, 1, 2)[0]
+    whole = invert_to_original(field, case, mode="bilinear")
+    x, y, z = case.model_shape
+    box = ((3, x - 5), (4, y - 2), (2, z - 3))
+    slices, values = invert_box_to_original(field[:, 3 : x - 5, 4 : y - 2, 2 : z - 3], box, case)
+    assert values.shape == (1, *[s.stop - s.start for s in slices])
+    # Original voxels reading only model voxels inside the box agree to float rounding.
+    inner = (0, *(slice(2, -2) for _ in range(3)))
+    np.testing.assert_allclose(values[inner], whole[slices][inner[1:]], atol=1e-5)
+    # The box covers what the model box maps to, and no more than a voxel beyond it.
+    corners = np.array([[a, b, c, 1.0] for a in box[0] for b in box[1] for c in box[2]])
+    to_original = np.linalg.inv(volume.affine) @ np.asarray(case.image.affine, dtype=np.float64)
+    mapped = (to_original @ corners.T)[:3]
+    for d, sl in enumerate(slices):
+        assert sl.start >= max(0, np.floor(mapped[d].min()) - 1) and sl.stop <= np.ceil(mapped[d].max()) + 2
+    with pytest.raises(ConfigError, match="values of shape"):
+        invert_box_to_original(field[:, :4, :4, :4], box, case)
 
 
 def test_ct_window_maps_to_unit_range_and_clips():

@@ -18,11 +18,12 @@ import torch
 
 from volumed.cli import main
 from volumed.errors import ConfigError, OutputExistsError, UnknownTermError
+from volumed.data.transforms import invert_to_original
 from volumed.inference import segment as segment_module
+from volumed.inference.blending import WindowLogits, _cell_upper_bound, _merge_boxes
 from volumed.inference.package import PromptSegConfig, build_model, load_package, save_package
 from volumed.inference.segment import (
     PRIORITY_RULE,
-    CoarseProbabilities,
     PromptSegPredictor,
     is_trained,
     resolve_prompts,
@@ -207,6 +208,9 @@ def test_label_map_priority_highest_probability_then_prompt_order(package, text_
     terms = predictor.resolve_prompts(["liver", "right kidney", "spleen", "left kidney"], "CT")
     case = predictor.preprocess(volume)
     assert [(k, p is None) for k, p in predictor.iter_original(probs, case)] == [(1, True), (0, False), (2, False), (3, False)]
+    boxes = {k: [box for box, _ in p] for k, p in predictor.iter_original(probs, case) if p is not None}
+    # Each term is inverted only in the box of its voxels above threshold, one voxel wider.
+    assert boxes[0] == [(slice(0, 5), slice(0, 5), slice(0, 4))] and boxes[3] == [(slice(0, 5), slice(2, 5), slice(0, 4))]
     pred = predictor.predict(volume, terms)
 
     np.testing.assert_array_equal(pred.masks[0], (x < 4).numpy())
@@ -238,58 +242,99 @@ def test_all_terms_adds_trained_terms_available_in_the_modality(package, text_en
     assert predictor.prompt_texts(ct[:1]) == ["kidney_left"]  # the canonical name, as in training
 
 
-def test_coarse_blending_matches_full_resolution_blending(package, ts_dir, text_encoder):
+def _monai_full_resolution(predictor: PromptSegPredictor, case, queries, probs: WindowLogits) -> torch.Tensor:
+    """MONAI's own gaussian blending of full-resolution sigmoid outputs, on the same padded image."""
+    from monai.inferers import sliding_window_inference
+
+    image = case.image.as_tensor()[None].float()
+    pads = [v for n, p, o in reversed(list(zip(case.model_shape, probs.padded_shape, probs.offset))) for v in (o, p - n - o)]
+    segmenter = predictor.model.segmenter
+    with torch.inference_mode():
+        full = sliding_window_inference(
+            torch.nn.functional.pad(image, pads), predictor.config.patch_size, 1,
+            lambda w: torch.sigmoid(segmenter(w, queries)), overlap=predictor.config.overlap, mode="gaussian",
+        )[0]  # fmt: skip
+    (x, y, z), (ox, oy, oz) = case.model_shape, probs.offset
+    return full[:, ox : ox + x, oy : oy + y, oz : oz + z]
+
+
+@pytest.mark.realdata
+def test_lazy_blending_equals_monai_full_resolution_blending(package, ts_dir, text_encoder):
     model, config = load_package(package)
-    # 3 mm, no crop: a 70 x 64 x 16 model grid, 2 x 1 x 1 overlapping windows of 64 x 64 x 16.
+    # 3 mm, no crop: a 70 x 64 x 16 model grid (padded to 70 x 64 x 16), 2 x 1 x 1 windows of 64 x 64 x 16.
     config = replace(config, preprocessing=dict(modality="CT", target_spacing=[3.0, 3.0, 3.0], crop_foreground=False))
-    coarse = PromptSegPredictor(model, config, text_encoder=text_encoder, coarse_blending=True)
-    full = PromptSegPredictor(model, config, text_encoder=text_encoder, coarse_blending=False)
-    volume = read_volume(ts_dir / "example_ct_sm.nii.gz")
-    volume = Volume(np.ascontiguousarray(volume.data[20:90, 10:74, 8:24]), volume.affine, "CT")
-    case = coarse.preprocess(volume)
-    assert case.model_shape == (70, 64, 16)
-    assert coarse._coarse_stride(case.model_shape) == (2, 2, 2) and full._coarse_stride(case.model_shape) is None
-    queries = coarse.term_queries(coarse.resolve_prompts(["liver", "spleen"], "CT"), "CT")
-    a = coarse.predict_probabilities(case, queries)
-    b = full.predict_probabilities(case, queries)
-    assert a.shape == tuple(b.shape) == (2, 70, 64, 16)
-    a = a[0:2]
-    # Blending before or after the (linear) upsampling differs only where windows overlap, and the
-    # sigmoid comes before instead of after the upsampling: small differences, and no shift.
-    assert float((a - b).abs().mean()) < 0.01
-    assert float(((a > 0.5) == (b > 0.5)).float().mean()) > 0.97
-    # A window interval that is not a multiple of the stride falls back to full resolution.
-    odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder, coarse_blending=True)
-    assert odd._coarse_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    whole = read_volume(ts_dir / "example_ct_sm.nii.gz")
+    volume = Volume(np.ascontiguousarray(whole.data[20:90, 10:74, 8:24]), whole.affine, "CT")
+    case = predictor.preprocess(volume)
+    queries = predictor.term_queries(predictor.resolve_prompts(TERMS, "CT"), "CT")
+    probs = predictor.predict_probabilities(case, queries)
+    assert isinstance(probs, WindowLogits) and probs.stride == (2, 2, 2)
+    assert probs.origins == [(0, 0, 0), (6, 0, 0)] and probs.shape == (5, 70, 64, 16)
+    full = _monai_full_resolution(predictor, case, queries, probs)
+    torch.testing.assert_close(probs[0:5], full, atol=1e-6, rtol=0)  # the whole grid, every term
+    for k in range(5):
+        hot = full[k] > 0.5
+        covered = torch.zeros_like(hot)
+        for box in probs.regions(k, 0.5):
+            covered[tuple(slice(a, b) for a, b in box)] = True
+        assert not (hot & ~covered).any()  # the boxes hold every voxel above the threshold
+        assert torch.all(probs.bound[k] >= 0) and torch.all(probs.bound[k] <= 1)
+    # The bound is an upper bound of the blend in every coarse cell.
+    cells = torch.nn.functional.max_pool3d(torch.nn.functional.pad(full, [0, 0, 0, 0, 0, 0]), 2, 2)
+    assert torch.all(probs.bound[:, : cells.shape[1], : cells.shape[2], : cells.shape[3]] >= cells - 1e-6)
+    # A window interval that is not a multiple of the stride falls back to MONAI's own blending.
+    odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
+    assert odd._decoder_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
+    odd_case = odd.preprocess(whole)  # 122 x 101 x 30: more than one window along z
+    assert odd._decoder_stride(odd_case.model_shape) is None
+    assert isinstance(odd.predict_probabilities(odd_case, queries), torch.Tensor)
 
 
-def test_coarse_probabilities_crop_the_padding_and_keep_the_grid():
-    # A linear ramp along x sampled at coarse voxel centres (i + 0.5) * 2 - 0.5 comes back as the
-    # ramp on the fine grid (trilinear, align_corners=False), offset by the padding.
-    fine_x = torch.arange(12, dtype=torch.float32)
-    coarse = ((torch.arange(6) + 0.5) * 2 - 0.5)[None, :, None, None].expand(1, 6, 2, 2).float()
-    probs = CoarseProbabilities(coarse, (12, 4, 4), (8, 3, 3), offset=(2, 0, 1))
-    assert probs.shape == (1, 8, 3, 3)
-    out = probs[0:1]
-    assert out.shape == (1, 8, 3, 3)
-    torch.testing.assert_close(out[0, 1:-1, 0, 0], fine_x[3:9])  # interior: exact; edges clamp
+@pytest.mark.realdata
+def test_box_by_box_masks_equal_whole_grid_inversion_on_the_dicom_series(package, ts_dir, text_encoder):
+    """0.98 x 0.98 x 2 mm LPS -> 6 mm RAS and back: the masks of predict() are those of inverting
+    the full-resolution blend over the whole grid."""
+    predictor = PromptSegPredictor(*load_package(package), text_encoder=text_encoder)
+    volume = read_volume(ts_dir / "example_ct_dicom")
+    terms = predictor.resolve_prompts(TERMS, "CT")
+    pred = predictor.predict(volume, terms)
+    case = predictor.preprocess(volume)
+    queries = predictor.term_queries(terms, "CT")
+    probs = predictor.predict_probabilities(case, queries)
+    full = _monai_full_resolution(predictor, case, queries, probs)
+    marked = 0
+    for k in range(len(terms)):
+        inverted = invert_to_original(full[k], case, mode="bilinear")
+        expected = inverted > 0.5
+        # Equal, but for voxels within float rounding of the threshold (1 of 5.2 million here).
+        differ = pred.masks[k] != expected
+        assert np.all(np.abs(inverted[differ] - 0.5) < 1e-5) and differ.sum() <= 3
+        marked += int(expected.sum())
+    assert marked > 1000, "the untrained tiny model should still mark some voxels"
 
 
-def test_upsampling_only_the_box_above_threshold_gives_the_same_masks():
-    # A smooth random field on a coarse grid, two blobs above 0.5 in term 0, none in term 1.
+@pytest.mark.parametrize("stride", [(2, 2, 2), (2, 2, 1), (4, 2, 1)])
+def test_cell_upper_bound_bounds_the_trilinear_upsampling_and_is_tight_on_flat_fields(stride):
     g = torch.Generator().manual_seed(0)
-    field = torch.nn.functional.avg_pool3d(torch.rand(2, 1, 24, 20, 10, generator=g), 3, 1, 1)[:, 0]
-    field = 0.3 + 0.4 * (field - field.min()) / (field.max() - field.min())  # 0.3 .. 0.7
-    field[0, 3:6, 4:8, 2:5] = 0.9
-    field[1] = field[1].clamp(max=0.45)
-    probs = CoarseProbabilities(field, (48, 40, 20), (45, 40, 17), offset=(2, 0, 1))
-    full, boxed = probs[0:2], probs.above([0, 1], 0.5)
-    assert boxed.shape == full.shape == (2, 45, 40, 17)
-    hot = full > 0.5
-    assert hot[0].any() and not hot[1].any() and not boxed[1].any()
-    np.testing.assert_array_equal((boxed > 0.5).numpy(), hot.numpy())
-    near = torch.nn.functional.max_pool3d(hot[:1].float(), 5, 1, 2)[0] > 0  # 2 voxels around
-    torch.testing.assert_close(boxed[0][near], full[0][near])  # exact where inversion reads
+    coarse = torch.randn(3, 9, 7, 5, generator=g) * 20
+    size = [n * s for n, s in zip(coarse.shape[1:], stride)]
+    fine = torch.nn.functional.interpolate(coarse[None], size=size, mode="trilinear", align_corners=False)[0]
+    cell_max = torch.nn.functional.max_pool3d(fine[None], stride, stride)[0]
+    bound = _cell_upper_bound(coarse, stride)
+    assert torch.all(bound >= cell_max - 1e-4)
+    assert float((bound - cell_max).mean()) < float((torch.nn.functional.max_pool3d(coarse[None], 3, 1, 1)[0] - cell_max).mean())
+    flat = torch.full((1, 4, 4, 4), -7.0)
+    torch.testing.assert_close(_cell_upper_bound(flat, stride), flat)
+
+
+def test_merging_boxes_trades_a_little_volume_for_fewer_boxes():
+    a, b, far = ((0, 10), (0, 10), (0, 10)), ((12, 20), (0, 10), (0, 10)), ((90, 95), (90, 95), (90, 95))
+    assert _merge_boxes([a, b, far], slack=500) == [((0, 20), (0, 10), (0, 10)), far]
+    assert _merge_boxes([a, b, far], slack=0) == [a, b, far]
+    with pytest.raises(ValueError, match="not a multiple of the stride"):
+        WindowLogits([torch.zeros(1, 2, 2, 2)], [(1, 0, 0)], (4, 4, 4), (2, 2, 2), (6, 4, 4), (6, 4, 4), (0, 0, 0),
+                     torch.ones(4, 4, 4))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ atomic outputs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from volumed.data.transforms import PreprocessConfig
-from volumed.errors import DatalistError
+from volumed.errors import ConfigError, DatalistError
 from volumed.inference.package import load_package
 from volumed.io.volume import Volume
 from volumed.io.writer import write_nifti
@@ -192,19 +192,39 @@ def test_absent_annotated_terms_are_negatives_and_capped():
 # ------------------------------------------------------------------------------------ sampling
 
 
-def test_foreground_biased_sampling_rate():
+@pytest.mark.parametrize("sampling", ["class", "union"])
+def test_foreground_biased_sampling_rate(sampling):
     image = torch.rand(1, 64, 64, 32)
     masks = torch.zeros(2, 64, 64, 32, dtype=torch.uint8)
     masks[0, 28:36, 28:36, 14:18] = 1  # 0.1% of the voxels: uniform crops would almost never centre here
-    case = PromptSegCase(image, masks, ("liver", "spleen"), "CT")
+    case = PromptSegCase(image, masks, ("liver", "spleen"), "CT")  # spleen annotated but absent
     for rate in (0.0, 0.3, 1.0):
-        ds = PromptSegPatchDataset([case], ["kidney_left", "liver", "spleen"], (16, 16, 8), fg_rate=rate, length=200)
+        ds = PromptSegPatchDataset([case], ["kidney_left", "liver", "spleen"], (16, 16, 8), rate, 200, sampling)
         ds.set_random_state(1)
         hits = np.mean([ds[i]["center_fg"] for i in range(200)])
         assert abs(hits - rate) < 0.08, (rate, hits)
     item = ds[0]
     assert item["image"].shape == (1, 16, 16, 8) and item["target"].shape == (3, 16, 16, 8)
     assert item["annotated"].tolist() == [False, True, True] and item["target"][1].sum() > 0
+
+
+def test_class_balanced_sampling_centres_small_structures_as_often_as_large_ones():
+    masks = torch.zeros(2, 64, 64, 32, dtype=torch.uint8)
+    masks[0, 4:60, 4:60, 2:30] = 1  # "liver": 88,000 voxels
+    masks[1, 30:32, 30:32, 15:17] = 1  # "aorta": 8 voxels, inside no other structure
+    masks[0, 28:34, 28:34, 13:19] = 0
+    case = PromptSegCase(torch.rand(1, 64, 64, 32), masks, ("liver", "aorta"), "CT")
+    terms = ["aorta", "liver"]
+    c = (8, 8, 4)
+
+    def small_share(sampling: str) -> float:
+        ds = PromptSegPatchDataset([case], terms, (16, 16, 8), 1.0, 300, sampling).set_random_state(3)
+        return float(np.mean([bool(ds[i]["target"][(0, *c)]) for i in range(300)]))
+
+    assert abs(small_share("class") - 0.5) < 0.1  # one of two present structures, uniformly
+    assert small_share("union") < 0.02  # 8 of ~88,000 foreground voxels
+    with pytest.raises(ConfigError, match="sampling"):
+        PromptSegPatchDataset([case], terms, (16, 16, 8), sampling="balanced")
 
 
 def test_small_images_are_padded_to_the_patch():
