@@ -124,7 +124,7 @@ class WindowLogits:
 
     ``probs[a:b]`` gives ``(b - a, x, y, z)`` probabilities on the whole model grid, exactly as
     MONAI's gaussian blending of the upsampled sigmoid outputs would (expensive: it is the full
-    computation); :meth:`region` and :meth:`blend` give them per term only where they matter.
+    computation); :meth:`regions` and :meth:`blend` give them per term only where they matter.
     """
 
     def __init__(
@@ -204,8 +204,9 @@ class WindowLogits:
         the grid. Empty when the bound exceeds the threshold nowhere.
 
         Separate boxes rather than one: a few stray voxels far from the structure would otherwise
-        stretch its box over most of the image. Boxes of different groups are at least one cell
-        apart, so a box's border voxels lie outside every hot cell."""
+        stretch its box over most of the image. Boxes close to each other are merged
+        (:attr:`merge_slack`), so a box may also hold part of another group; its values are exact
+        all the same (:meth:`blend` is exact in any box)."""
         hot = self.bound[term] > threshold
         where = hot.nonzero()
         if len(where) == 0:

@@ -198,14 +198,17 @@ class Prediction:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _box_above(values: torch.Tensor, threshold: float, box: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
+def _box_above(
+    values: torch.Tensor, threshold: float, box: Sequence[tuple[int, int]], grid: Sequence[int]
+) -> tuple[tuple[int, int], ...] | None:
     """The voxels of ``values`` (the model-grid ``box``) above ``threshold``: their bounding box
-    grown by one voxel (what trilinear resampling reads), within ``box``; ``None`` if none is."""
+    grown by one voxel (what trilinear resampling reads), within the model ``grid``; ``None`` if
+    none is."""
     hot = (values > threshold).nonzero()
     if len(hot) == 0:
         return None
     lo, hi = hot.min(dim=0).values, hot.max(dim=0).values
-    return tuple((max(a0, a0 + int(a) - 1), min(b0, a0 + int(b) + 2)) for (a0, b0), a, b in zip(box, lo, hi))
+    return tuple((max(0, a0 + int(a) - 1), min(n, a0 + int(b) + 2)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
 
 
 class PromptSegPredictor:
@@ -391,37 +394,36 @@ class PromptSegPredictor:
         threshold; inside, it is exact wherever it can exceed it. Masks (``> threshold``) and the
         label map are therefore those of a whole-grid inversion, at the cost of the structures.
 
-        A term nowhere above the threshold yields ``None`` (structures outside the field of view
-        cost nothing). Those come first; the others follow in prompt order.
+        Terms come in prompt order, one at a time (memory holds one term's boxes); a term nowhere
+        above the threshold yields ``None`` (structures outside the field of view cost nothing).
         """
         threshold = float(self.config.threshold)
-        found: dict[int, list] = {}
-        if isinstance(probs, WindowLogits):
-            for k in range(probs.num_terms):
-                model_boxes = []
+        whole = tuple((0, n) for n in case.model_shape)
+        num_terms = probs.num_terms if isinstance(probs, WindowLogits) else len(probs)
+        for k in range(num_terms):  # one term at a time: memory holds one term's boxes
+            model_boxes = []
+            if isinstance(probs, WindowLogits):
                 for box in probs.regions(k, threshold):
                     values = probs.blend(k, box)
-                    tight = _box_above(values, threshold, box)
-                    if tight is not None:
-                        model_boxes.append((tight, values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]))
-                found[k] = model_boxes
-        else:
-            probs = torch.as_tensor(probs)
-            whole = tuple((0, n) for n in case.model_shape)
-            for k in range(len(probs)):
-                tight = _box_above(probs[k], threshold, whole)
-                found[k] = [] if tight is None else [(tight, probs[k][tuple(slice(a, b) for a, b in tight)])]
-        for k, model_boxes in found.items():
-            if not model_boxes:
-                yield k, None
-        for k, model_boxes in found.items():
+                    tight = _box_above(values, threshold, box, case.model_shape)
+                    if tight is None:
+                        continue
+                    if all(a0 <= a and b <= b0 for (a, b), (a0, b0) in zip(tight, box)):
+                        values = values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]
+                    else:  # a voxel above threshold on the box's border (another group's, merged in): widen
+                        values = probs.blend(k, tight)
+                    model_boxes.append((tight, values))
+            else:
+                term = torch.as_tensor(probs[k])
+                tight = _box_above(term, threshold, whole, case.model_shape)
+                if tight is not None:
+                    model_boxes.append((tight, term[tuple(slice(a, b) for a, b in tight)]))
             pieces = []
             for box, values in model_boxes:
                 inverted = invert_box_to_original(values[None], box, case)
                 if inverted is not None:
                     pieces.append((inverted[0], inverted[1][0]))
-            if model_boxes:
-                yield k, pieces or None
+            yield k, pieces or None
 
     def predict(
         self,

@@ -207,7 +207,7 @@ def test_label_map_priority_highest_probability_then_prompt_order(package, text_
     monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: probs)
     terms = predictor.resolve_prompts(["liver", "right kidney", "spleen", "left kidney"], "CT")
     case = predictor.preprocess(volume)
-    assert [(k, p is None) for k, p in predictor.iter_original(probs, case)] == [(1, True), (0, False), (2, False), (3, False)]
+    assert [(k, p is None) for k, p in predictor.iter_original(probs, case)] == [(0, False), (1, True), (2, False), (3, False)]
     boxes = {k: [box for box, _ in p] for k, p in predictor.iter_original(probs, case) if p is not None}
     # Each term is inverted only in the box of its voxels above threshold, one voxel wider.
     assert boxes[0] == [(slice(0, 5), slice(0, 5), slice(0, 4))] and boxes[3] == [(slice(0, 5), slice(2, 5), slice(0, 4))]
@@ -326,6 +326,30 @@ def test_cell_upper_bound_bounds_the_trilinear_upsampling_and_is_tight_on_flat_f
     assert float((bound - cell_max).mean()) < float((torch.nn.functional.max_pool3d(coarse[None], 3, 1, 1)[0] - cell_max).mean())
     flat = torch.full((1, 4, 4, 4), -7.0)
     torch.testing.assert_close(_cell_upper_bound(flat, stride), flat)
+
+
+def test_a_group_reaching_into_another_box_is_still_inverted_exactly(package, text_encoder):
+    """An L-shaped group and a blob in its corner: their boxes overlap without being merged, so the
+    L's box holds part of the blob, up to its border; the masks still equal thresholding the exact
+    blend everywhere."""
+    model, config = load_package(package)
+    config = replace(config, preprocessing=dict(modality="CT", target_spacing=None, crop_foreground=False))
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    case = predictor.preprocess(Volume(np.full((20, 20, 20), 40.0, np.float32), np.eye(4), "CT"))
+    logits = torch.full((1, 10, 10, 10), -20.0)
+    logits[0, 0:6, 0, 3:6] = 10.0  # the L: a row along x ...
+    logits[0, 0, 0:6, 3:6] = 10.0  # ... and a column along y
+    logits[0, 4:8, 4:8, 3:6] = 10.0  # the blob, two cells away from the L
+    probs = WindowLogits([logits], [(0, 0, 0)], (20, 20, 20), (2, 2, 2), (20, 20, 20), (20, 20, 20), (0, 0, 0),
+                         torch.ones(20, 20, 20))  # fmt: skip
+    probs.merge_slack = 0
+    boxes = probs.regions(0, 0.5)
+    assert len(boxes) == 2 and boxes[0][0][1] > boxes[1][0][0]  # overlapping along x, not merged
+    (k, pieces), = list(predictor.iter_original(probs, case))
+    mask = np.zeros((20, 20, 20), bool)
+    for box, values in pieces:
+        mask[box] |= values > 0.5
+    np.testing.assert_array_equal(mask, (probs[0:1][0] > 0.5).numpy())
 
 
 def test_merging_boxes_trades_a_little_volume_for_fewer_boxes():
