@@ -30,7 +30,7 @@ that of each structure's box (zero for a term absent from the image), not of the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,10 +76,10 @@ def _cell_upper_bound(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
         n = x.shape[d]
         if s == 1 or n == 1:
             continue
-        nb = x.clone()  # max(x[c - 1], x[c + 1]), x[c] where a neighbour is missing
+        nb = x.clone()  # max(x[c - 1], x[c], x[c + 1]) along d
         torch.maximum(x.narrow(d, 0, n - 1), x.narrow(d, 1, n - 1), out=nb.narrow(d, 0, n - 1))
         torch.maximum(nb.narrow(d, 1, n - 1), x.narrow(d, 0, n - 1), out=nb.narrow(d, 1, n - 1))
-        x = x + (s - 1) / (2 * s) * (nb - x).clamp_(min=0)
+        x = nb.sub_(x).mul_((s - 1) / (2 * s)).add_(x)  # x + (s - 1) / 2s * (max - x), max - x >= 0
     return x
 
 
@@ -87,19 +87,21 @@ def _volume(box: Box) -> int:
     return math.prod(b - a for a, b in box)
 
 
-def _merge_boxes(boxes: list[Box], slack: int) -> list[Box]:
-    """Merge two boxes whenever their union has at most ``slack`` voxels more than the two: each
-    box has a fixed cost (a few tensor operations per window), so many stray specks near a
-    structure are cheaper as one box. A union of boxes still contains every hot voxel."""
+def _merge_boxes(boxes: list[Box], slack: int, grow: Callable[[Box], Box] | None = None) -> list[Box]:
+    """Merge two boxes whenever their union has at most ``slack`` voxels more than the two (sizes
+    measured on ``grow(box)``, the box as computed): each box has a fixed cost (a few tensor
+    operations per window), so many stray specks near a structure are cheaper as one box. A union
+    of boxes still contains everything they contained."""
+    size_of = (lambda box: _volume(grow(box))) if grow is not None else _volume  # noqa: E731
     changed = True
     while changed and len(boxes) > 1:
         changed = False
         merged: list[tuple[Box, int]] = []
         for box in boxes:
-            size = _volume(box)
+            size = size_of(box)
             for i, (other, other_size) in enumerate(merged):
                 union = tuple((min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(other, box))
-                union_size = _volume(union)  # type: ignore[arg-type]
+                union_size = size_of(union)  # type: ignore[arg-type]
                 if union_size <= other_size + size + slack:
                     merged[i] = (union, union_size)  # type: ignore[assignment]
                     changed = True
@@ -159,6 +161,8 @@ class WindowLogits:
         self._bound: torch.Tensor | None = None
         #: :meth:`regions` merges boxes when that adds at most this many voxels (~ the fixed cost of a box).
         self.merge_slack = 4096
+        #: :meth:`regions` cuts groups of cells into slabs this many cells thick.
+        self.slab = 8
 
     @property
     def num_terms(self) -> int:
@@ -190,41 +194,51 @@ class WindowLogits:
             high = torch.zeros((self.num_terms, *grid))
             low = torch.zeros((self.num_terms, *grid))
             for w, o in zip(self.logits, self.origins):
-                peak = torch.sigmoid(_cell_upper_bound(w, self.stride))
+                peak = _cell_upper_bound(w, self.stride).sigmoid_()
                 cells = (slice(None), *(slice(a // s, a // s + c) for a, s, c in zip(o, self.stride, w.shape[1:])))
-                high[cells] += w_max * peak
-                low[cells] += w_min * (1.0 - peak)
+                high[cells].addcmul_(w_max.expand_as(peak), peak)
+                low[cells].addcmul_(w_min.expand_as(peak), 1.0 - peak)
             self._bound = high / (high + low).clamp(min=torch.finfo(torch.float32).tiny)
         return self._bound
 
-    def regions(self, term: int, threshold: float, margin: int = 1) -> list[Box]:
-        """Model-grid boxes outside which ``term``'s blended probability is at most ``threshold``:
-        one per connected group (26-neighbourhood) of coarse cells whose :attr:`bound` exceeds it,
-        grown by ``margin`` voxels (what a trilinear resampling of the box reads) and clipped to
-        the grid. Empty when the bound exceeds the threshold nowhere.
+    def regions(self, term: int, threshold: float, margin: int = 1) -> list[tuple[Box, Box]]:
+        """Where ``term``'s blended probability can exceed ``threshold``: ``(core, box)`` pairs of
+        model-grid boxes. Every coarse cell whose :attr:`bound` exceeds the threshold lies in some
+        ``core``; outside the cores the probability is at most the threshold. ``box`` is its core
+        grown by ``margin`` voxels (what a trilinear resampling reads), clipped to the grid. Empty
+        when the bound exceeds the threshold nowhere.
 
-        Separate boxes rather than one: a few stray voxels far from the structure would otherwise
-        stretch its box over most of the image. Boxes close to each other are merged
-        (:attr:`merge_slack`), so a box may also hold part of another group; its values are exact
-        all the same (:meth:`blend` is exact in any box)."""
+        The cores hug the structure: one per connected group (26-neighbourhood) of hot cells, cut
+        into slabs of :attr:`slab` cells along the group's longest axis, each slab's box shrunk to
+        its own cells, so a few stray voxels or a curved organ do not stretch one box over most of
+        the image. Then boxes whose union costs at most :attr:`merge_slack` voxels more are merged
+        (each box has a fixed cost). Cores may overlap; the values of :meth:`blend` are exact in
+        any box."""
         hot = self.bound[term] > threshold
         where = hot.nonzero()
         if len(where) == 0:
             return []
-        lo, hi = where.min(dim=0).values.tolist(), (where.max(dim=0).values + 1).tolist()
+        lo = where.min(dim=0).values.tolist()
+        hi = (where.max(dim=0).values + 1).tolist()
         hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
         groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
-        boxes: list[Box] = []
-        for cells in ndimage.find_objects(groups):
-            box = []
-            for d, sl in enumerate(cells):
-                s = self.stride[d]
-                a = max(0, (lo[d] + sl.start) * s - self.offset[d] - margin)
-                b = min(self.model_shape[d], (lo[d] + sl.stop) * s - self.offset[d] + margin)
-                box.append((a, b))
-            if all(a < b for a, b in box):  # else the group lies in the padding only
-                boxes.append(tuple(box))  # type: ignore[arg-type]
-        return _merge_boxes(boxes, self.merge_slack)
+        cores: list[Box] = []
+        for label, cells in enumerate(ndimage.find_objects(groups), start=1):
+            group = groups[cells] == label
+            axis = int(np.argmax(group.shape))
+            for first in range(0, group.shape[axis], self.slab):
+                part = group.take(range(first, min(first + self.slab, group.shape[axis])), axis=axis)
+                idx = np.nonzero(part)
+                core = []
+                for d in range(3):
+                    c0 = lo[d] + cells[d].start + int(idx[d].min()) + (first if d == axis else 0)
+                    c1 = lo[d] + cells[d].start + int(idx[d].max()) + 1 + (first if d == axis else 0)
+                    s, o, n = self.stride[d], self.offset[d], self.model_shape[d]
+                    core.append((max(0, c0 * s - o), min(n, c1 * s - o)))
+                if all(a < b for a, b in core):  # else the cells lie in the padding only
+                    cores.append(tuple(core))  # type: ignore[arg-type]
+        grow = lambda core: tuple((max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, self.model_shape))  # noqa: E731
+        return [(core, grow(core)) for core in _merge_boxes(cores, self.merge_slack, grow)]
 
     def blend(self, term: int, box: Box) -> torch.Tensor:
         """``term``'s blended probabilities in the model-grid ``box``, exactly."""
@@ -245,7 +259,7 @@ class WindowLogits:
             up = up[tuple(slice(a - c * s, b - c * s) for a, b, c, s in zip(lo, hi, clo, self.stride))]
             part = torch.sigmoid(up).mul_(self.weights[tuple(slice(a, b) for a, b in zip(lo, hi))])
             total[tuple(slice(a + oo - s0, b + oo - s0) for a, b, oo, s0 in zip(lo, hi, o, start))] += part
-        return total / self.count[tuple(slice(a, b) for a, b in zip(start, stop))]
+        return total.div_(self.count[tuple(slice(a, b) for a, b in zip(start, stop))])
 
     def __getitem__(self, terms: slice) -> torch.Tensor:
         whole: Box = tuple((0, n) for n in self.model_shape)  # type: ignore[assignment]

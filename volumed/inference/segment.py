@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from volumed.data.transforms import PreprocessConfig, PreprocessedCase, invert_box_to_original, preprocess
+from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, importance_map
@@ -389,7 +389,7 @@ class PromptSegPredictor:
         of coarse cells where the blend can exceed ``config.threshold``, blended exactly, then
         narrowed to the voxels really above it; for a probability tensor, the box of the voxels
         above it. Each is grown by one voxel and inverted box to box
-        (:func:`volumed.data.transforms.invert_box_to_original`). Trilinear resampling only forms
+        (:class:`volumed.data.transforms.BoxInverter`). Trilinear resampling only forms
         convex combinations, so outside the boxes the inverted probability is at most the
         threshold; inside, it is exact wherever it can exceed it. Masks (``> threshold``) and the
         label map are therefore those of a whole-grid inversion, at the cost of the structures.
@@ -399,20 +399,20 @@ class PromptSegPredictor:
         """
         threshold = float(self.config.threshold)
         whole = tuple((0, n) for n in case.model_shape)
+        invert = BoxInverter(case)
         num_terms = probs.num_terms if isinstance(probs, WindowLogits) else len(probs)
         for k in range(num_terms):  # one term at a time: memory holds one term's boxes
             model_boxes = []
             if isinstance(probs, WindowLogits):
-                for box in probs.regions(k, threshold):
+                for core, box in probs.regions(k, threshold):
                     values = probs.blend(k, box)
-                    tight = _box_above(values, threshold, box, case.model_shape)
+                    # Only the voxels of the core: those in the rim belong to another region's core
+                    # (with the one-voxel margin it needs), or are at most the threshold.
+                    in_core = values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(core, box))]
+                    tight = _box_above(in_core, threshold, core, case.model_shape)
                     if tight is None:
-                        continue
-                    if all(a0 <= a and b <= b0 for (a, b), (a0, b0) in zip(tight, box)):
-                        values = values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]
-                    else:  # a voxel above threshold on the box's border (another group's, merged in): widen
-                        values = probs.blend(k, tight)
-                    model_boxes.append((tight, values))
+                        continue  # (tight lies within box: core grown by one voxel)
+                    model_boxes.append((tight, values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]))
             else:
                 term = torch.as_tensor(probs[k])
                 tight = _box_above(term, threshold, whole, case.model_shape)
@@ -420,7 +420,7 @@ class PromptSegPredictor:
                     model_boxes.append((tight, term[tuple(slice(a, b) for a, b in tight)]))
             pieces = []
             for box, values in model_boxes:
-                inverted = invert_box_to_original(values[None], box, case)
+                inverted = invert(values[None], box)
                 if inverted is not None:
                     pieces.append((inverted[0], inverted[1][0]))
             yield k, pieces or None

@@ -276,9 +276,10 @@ def test_lazy_blending_equals_monai_full_resolution_blending(package, ts_dir, te
     for k in range(5):
         hot = full[k] > 0.5
         covered = torch.zeros_like(hot)
-        for box in probs.regions(k, 0.5):
-            covered[tuple(slice(a, b) for a, b in box)] = True
-        assert not (hot & ~covered).any()  # the boxes hold every voxel above the threshold
+        for core, box in probs.regions(k, 0.5):
+            assert all(b0 <= a and b <= b1 for (a, b), (b0, b1) in zip(core, box))
+            covered[tuple(slice(a, b) for a, b in core)] = True
+        assert not (hot & ~covered).any()  # the cores hold every voxel above the threshold
         assert torch.all(probs.bound[k] >= 0) and torch.all(probs.bound[k] <= 1)
     # The bound is an upper bound of the blend in every coarse cell.
     cells = torch.nn.functional.max_pool3d(torch.nn.functional.pad(full, [0, 0, 0, 0, 0, 0]), 2, 2)
@@ -343,7 +344,7 @@ def test_a_group_reaching_into_another_box_is_still_inverted_exactly(package, te
     probs = WindowLogits([logits], [(0, 0, 0)], (20, 20, 20), (2, 2, 2), (20, 20, 20), (20, 20, 20), (0, 0, 0),
                          torch.ones(20, 20, 20))  # fmt: skip
     probs.merge_slack = 0
-    boxes = probs.regions(0, 0.5)
+    boxes = [box for _, box in probs.regions(0, 0.5)]
     assert len(boxes) == 2 and boxes[0][0][1] > boxes[1][0][0]  # overlapping along x, not merged
     (k, pieces), = list(predictor.iter_original(probs, case))
     mask = np.zeros((20, 20, 20), bool)
