@@ -40,8 +40,9 @@ Training data flow (``T`` = all terms of the data set, ``B`` = batch, ``(px, py,
 
     case: read -> preprocess (RAS, spacing, body crop, intensity to [0, 1]) -> image (1, x, y, z),
           masks (K, x, y, z) of its K annotated terms -> cached in memory
-    sample: pad to the patch, foreground-biased crop (MONAI RandCropByPosNegLabeld on the union of
-          the case's masks) -> image (1, px, py, pz), target (T, px, py, pz), annotated (T,)
+    sample: pad to the patch, foreground-biased crop (MONAI RandCropByLabelClassesd: each present
+          structure equally often; no other augmentation) -> image (1, px, py, pz),
+          target (T, px, py, pz), annotated (T,)
     step: terms used = annotated & (present in the patch | sampled negative), union over the batch
           -> text embeddings (precomputed once) -> logits (B, T_used, px, py, pz)
           -> PartialLabelLoss (Dice on positives + BCE on every used pair)
