@@ -161,8 +161,6 @@ class WindowLogits:
         self._bound: torch.Tensor | None = None
         #: :meth:`regions` merges boxes when that adds at most this many voxels (~ the fixed cost of a box).
         self.merge_slack = 4096
-        #: :meth:`regions` cuts groups of cells into slabs this many cells thick.
-        self.slab = 8
 
     @property
     def num_terms(self) -> int:
@@ -208,12 +206,11 @@ class WindowLogits:
         grown by ``margin`` voxels (what a trilinear resampling reads), clipped to the grid. Empty
         when the bound exceeds the threshold nowhere.
 
-        The cores hug the structure: one per connected group (26-neighbourhood) of hot cells, cut
-        into slabs of :attr:`slab` cells along the group's longest axis, each slab's box shrunk to
-        its own cells, so a few stray voxels or a curved organ do not stretch one box over most of
-        the image. Then boxes whose union costs at most :attr:`merge_slack` voxels more are merged
-        (each box has a fixed cost). Cores may overlap; the values of :meth:`blend` are exact in
-        any box."""
+        One core per connected group (26-neighbourhood) of hot cells, so a few stray voxels far
+        from the structure do not stretch one box over most of the image; then boxes whose union
+        costs at most :attr:`merge_slack` voxels more are merged (each box has a fixed cost). Cores
+        may overlap; the values of :meth:`blend` are exact in any box. (Cutting groups into slabs
+        to hug curved organs was measured: fewer voxels, more boxes, the same time.)"""
         hot = self.bound[term] > threshold
         where = hot.nonzero()
         if len(where) == 0:
@@ -223,20 +220,13 @@ class WindowLogits:
         hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
         groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
         cores: list[Box] = []
-        for label, cells in enumerate(ndimage.find_objects(groups), start=1):
-            group = groups[cells] == label
-            axis = int(np.argmax(group.shape))
-            for first in range(0, group.shape[axis], self.slab):
-                part = group.take(range(first, min(first + self.slab, group.shape[axis])), axis=axis)
-                idx = np.nonzero(part)
-                core = []
-                for d in range(3):
-                    c0 = lo[d] + cells[d].start + int(idx[d].min()) + (first if d == axis else 0)
-                    c1 = lo[d] + cells[d].start + int(idx[d].max()) + 1 + (first if d == axis else 0)
-                    s, o, n = self.stride[d], self.offset[d], self.model_shape[d]
-                    core.append((max(0, c0 * s - o), min(n, c1 * s - o)))
-                if all(a < b for a, b in core):  # else the cells lie in the padding only
-                    cores.append(tuple(core))  # type: ignore[arg-type]
+        for cells in ndimage.find_objects(groups):
+            core = []
+            for d, sl in enumerate(cells):
+                s, o, n = self.stride[d], self.offset[d], self.model_shape[d]
+                core.append((max(0, (lo[d] + sl.start) * s - o), min(n, (lo[d] + sl.stop) * s - o)))
+            if all(a < b for a, b in core):  # else the cells lie in the padding only
+                cores.append(tuple(core))  # type: ignore[arg-type]
         grow = lambda core: tuple((max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, self.model_shape))  # noqa: E731
         return [(core, grow(core)) for core in _merge_boxes(cores, self.merge_slack, grow)]
 
@@ -250,9 +240,11 @@ class WindowLogits:
             hi = [min(b, oo + r) - oo for b, oo, r in zip(stop, o, self.roi)]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
-            # A coarse block one coarse voxel wider than needed: its clamped edges lie outside.
-            clo = [max(0, a // s - 1) for a, s in zip(lo, self.stride)]
-            chi = [min(r // s, -(-b // s) + 1) for b, s, r in zip(hi, self.stride, self.roi)]
+            # The coarse block that fine voxels lo..hi-1 read: fine i reads cells floor(u) and
+            # floor(u) + 1, u = (i + 0.5) / s - 0.5 (align_corners=False). Inside the window the
+            # block's own edges then never clamp a value that is kept.
+            clo = [max(0, math.floor((a + 0.5) / s - 0.5)) for a, s in zip(lo, self.stride)]
+            chi = [min(r // s, math.floor((b - 0.5) / s - 0.5) + 2) for b, s, r in zip(hi, self.stride, self.roi)]
             block = w[term, clo[0] : chi[0], clo[1] : chi[1], clo[2] : chi[2]]
             size = [(b - a) * s for a, b, s in zip(clo, chi, self.stride)]
             up = F.interpolate(block[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
