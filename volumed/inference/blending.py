@@ -214,7 +214,7 @@ class WindowLogits:
         grown by ``margin`` voxels (what a trilinear resampling reads), clipped to the grid. Empty
         when the bound exceeds the threshold nowhere.
 
-        One core per connected group (6-neighbourhood) of hot cells, so a few stray voxels far
+        One core per connected group (26-neighbourhood) of hot cells, so a few stray voxels far
         from the structure do not stretch one box over most of the image; then boxes whose union
         costs at most :attr:`merge_slack` voxels more are merged (each box has a fixed cost). Cores
         may overlap; the values of :meth:`blend` are exact in any box. (Cutting groups into slabs
@@ -226,7 +226,7 @@ class WindowLogits:
         lo = where.min(dim=0).values.tolist()
         hi = (where.max(dim=0).values + 1).tolist()
         hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
-        groups, _ = ndimage.label(hot)  # faces only: faster, and any split into groups is valid
+        groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
         cores: list[Box] = []
         for cells in ndimage.find_objects(groups):
             core = []
