@@ -19,9 +19,9 @@ that term's blended probability can exceed the threshold:
   terms at once (windows start on whole coarse cells); a window's unreliable edge cannot raise it
   much where a central window disagrees, because its weight there is small;
 * inside the box of the cells whose bound exceeds the threshold the blend is computed exactly as
-  MONAI computes it: per window, upsampling of a coarse block reaching one coarse voxel beyond the
-  box (so the block's clamped edges fall outside it), sigmoid, times the same gaussian importance
-  map, summed and divided by the summed importance of all windows.
+  MONAI computes it: per window, upsampling of the coarse block that the box's fine voxels read
+  (cropped so that none of the values kept comes from a clamped block edge), sigmoid, times the
+  same gaussian importance map, summed and divided by the summed importance of all windows.
 
 Masks and the label map are therefore those of full-resolution blending, and the per-term cost is
 that of each structure's box (zero for a term absent from the image), not of the whole image.
@@ -50,15 +50,6 @@ def importance_map(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Tens
     weights = compute_importance_map(tuple(int(r) for r in roi), mode="gaussian", sigma_scale=sigma_scale, device="cpu")
     weights = torch.as_tensor(weights, dtype=torch.float32)
     return weights.clamp(min=max(float(weights.min()), 1e-3))
-
-
-def logit(p: float) -> float:
-    """``log(p / (1 - p))``; +-inf at 1 and 0."""
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return math.log(p / (1.0 - p))
 
 
 def _cell_upper_bound(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
