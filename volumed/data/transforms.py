@@ -531,6 +531,29 @@ class BoxInverter:
                 self.flips = [j for j in range(3) if linear[perm[j], j] < 0]
                 self.order = [1 + perm.index(i) for i in range(3)]
 
+    def _copy(self, values: torch.Tensor, box: Sequence[tuple[int, int]]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+        """The index-copy case: model voxel ``i`` along axis ``j`` is original voxel
+        ``sign * i + shift`` along axis ``perm[j]``. Original voxels beyond the model grid lie
+        beyond the foreground crop (the grids coincide), where the whole-grid inversion pads 0:
+        nothing to copy there."""
+        linear, shift = self.to_original[:3, :3], self.to_original[:3, 3]
+        out = values.to(torch.float32)
+        if self.flips:
+            out = out.flip([1 + j for j in self.flips])
+        out = out.permute(0, *self.order)
+        starts, stops = [0, 0, 0], [0, 0, 0]
+        for j, (a, b) in enumerate(box):
+            i = self.perm[j]
+            sign, offset = int(round(linear[i, j])), int(round(shift[i]))
+            starts[i], stops[i] = (a + offset, b + offset) if sign > 0 else (offset - b + 1, offset - a + 1)
+        lo = [max(0, a) for a in starts]
+        hi = [min(int(n), b) for b, n in zip(stops, self.original_shape)]
+        if any(b <= a for a, b in zip(lo, hi)):
+            return None
+        crop = (slice(None), *(slice(a - s0, b - s0) for a, b, s0 in zip(lo, hi, starts)))
+        slices = tuple(slice(a, b) for a, b in zip(lo, hi))
+        return slices, out[crop].numpy()  # type: ignore[return-value]
+
     def __call__(
         self, values: torch.Tensor, box: Sequence[tuple[int, int]]
     ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
@@ -549,10 +572,12 @@ class BoxInverter:
         """
         from monai.transforms import SpatialResample
 
+        if tuple(values.shape[1:]) != tuple(int(b) - int(a) for a, b in box):
+            raise ConfigError(f"invert_box_to_original: values of shape {tuple(values.shape)} for box {list(box)}")
+        if self.perm is not None:
+            return self._copy(values, box)
         lo = np.array([a for a, _ in box], dtype=np.float64)
         hi = np.array([b for _, b in box], dtype=np.float64)
-        if tuple(values.shape[1:]) != tuple(int(v) for v in hi - lo):
-            raise ConfigError(f"invert_box_to_original: values of shape {tuple(values.shape)} for box {list(box)}")
         # Where the box reaches the model grid's edge, original voxels may lie beyond it (up to half
         # a model voxel) and read what the whole-grid inversion reads there: a copy of the edge
         # where the edge is the resampled image's (Spacingd pads "border"), zeros where it is the
@@ -573,16 +598,6 @@ class BoxInverter:
         if np.any(stop <= start):
             return None
         slices = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-        if self.perm is not None:
-            out = values.flip([1 + j for j in self.flips]) if self.flips else values
-            out = out.permute(0, *self.order)
-            # The model box's corner lands at the lowest original index along each axis.
-            placed = np.zeros((len(values), *(stop - start)), dtype=np.float32)
-            src_lo = np.round(mapped.min(axis=1)).astype(int)
-            dst = [slice(max(a, s0) - s0, min(a + n, s1) - s0) for a, n, s0, s1 in zip(src_lo, out.shape[1:], start, stop)]
-            src = [slice(max(a, s0) - a, min(a + n, s1) - a) for a, n, s0, s1 in zip(src_lo, out.shape[1:], start, stop)]
-            placed[(slice(None), *dst)] = out[(slice(None), *src)].numpy()
-            return slices, placed  # type: ignore[return-value]
         src_shift, dst_shift = np.eye(4), np.eye(4)
         src_shift[:3, 3], dst_shift[:3, 3] = lo, start
         src = MetaTensor(values, affine=torch.as_tensor(self.model_affine @ src_shift))

@@ -176,6 +176,14 @@ def test_box_inversion_equals_the_whole_grid_inversion(ts_dir, name, spacing):
         assert sl.start >= max(0, np.floor(mapped[d].min()) - 1) and sl.stop <= np.ceil(mapped[d].max()) + 2
     with pytest.raises(ConfigError, match="values of shape"):
         invert_box_to_original(field[:, :4, :4, :4], box, case)
+    # The whole model grid as one box, edges included: the same values everywhere, and nothing
+    # but the whole-grid inversion's zero padding outside.
+    whole_box = tuple((0, n) for n in case.model_shape)
+    slices, values = invert_box_to_original(field, whole_box, case)
+    np.testing.assert_allclose(values[0], whole[slices], atol=1e-5)
+    outside = np.ones(whole.shape, bool)
+    outside[slices] = False
+    assert np.all(whole[outside] == 0)
 
 
 def test_ct_window_maps_to_unit_range_and_clips():
