@@ -570,8 +570,6 @@ class BoxInverter:
             the box are known to be at most a threshold and the box extends one voxel beyond every
             value above it, thresholding gives the whole-grid result.
         """
-        from monai.transforms import SpatialResample
-
         if tuple(values.shape[1:]) != tuple(int(b) - int(a) for a, b in box):
             raise ConfigError(f"invert_box_to_original: values of shape {tuple(values.shape)} for box {list(box)}")
         if self.perm is not None:

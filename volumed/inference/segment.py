@@ -198,6 +198,11 @@ class Prediction:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _within(inner: Sequence[tuple[int, int]], outer: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+    """Slices that cut box ``inner`` out of an array holding box ``outer`` (both on one grid)."""
+    return tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(inner, outer))
+
+
 def _box_above(
     values: torch.Tensor, threshold: float, box: Sequence[tuple[int, int]], grid: Sequence[int]
 ) -> tuple[tuple[int, int], ...] | None:
@@ -227,9 +232,9 @@ class PromptSegPredictor:
             reference the lazy path is tested against; same masks, slower with many prompts).
 
     Sliding-window blending: when the decoder predicts on a coarse grid (``pixel_levels``
-        without the stride-1 map, as in the default model), the windows are blended exactly but
-        lazily, per term and only where its mask can be (:class:`volumed.inference.blending.WindowLogits`):
-        24 prompts then cost little more than one (bench/bench_prompts.py).
+    without the stride-1 map, as in the default model), the windows are blended exactly but
+    lazily, per term and only where its mask can be (:class:`volumed.inference.blending.WindowLogits`),
+    so extra prompts cost far less than extra model runs (bench/bench_prompts.py).
     """
 
     def __init__(
@@ -407,17 +412,16 @@ class PromptSegPredictor:
                 for core, box in probs.regions(k, threshold):
                     values = probs.blend(k, box)
                     # Only the voxels of the core: those in the rim belong to another region's core
-                    # (with the one-voxel margin it needs), or are at most the threshold.
-                    in_core = values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(core, box))]
-                    tight = _box_above(in_core, threshold, core, case.model_shape)
-                    if tight is None:
-                        continue  # (tight lies within box: core grown by one voxel)
-                    model_boxes.append((tight, values[tuple(slice(a - a0, b - a0) for (a, b), (a0, _) in zip(tight, box))]))
+                    # (with the one-voxel margin it needs), or are at most the threshold. The tight
+                    # box (core voxels above it, grown by one voxel) lies within ``box``.
+                    tight = _box_above(values[_within(core, box)], threshold, core, case.model_shape)
+                    if tight is not None:
+                        model_boxes.append((tight, values[_within(tight, box)]))
             else:
                 term = torch.as_tensor(probs[k])
                 tight = _box_above(term, threshold, whole, case.model_shape)
                 if tight is not None:
-                    model_boxes.append((tight, term[tuple(slice(a, b) for a, b in tight)]))
+                    model_boxes.append((tight, term[_within(tight, whole)]))
             pieces = []
             for box, values in model_boxes:
                 inverted = invert(values[None], box)
