@@ -531,6 +531,12 @@ class BoxInverter:
                 self.flips = [j for j in range(3) if linear[perm[j], j] < 0]
                 self.order = [1 + perm.index(i) for i in range(3)]
 
+    @property
+    def is_index_copy(self) -> bool:
+        """Whether every original voxel is one model voxel (grids equal up to flips, axis order
+        and a whole-voxel shift): the inversion is then an index copy that reads no neighbour."""
+        return self.perm is not None
+
     def _copy(self, values: torch.Tensor, box: Sequence[tuple[int, int]]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
         """The index-copy case: model voxel ``i`` along axis ``j`` is original voxel
         ``sign * i + shift`` along axis ``perm[j]``. Original voxels beyond the model grid lie

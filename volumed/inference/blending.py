@@ -6,8 +6,8 @@ and upsamples the logits to the window, that means ``N`` full-resolution upsampl
 weighted sums per window: with 24 prompts this per-term work costs as much as the encoder itself.
 
 :class:`WindowLogits` keeps instead each window's *coarse* logits (``1/s^3`` of the voxels) and its
-position, and blends a term on demand, only inside a box that provably contains every voxel where
-that term's blended probability can exceed the threshold:
+position, and blends the terms only in the coarse cells where their blended probability can
+provably exceed the threshold:
 
 * an upsampled logit (trilinear, ``align_corners=False``) at a fine voxel of coarse cell ``C`` mixes
   ``C``'s logit with its neighbours' with a weight of at most ``(s - 1) / 2s`` per axis, so window
@@ -18,19 +18,26 @@ that term's blended probability can exceed the threshold:
   ``sum(M_w P_w) / (sum(M_w P_w) + sum(m_w (1 - P_w)))``, a bound computed on the coarse grid for all
   terms at once (windows start on whole coarse cells); a window's unreliable edge cannot raise it
   much where a central window disagrees, because its weight there is small;
-* inside the box of the cells whose bound exceeds the threshold the blend is computed exactly as
-  MONAI computes it: per window, upsampling of the coarse block that the box's fine voxels read
-  (cropped so that none of the values kept comes from a clamped block edge), sigmoid, times the
-  same gaussian importance map, summed and divided by the summed importance of all windows.
+* the cells whose bound exceeds the threshold (and, when the result will be resampled, the cells
+  next to them) are blended exactly as MONAI blends them, for all terms of a chunk in one pass over
+  the windows (:meth:`WindowLogits.blend_cells`): per window, the 27 coarse logits around each such
+  cell are gathered, one matrix product with the trilinear weights gives the cell's fine voxels,
+  then the sigmoid, times the same gaussian importance map, summed and divided by the summed
+  importance of all windows. The work is that of the hot cells, not of their bounding boxes (about
+  a fifth of it for organs) and not of the image;
+* :meth:`WindowLogits.hot_regions` then hands each term's values out per connected group of hot
+  cells (a box), 0 in the box's cells that were not blended, where the blend is at most the threshold.
 
 Masks and the label map are therefore those of full-resolution blending, and the per-term cost is
-that of each structure's box (zero for a term absent from the image), not of the whole image.
+that of each structure (zero for a term absent from the image), not of the whole image.
+:meth:`WindowLogits.blend` blends one term in one box by upsampling the windows' blocks; it is the
+reference ``blend_cells`` is tested against, and gives whole-grid probabilities (``probs[a:b]``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,14 +81,61 @@ def _cell_upper_bound(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def _axis_taps(s: int) -> torch.Tensor:
+    """``(s, 3)``: the weights of cells ``c - 1, c, c + 1`` at fine voxel ``j`` of cell ``c`` for a
+    trilinear upsampling by ``s`` with ``align_corners=False`` (source ``(j + 0.5) / s - 0.5``)."""
+    taps = torch.zeros(s, 3, dtype=torch.float64)
+    for j in range(s):
+        u = (j + 0.5) / s - 0.5
+        if u < 0:
+            taps[j, 0], taps[j, 1] = -u, 1 + u
+        else:
+            taps[j, 1], taps[j, 2] = 1 - u, u
+    return taps
+
+
+def _per_cell(fine: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """``(X, Y, Z)`` -> ``(X Y Z / s^3, s^3)``: the fine values of each coarse cell, cells in
+    row-major order, the fine voxels ``(i, j, k)`` of a cell as ``(i * sy + j) * sz + k``."""
+    (x, y, z), (a, b, c) = fine.shape, stride
+    return fine.reshape(x // a, a, y // b, b, z // c, c).permute(0, 2, 4, 1, 3, 5).reshape(-1, a * b * c).contiguous()
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """``(T, X, Y, Z)`` bool -> dilated by the 3 x 3 x 3 neighbourhood along the last three axes."""
+    for d in (1, 2, 3):
+        n = mask.shape[d]
+        if n == 1:
+            continue
+        grown = mask.clone()
+        grown.narrow(d, 0, n - 1).logical_or_(mask.narrow(d, 1, n - 1))
+        grown.narrow(d, 1, n - 1).logical_or_(mask.narrow(d, 0, n - 1))
+        mask = grown
+    return mask
+
+
+def _bounding_box(mask: torch.Tensor) -> tuple[list[int], list[int]] | tuple[None, None]:
+    """``(lo, hi)``: the half-open box of the True voxels of a 3-D bool tensor; ``(None, None)`` if none."""
+    array = mask.numpy()  # numpy reduces bool arrays several times faster than torch
+    plane = array.any(axis=2)
+    lo, hi = [], []
+    for axis in (plane.any(axis=1), plane.any(axis=0), array.any(axis=(0, 1))):
+        where = np.flatnonzero(axis)
+        if len(where) == 0:
+            return None, None
+        lo.append(int(where[0]))
+        hi.append(int(where[-1]) + 1)
+    return lo, hi
+
+
 def _volume(box: Box) -> int:
     return math.prod(b - a for a, b in box)
 
 
 def _merge_boxes(boxes: list[Box], slack: int, grow: Callable[[Box], Box] | None = None) -> list[Box]:
     """Merge two boxes whenever their union has at most ``slack`` voxels more than the two (sizes
-    measured on ``grow(box)``, the box as computed): each box has a fixed cost (a few tensor
-    operations per window), so many stray specks near a structure are cheaper as one box. A union
+    measured on ``grow(box)``, the box as computed): each box has a fixed cost (its threshold
+    test and its inversion), so many stray specks near a structure are cheaper as one box. A union
     of boxes still contains everything they contained."""
     size_of = (lambda box: _volume(grow(box))) if grow is not None else _volume  # noqa: E731
     changed = True
@@ -150,6 +204,7 @@ class WindowLogits:
                 raise ValueError(f"{what} {shape} is not a multiple of the stride {self.stride}")
         self._count: torch.Tensor | None = None
         self._bound: torch.Tensor | None = None
+        self._table: dict[str, torch.Tensor] | None = None
         #: :meth:`regions` merges boxes when that adds at most this many voxels (~ the fixed cost of a box).
         self.merge_slack = 4096
 
@@ -160,6 +215,11 @@ class WindowLogits:
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.num_terms, *self.model_shape)
+
+    @property
+    def bound_shape(self) -> tuple[int, ...]:
+        """The coarse grid of the padded image, ``(X / s, Y / s, Z / s)``."""
+        return tuple(n // s for n, s in zip(self.padded_shape, self.stride))
 
     @property
     def count(self) -> torch.Tensor:
@@ -176,24 +236,30 @@ class WindowLogits:
         """``(N, X / s, Y / s, Z / s)``: per coarse cell of the padded image, an upper bound of each
         term's blended probability in the cell (module docstring)."""
         if self._bound is None:
-            weights = self.weights[None, None]
-            w_max = F.max_pool3d(weights, self.stride, self.stride)[0, 0]
-            w_min = -F.max_pool3d(-weights, self.stride, self.stride)[0, 0]
-            grid = [n // s for n, s in zip(self.padded_shape, self.stride)]
-            # bound = H / (H + L), H = sum(M P), L = sum(m (1 - P)) = sum(m) - sum(m P).
-            high = torch.zeros((self.num_terms, *grid))
-            low_p = torch.zeros((self.num_terms, *grid))
-            low = torch.zeros(grid)
-            # One window at a time: stacking windows was 2.5x slower (large temporaries).
-            for w, o in zip(self.logits, self.origins):
-                peak = _cell_upper_bound(w, self.stride).sigmoid_()
-                cells = tuple(slice(a // s, a // s + c) for a, s, c in zip(o, self.stride, peak.shape[1:]))
-                high[(slice(None), *cells)].addcmul_(w_max.expand_as(peak), peak)
-                low_p[(slice(None), *cells)].addcmul_(w_min.expand_as(peak), peak)
-                low[cells] += w_min
-            low_p.neg_().add_(low).add_(high)  # H + L
-            self._bound = high.div_(low_p.clamp_(min=torch.finfo(torch.float32).tiny))
+            self._bound = self.bound_for(range(self.num_terms))
         return self._bound
+
+    def bound_for(self, terms: Sequence[int]) -> torch.Tensor:
+        """:attr:`bound` of ``terms`` only, ``(len(terms), X / s, Y / s, Z / s)`` (memory for a chunk of terms)."""
+        terms = list(terms)
+        whole = terms == list(range(self.num_terms))
+        weights = self.weights[None, None]
+        w_max = F.max_pool3d(weights, self.stride, self.stride)[0, 0]
+        w_min = -F.max_pool3d(-weights, self.stride, self.stride)[0, 0]
+        grid = [n // s for n, s in zip(self.padded_shape, self.stride)]
+        # bound = H / (H + L), H = sum(M P), L = sum(m (1 - P)) = sum(m) - sum(m P).
+        high = torch.zeros((len(terms), *grid))
+        low_p = torch.zeros((len(terms), *grid))
+        low = torch.zeros(grid)
+        # One window at a time: stacking windows was 2.5x slower (large temporaries).
+        for w, o in zip(self.logits, self.origins):
+            peak = _cell_upper_bound(w if whole else w[terms], self.stride).sigmoid_()
+            cells = tuple(slice(a // s, a // s + c) for a, s, c in zip(o, self.stride, peak.shape[1:]))
+            high[(slice(None), *cells)].addcmul_(w_max.expand_as(peak), peak)
+            low_p[(slice(None), *cells)].addcmul_(w_min.expand_as(peak), peak)
+            low[cells] += w_min
+        low_p.neg_().add_(low).add_(high)  # H + L
+        return high.div_(low_p.clamp_(min=torch.finfo(torch.float32).tiny))
 
     def regions(self, term: int, threshold: float, margin: int = 1) -> list[tuple[Box, Box]]:
         """Where ``term``'s blended probability can exceed ``threshold``: ``(core, box)`` pairs of
@@ -208,11 +274,14 @@ class WindowLogits:
         may overlap; the values of :meth:`blend` are exact in any box. (Cutting groups into slabs
         to hug curved organs was measured: fewer voxels, more boxes, the same time.)"""
         hot = self.bound[term] > threshold
-        where = hot.nonzero()
-        if len(where) == 0:
+        return self._regions(hot, _bounding_box(hot), margin)
+
+    def _regions(self, hot: torch.Tensor, extent: tuple, margin: int = 1) -> list[tuple[Box, Box]]:
+        """:meth:`regions` of the coarse ``hot`` cells ``(X / s, Y / s, Z / s)`` of one term,
+        ``extent`` their bounding box ``(lo, hi)`` (``(None, None)`` if there is none)."""
+        lo, hi = extent
+        if lo is None:
             return []
-        lo = where.min(dim=0).values.tolist()
-        hi = (where.max(dim=0).values + 1).tolist()
         hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
         groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
         cores: list[Box] = []
@@ -225,6 +294,128 @@ class WindowLogits:
                 cores.append(tuple(core))  # type: ignore[arg-type]
         grow = lambda core: tuple((max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, self.model_shape))  # noqa: E731
         return [(core, grow(core)) for core in _merge_boxes(cores, self.merge_slack, grow)]
+
+    # -- exact blending at given coarse cells ---------------------------------------------------------
+
+    def _tables(self) -> dict[str, torch.Tensor]:
+        """Constant tables of :meth:`blend_cells` (the same for every window)."""
+        if self._table is None:
+            s, c = self.stride, [r // st for r, st in zip(self.roi, self.stride)]
+            taps = [_axis_taps(v) for v in s]
+            # fine voxel (i, j, k) of a cell <- the 3 x 3 x 3 cells around it (offsets -1, 0, 1)
+            interp = torch.einsum("ia,jb,kc->ijkabc", *taps).reshape(math.prod(s), 27).to(torch.float32)
+            p = [v + 2 for v in c]  # the window's logits padded by one cell (edge values: the clamping)
+            taps27 = torch.tensor([(a * p[1] + b) * p[2] + cc for a in range(3) for b in range(3) for cc in range(3)])
+            grid = [n // st for n, st in zip(self.padded_shape, s)]
+            self._table = {
+                "interp": interp,
+                "taps27": taps27,
+                "padded": torch.tensor(p),
+                "weights": _per_cell(self.weights, s),  # (window cells, s^3)
+                "count": _per_cell(self.count, s),  # (padded grid cells, s^3)
+                "grid": torch.tensor(grid),
+            }
+        return self._table
+
+    def blend_cells(self, terms: Sequence[int], cells: torch.Tensor) -> torch.Tensor:
+        """Exact blended probabilities at whole coarse cells of the padded image.
+
+        Args:
+            terms: the term indices that ``cells[:, 0]`` counts in.
+            cells: ``(M, 4)`` int64 rows ``(t, cx, cy, cz)``: term ``terms[t]``, coarse cell ``(cx, cy, cz)``.
+
+        Returns:
+            ``(M, sx * sy * sz)`` float32: the blend at each fine voxel ``(i, j, k)`` of each cell
+            (``(i * sy + j) * sz + k``), equal (up to float rounding) to MONAI's gaussian blending of
+            each window's logits upsampled by ``F.interpolate(mode="trilinear", align_corners=False)``
+            and passed through a sigmoid. Per window, all rows it covers at once: the 27 coarse
+            logits around the cell (gathered from the window padded by its edge values, which is
+            the upsampling's clamping), one matrix product with the trilinear weights, sigmoid,
+            times the window weights; summed and divided by the summed window weights.
+        """
+        tab = self._tables()
+        terms = list(terms)
+        whole = terms == list(range(self.num_terms))
+        c = [r // s for r, s in zip(self.roi, self.stride)]
+        p = tab["padded"].tolist()
+        t, x, y, z = cells.unbind(1)
+        total = torch.zeros((len(cells), tab["interp"].shape[0]))
+        if len(cells) == 0:
+            return total
+        for w, o in zip(self.logits, self.origins):
+            o = [a // s for a, s in zip(o, self.stride)]
+            inside = (x >= o[0]) & (x < o[0] + c[0]) & (y >= o[1]) & (y < o[1] + c[1]) & (z >= o[2]) & (z < o[2] + c[2])
+            rows = inside.nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            lx, ly, lz = x[rows] - o[0], y[rows] - o[1], z[rows] - o[2]
+            logits = F.pad((w if whole else w[terms])[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
+            corner = t[rows] * math.prod(p) + (lx * p[1] + ly) * p[2] + lz  # cell (-1, -1, -1) in the padded window
+            near = logits.view(-1).index_select(0, (corner[:, None] + tab["taps27"]).view(-1)).view(-1, 27)
+            fine = F.linear(near, tab["interp"]).sigmoid_()
+            fine.mul_(tab["weights"].index_select(0, (lx * c[1] + ly) * c[2] + lz))
+            total.index_add_(0, rows, fine)
+        g = tab["grid"].tolist()
+        return total.div_(tab["count"].index_select(0, (x * g[1] + y) * g[2] + z))
+
+    def hot_regions(
+        self, terms: Sequence[int], threshold: float, margin_cells: int = 1
+    ) -> Iterator[tuple[int, list[tuple[Box, Box, torch.Tensor]]]]:
+        """Per term of ``terms`` (in order), ``(term, [(core, box, values), ...])``: the
+        :meth:`regions` of the term and its blended probabilities in each ``box``, for all
+        ``terms`` blended together (:meth:`blend_cells`, one pass over the windows).
+
+        ``values`` are exact in the coarse cells where the :attr:`bound` exceeds ``threshold``
+        (those of the cores) and in the ``margin_cells`` cells around them; elsewhere in the box they
+        are 0, where the blend is known to be at most ``threshold``. With ``margin_cells=1`` every voxel
+        within one voxel of a hot cell is exact, which is all that trilinear resampling of the box
+        reads next to a voxel above the threshold; ``margin_cells=0`` suffices when the values are
+        only thresholded or copied voxel for voxel.
+        """
+        terms = list(terms)
+        hot = self.bound_for(terms) > threshold
+        needed = hot
+        for _ in range(margin_cells):
+            needed = _dilate(needed)
+        # Cells wholly in the padding around the model grid are never read.
+        keep = torch.zeros(needed.shape[1:], dtype=torch.bool)
+        keep[tuple(slice(o // s, -(-(o + n) // s)) for o, n, s in zip(self.offset, self.model_shape, self.stride))] = True
+        needed &= keep
+        cells = needed.nonzero()
+        values = self.blend_cells(terms, cells)
+        hot_cells = cells if margin_cells == 0 else hot.nonzero()
+        s = self.stride
+        counts = torch.bincount(cells[:, 0], minlength=len(terms)).tolist()
+        hot_counts = torch.bincount(hot_cells[:, 0], minlength=len(terms)).tolist()
+        first = hot_first = 0
+        for t, term in enumerate(terms):
+            rows, hot_rows = slice(first, first + counts[t]), slice(hot_first, hot_first + hot_counts[t])
+            first, hot_first = rows.stop, hot_rows.stop
+            found = []
+            if hot_counts[t]:
+                where = hot_cells[hot_rows, 1:]
+                found = self._regions(hot[t], (where.min(dim=0).values.tolist(), (where.max(dim=0).values + 1).tolist()))
+            if not found:
+                yield term, []
+                continue
+            # The term's needed cells, scattered into a dense block of fine voxels (0 elsewhere).
+            where = cells[rows, 1:]
+            lo = where.min(dim=0).values
+            shape = (where.max(dim=0).values - lo + 1).tolist()
+            dense = torch.zeros([n * st for n, st in zip(shape, s)])
+            blocks = dense.view(shape[0], s[0], shape[1], s[1], shape[2], s[2]).permute(0, 2, 4, 1, 3, 5)
+            blocks[tuple((where - lo).unbind(1))] = values[rows].view(-1, *s)
+            start = [int(a) * st - o for a, st, o in zip(lo, s, self.offset)]  # model-grid voxel of dense[0, 0, 0]
+            out = []
+            for core, box in found:
+                inside = [(max(a, a0), min(b, a0 + n)) for (a, b), a0, n in zip(box, start, dense.shape)]
+                part = dense[tuple(slice(a - a0, b - a0) for (a, b), a0 in zip(inside, start))]
+                if inside != list(box):  # the box reaches past the needed cells (margin 0): zeros there
+                    whole = torch.zeros([b - a for a, b in box])
+                    whole[tuple(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(inside, box))] = part
+                    part = whole
+                out.append((core, box, part))
+            yield term, out
 
     def blend(self, term: int, box: Box) -> torch.Tensor:
         """``term``'s blended probabilities in the model-grid ``box``, exactly."""

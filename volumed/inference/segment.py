@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -59,7 +60,7 @@ from monai.inferers import sliding_window_inference
 from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
-from volumed.inference.blending import WindowLogits, importance_map
+from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.stats import TermStatistics, compute_statistics
 from volumed.io import read_volume
@@ -96,6 +97,8 @@ PREVIEW_NAME = "preview.png"
 SEG_NAME = "segmentation.dcm"
 MASKS_DIR = "masks"
 _TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, SEG_NAME)
+#: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
+_CHUNK_CELLS = 1 << 24
 
 PRIORITY_RULE = (
     "a voxel above threshold for several terms gets the term with the highest probability; "
@@ -209,11 +212,10 @@ def _box_above(
     """The voxels of ``values`` (the model-grid ``box``) above ``threshold``: their bounding box
     grown by one voxel (what trilinear resampling reads), within the model ``grid``; ``None`` if
     none is."""
-    hot = (values > threshold).nonzero()
-    if len(hot) == 0:
+    lo, hi = _bounding_box(values > threshold)
+    if lo is None:
         return None
-    lo, hi = hot.min(dim=0).values, hot.max(dim=0).values
-    return tuple((max(0, a0 + int(a) - 1), min(n, a0 + int(b) + 2)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
+    return tuple((max(0, a0 + a - 1), min(n, a0 + b + 1)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
 
 
 class PromptSegPredictor:
@@ -399,35 +401,45 @@ class PromptSegPredictor:
         threshold; inside, it is exact wherever it can exceed it. Masks (``> threshold``) and the
         label map are therefore those of a whole-grid inversion, at the cost of the structures.
 
-        Terms come in prompt order, one at a time (memory holds one term's boxes); a term nowhere
-        above the threshold yields ``None`` (structures outside the field of view cost nothing).
+        Terms come in prompt order; a :class:`WindowLogits` blends them in chunks (all at once
+        unless the image is large, ``_CHUNK_CELLS``), a probability tensor one at a time. A term
+        nowhere above the threshold yields ``None`` (structures outside the field of view cost nothing).
         """
         threshold = float(self.config.threshold)
         whole = tuple((0, n) for n in case.model_shape)
         invert = BoxInverter(case)
-        num_terms = probs.num_terms if isinstance(probs, WindowLogits) else len(probs)
-        for k in range(num_terms):  # one term at a time: memory holds one term's boxes
-            model_boxes = []
-            if isinstance(probs, WindowLogits):
-                for core, box in probs.regions(k, threshold):
-                    values = probs.blend(k, box)
-                    # Only the voxels of the core: those in the rim belong to another region's core
-                    # (with the one-voxel margin it needs), or are at most the threshold. The tight
-                    # box (core voxels above it, grown by one voxel) lies within ``box``.
-                    tight = _box_above(values[_within(core, box)], threshold, core, case.model_shape)
-                    if tight is not None:
-                        model_boxes.append((tight, values[_within(tight, box)]))
-            else:
-                term = torch.as_tensor(probs[k])
-                tight = _box_above(term, threshold, whole, case.model_shape)
-                if tight is not None:
-                    model_boxes.append((tight, term[_within(tight, whole)]))
-            pieces = []
-            for box, values in model_boxes:
-                inverted = invert(values[None], box)
-                if inverted is not None:
-                    pieces.append((inverted[0], inverted[1][0]))
-            yield k, pieces or None
+        if isinstance(probs, WindowLogits):
+            # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB; an
+            # index copy onto the original grid reads no voxel next to the hot cells (margin 0).
+            cells = max(1, math.prod(probs.bound_shape))
+            chunk = max(1, _CHUNK_CELLS // cells)
+            margin = 0 if invert.is_index_copy else 1
+            for first in range(0, probs.num_terms, chunk):
+                terms = range(first, min(first + chunk, probs.num_terms))
+                for k, regions in probs.hot_regions(terms, threshold, margin_cells=margin):
+                    model_boxes = []
+                    for core, box, values in regions:
+                        # Only the voxels of the core: those in the rim belong to another region's
+                        # core (with the one-voxel margin it needs), or are at most the threshold.
+                        # The tight box (core voxels above it, grown by one voxel) lies within ``box``.
+                        tight = _box_above(values[_within(core, box)], threshold, core, case.model_shape)
+                        if tight is not None:
+                            model_boxes.append((tight, values[_within(tight, box)]))
+                    yield k, self._invert_boxes(invert, model_boxes)
+            return
+        for k in range(len(probs)):  # one term at a time: memory holds one term's boxes
+            term = torch.as_tensor(probs[k])
+            tight = _box_above(term, threshold, whole, case.model_shape)
+            yield k, self._invert_boxes(invert, [(tight, term[_within(tight, whole)])] if tight is not None else [])
+
+    @staticmethod
+    def _invert_boxes(invert: BoxInverter, model_boxes: list) -> list | None:
+        pieces = []
+        for box, values in model_boxes:
+            inverted = invert(values[None], box)
+            if inverted is not None:
+                pieces.append((inverted[0], inverted[1][0]))
+        return pieces or None
 
     def predict(
         self,

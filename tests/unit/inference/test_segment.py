@@ -18,7 +18,7 @@ import torch
 
 from volumed.cli import main
 from volumed.errors import ConfigError, OutputExistsError, UnknownTermError
-from volumed.data.transforms import invert_to_original
+from volumed.data.transforms import BoxInverter, invert_to_original
 from volumed.inference import segment as segment_module
 from volumed.inference.blending import WindowLogits, _cell_upper_bound, _merge_boxes
 from volumed.inference.package import PromptSegConfig, build_model, load_package, save_package
@@ -284,6 +284,17 @@ def test_lazy_blending_equals_monai_full_resolution_blending(package, ts_dir, te
     # The bound is an upper bound of the blend in every coarse cell.
     cells = torch.nn.functional.max_pool3d(full, 2, 2)  # the padded grid is the model grid here
     assert probs.bound.shape == cells.shape and torch.all(probs.bound >= cells - 1e-6)
+    # The grids coincide (3 mm, no crop): an index copy, so only the hot cells are blended (no
+    # margin); the masks are still those of thresholding the full-resolution blend.
+    assert BoxInverter(case).is_index_copy
+    marked = 0
+    for k, pieces in predictor.iter_original(probs, case):
+        mask = np.zeros(volume.shape, dtype=bool)
+        for box, values in pieces or ():
+            mask[box] |= values > 0.5
+        np.testing.assert_array_equal(mask, invert_to_original(full[k], case, mode="bilinear") > 0.5)
+        marked += int(mask.sum())
+    assert marked > 1000, "the untrained tiny model should still mark some voxels"
     # A window interval that is not a multiple of the stride falls back to MONAI's own blending.
     odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
     assert odd._decoder_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
