@@ -116,10 +116,12 @@ def _dilate(mask: torch.Tensor) -> torch.Tensor:
 
 def _bounding_box(mask: torch.Tensor) -> tuple[list[int], list[int]] | tuple[None, None]:
     """``(lo, hi)``: the half-open box of the True voxels of a 3-D bool tensor; ``(None, None)`` if none."""
-    array = mask.numpy()  # numpy reduces bool arrays several times faster than torch
-    plane = array.any(axis=2)
+    # numpy reduces bool arrays several times faster than torch, and far faster along the outer
+    # axis (rows OR-ed together) than along the inner one.
+    array = np.ascontiguousarray(mask.numpy())
+    plane = array.any(axis=0)
     lo, hi = [], []
-    for axis in (plane.any(axis=1), plane.any(axis=0), array.any(axis=(0, 1))):
+    for axis in (array.reshape(len(array), -1).any(axis=1), plane.any(axis=1), plane.any(axis=0)):
         where = np.flatnonzero(axis)
         if len(where) == 0:
             return None, None
@@ -284,16 +286,24 @@ class WindowLogits:
             return []
         hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
         groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
-        cores: list[Box] = []
+        cores = []
         for cells in ndimage.find_objects(groups):
-            core = []
-            for d, sl in enumerate(cells):
-                s, o, n = self.stride[d], self.offset[d], self.model_shape[d]
-                core.append((max(0, (lo[d] + sl.start) * s - o), min(n, (lo[d] + sl.stop) * s - o)))
-            if all(a < b for a, b in core):  # else the cells lie in the padding only
-                cores.append(tuple(core))  # type: ignore[arg-type]
-        grow = lambda core: tuple((max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, self.model_shape))  # noqa: E731
-        return [(core, grow(core)) for core in _merge_boxes(cores, self.merge_slack, grow)]
+            core = self._core([a + sl.start for a, sl in zip(lo, cells)], [a + sl.stop for a, sl in zip(lo, cells)])
+            if core is not None:  # else the cells lie in the padding only
+                cores.append(core)
+        return [(core, self._grow(core, margin)) for core in _merge_boxes(cores, self.merge_slack, lambda c: self._grow(c, margin))]
+
+    def _core(self, lo: Sequence[int], hi: Sequence[int]) -> Box | None:
+        """The model-grid voxels of the coarse cells ``lo..hi - 1`` of the padded grid; ``None`` if
+        they lie in the padding only."""
+        core = tuple(
+            (max(0, a * s - o), min(n, b * s - o)) for a, b, s, o, n in zip(lo, hi, self.stride, self.offset, self.model_shape)
+        )
+        return core if all(a < b for a, b in core) else None  # type: ignore[return-value]
+
+    def _grow(self, core: Box, margin: int) -> Box:
+        """``core`` grown by ``margin`` voxels, within the model grid."""
+        return tuple((max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, self.model_shape))  # type: ignore[return-value]
 
     # -- exact blending at given coarse cells ---------------------------------------------------------
 
@@ -359,7 +369,7 @@ class WindowLogits:
         return total.div_(tab["count"].index_select(0, (x * g[1] + y) * g[2] + z))
 
     def hot_regions(
-        self, terms: Sequence[int], threshold: float, margin_cells: int = 1
+        self, terms: Sequence[int], threshold: float, margin_cells: int = 1, split: bool = True
     ) -> Iterator[tuple[int, list[tuple[Box, Box, torch.Tensor]]]]:
         """Per term of ``terms`` (in order), ``(term, [(core, box, values), ...])``: the
         :meth:`regions` of the term and its blended probabilities in each ``box``, for all
@@ -371,6 +381,10 @@ class WindowLogits:
         within one voxel of a hot cell is exact, which is all that trilinear resampling of the box
         reads next to a voxel above the threshold; ``margin_cells=0`` suffices when the values are
         only thresholded or copied voxel for voxel.
+
+        ``split=False`` gives one region per term instead, the box of all its hot cells: no
+        labelling and fewer boxes, for callers whose cost per voxel is small (an index copy),
+        where splitting a term into groups costs more than it saves.
         """
         terms = list(terms)
         hot = self.bound_for(terms) > threshold
@@ -394,7 +408,11 @@ class WindowLogits:
             found = []
             if hot_counts[t]:
                 where = hot_cells[hot_rows, 1:]
-                found = self._regions(hot[t], (where.min(dim=0).values.tolist(), (where.max(dim=0).values + 1).tolist()))
+                extent = (where.min(dim=0).values.tolist(), (where.max(dim=0).values + 1).tolist())
+                if split:
+                    found = self._regions(hot[t], extent)
+                elif (core := self._core(*extent)) is not None:
+                    found = [(core, self._grow(core, 1))]
             if not found:
                 yield term, []
                 continue
@@ -402,9 +420,10 @@ class WindowLogits:
             where = cells[rows, 1:]
             lo = where.min(dim=0).values
             shape = (where.max(dim=0).values - lo + 1).tolist()
-            dense = torch.zeros([n * st for n, st in zip(shape, s)])
-            blocks = dense.view(shape[0], s[0], shape[1], s[1], shape[2], s[2]).permute(0, 2, 4, 1, 3, 5)
-            blocks[tuple((where - lo).unbind(1))] = values[rows].view(-1, *s)
+            local = where - lo
+            blocks = torch.zeros((math.prod(shape), values.shape[1]))
+            blocks.index_copy_(0, (local[:, 0] * shape[1] + local[:, 1]) * shape[2] + local[:, 2], values[rows])
+            dense = blocks.view(*shape, *s).permute(0, 3, 1, 4, 2, 5).reshape([n * st for n, st in zip(shape, s)])
             start = [int(a) * st - o for a, st, o in zip(lo, s, self.offset)]  # model-grid voxel of dense[0, 0, 0]
             out = []
             for core, box in found:

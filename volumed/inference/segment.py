@@ -409,14 +409,15 @@ class PromptSegPredictor:
         whole = tuple((0, n) for n in case.model_shape)
         invert = BoxInverter(case)
         if isinstance(probs, WindowLogits):
-            # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB; an
-            # index copy onto the original grid reads no voxel next to the hot cells (margin 0).
+            # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB. An
+            # index copy onto the original grid reads no voxel next to the hot cells (margin 0) and
+            # costs little per voxel, so one box per term beats a box per group of hot cells there.
             cells = max(1, math.prod(probs.bound_shape))
             chunk = max(1, _CHUNK_CELLS // cells)
-            margin = 0 if invert.is_index_copy else 1
+            copy = invert.is_index_copy
             for first in range(0, probs.num_terms, chunk):
                 terms = range(first, min(first + chunk, probs.num_terms))
-                for k, regions in probs.hot_regions(terms, threshold, margin_cells=margin):
+                for k, regions in probs.hot_regions(terms, threshold, margin_cells=0 if copy else 1, split=not copy):
                     model_boxes = []
                     for core, box, values in regions:
                         # Only the voxels of the core: those in the rim belong to another region's
