@@ -7,9 +7,10 @@ Usage::
 
 What is timed is :meth:`volumed.inference.segment.PromptSegPredictor.predict` on the real CT
 ``example_ct_sm.nii.gz`` (122 x 101 x 30, 3 mm): text queries, preprocessing, MONAI sliding-window
-inference (one encoder pass per window for all prompts), per term the exact blending of the windows
-and the trilinear inversion onto the original grid in the boxes where it can exceed the threshold
-(``volumed.inference.blending``), thresholds and the label map. The same model with MONAI blending
+inference (one encoder pass per window for all prompts), the exact blending of the windows for all
+terms at once in the coarse cells where they can exceed the threshold (``volumed.inference.blending``),
+the inversion onto the original grid (an index copy here: the image is at the model's 3 mm),
+thresholds and the label map. The same model with MONAI blending
 every term at full resolution (``lazy_blending=False``, the reference; same masks) is timed too. ``segment()`` end to end
 (adds writing one NIfTI mask and one statistics entry per term, the label map, JSON, preview) is
 timed too. The sequential baseline runs the whole model once per prompt: 24 ``predict`` calls
@@ -169,9 +170,9 @@ def run(repeats: int, sequential_repeats: int, n_prompts: int = 24) -> tuple[lis
         "",
         f"Parallel speed-up over the sequential baseline: {seq_s / par_s:.1f}x. Target for {n_prompts}/1: <= {TARGET}: "
         f"{'met' if ratio <= TARGET else 'NOT met'}. "
-        + (f"The decoder predicts at stride {stride}; each window's coarse logits are kept and every term is blended "
-           "exactly, with MONAI's gaussian weights, only in the boxes where it can exceed the threshold "
-           "(`volumed/inference/blending.py`), then inverted box by box." if compare else
+        + (f"The decoder predicts at stride {stride}; each window's coarse logits are kept, and all terms are blended "
+           "together, exactly, with MONAI's gaussian weights, only in the coarse cells where a bound shows they can "
+           "exceed the threshold (`volumed/inference/blending.py`), then inverted box by box." if compare else
            "The decoder's per-voxel embedding is at stride 1, so MONAI blends every term at full resolution."),
         "",
         "Where the time goes (seconds, last repetition of predict):",
