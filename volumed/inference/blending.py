@@ -397,7 +397,7 @@ class WindowLogits:
         needed &= keep
         cells = needed.nonzero()
         values = self.blend_cells(terms, cells)
-        hot_cells = cells if margin_cells == 0 else hot.nonzero()
+        hot_cells = cells if margin_cells == 0 else cells[hot[tuple(cells.unbind(1))]]  # hot ⊆ needed
         s = self.stride
         counts = torch.bincount(cells[:, 0], minlength=len(terms)).tolist()
         hot_counts = torch.bincount(hot_cells[:, 0], minlength=len(terms)).tolist()
