@@ -241,27 +241,51 @@ class WindowLogits:
             self._bound = self.bound_for(range(self.num_terms))
         return self._bound
 
+    def _kept_cells(self) -> list[tuple[int, int]]:
+        """Per axis, the coarse cells of the padded grid that overlap the model grid (the others
+        lie wholly in the padding and are never read)."""
+        return [(o // s, -(-(o + n) // s)) for o, n, s in zip(self.offset, self.model_shape, self.stride)]
+
     def bound_for(self, terms: Sequence[int]) -> torch.Tensor:
-        """:attr:`bound` of ``terms`` only, ``(len(terms), X / s, Y / s, Z / s)`` (memory for a chunk of terms)."""
+        """:attr:`bound` of ``terms`` only, ``(len(terms), X / s, Y / s, Z / s)`` (memory for a
+        chunk of terms). Cells wholly in the padding around the model grid are never read: they
+        get 0, and cost nothing (half the cells of a 14-slice image in a 32-slice window)."""
         terms = list(terms)
         whole = terms == list(range(self.num_terms))
         weights = self.weights[None, None]
         w_max = F.max_pool3d(weights, self.stride, self.stride)[0, 0]
         w_min = -F.max_pool3d(-weights, self.stride, self.stride)[0, 0]
-        grid = [n // s for n, s in zip(self.padded_shape, self.stride)]
-        # bound = H / (H + L), H = sum(M P), L = sum(m (1 - P)) = sum(m) - sum(m P).
-        high = torch.zeros((len(terms), *grid))
-        low_p = torch.zeros((len(terms), *grid))
-        low = torch.zeros(grid)
+        kept = self._kept_cells()
+        shape = [b - a for a, b in kept]
+        # bound = H / (H + L), H = sum(M P), L = sum(m (1 - P)) = sum(m) - sum(m P), over the kept cells.
+        high = torch.zeros((len(terms), *shape))
+        low_p = torch.zeros((len(terms), *shape))
+        low = torch.zeros(shape)
         # One window at a time: stacking windows was 2.5x slower (large temporaries).
         for w, o in zip(self.logits, self.origins):
-            peak = _cell_upper_bound(w if whole else w[terms], self.stride).sigmoid_()
-            cells = tuple(slice(a // s, a // s + c) for a, s, c in zip(o, self.stride, peak.shape[1:]))
-            high[(slice(None), *cells)].addcmul_(w_max.expand_as(peak), peak)
-            low_p[(slice(None), *cells)].addcmul_(w_min.expand_as(peak), peak)
-            low[cells] += w_min
+            first = [a // s for a, s in zip(o, self.stride)]
+            lo = [max(f, a) for f, (a, _) in zip(first, kept)]
+            hi = [min(f + c, b) for f, c, (_, b) in zip(first, w.shape[1:], kept)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            # The window's kept cells and one more on each side (what their bound reads): the
+            # bound of a cell depends on its 3 x 3 x 3 neighbourhood only.
+            halo = [(max(a - 1, f) - f, min(b + 1, f + c) - f) for a, b, f, c in zip(lo, hi, first, w.shape[1:])]
+            block = (w if whole else w[terms])[(slice(None), *(slice(a, b) for a, b in halo))].contiguous()
+            inner = tuple(slice(a - f - h, b - f - h) for a, b, f, (h, _) in zip(lo, hi, first, halo))
+            peak = _cell_upper_bound(block, self.stride).sigmoid_()[(slice(None), *inner)]
+            local = tuple(slice(a - f, b - f) for a, b, f in zip(lo, hi, first))  # in the window
+            cells = tuple(slice(a - k, b - k) for a, b, (k, _) in zip(lo, hi, kept))  # in the kept block
+            high[(slice(None), *cells)].addcmul_(w_max[local].expand_as(peak), peak)
+            low_p[(slice(None), *cells)].addcmul_(w_min[local].expand_as(peak), peak)
+            low[cells] += w_min[local]
         low_p.neg_().add_(low).add_(high)  # H + L
-        return high.div_(low_p.clamp_(min=torch.finfo(torch.float32).tiny))
+        high.div_(low_p.clamp_(min=torch.finfo(torch.float32).tiny))
+        if shape == [n // s for n, s in zip(self.padded_shape, self.stride)]:
+            return high
+        bound = torch.zeros((len(terms), *(n // s for n, s in zip(self.padded_shape, self.stride))))
+        bound[(slice(None), *(slice(a, b) for a, b in kept))] = high
+        return bound
 
     def regions(self, term: int, threshold: float, margin: int = 1) -> list[tuple[Box, Box]]:
         """Where ``term``'s blended probability can exceed ``threshold``: ``(core, box)`` pairs of
@@ -393,7 +417,7 @@ class WindowLogits:
             needed = _dilate(needed)
         # Cells wholly in the padding around the model grid are never read.
         keep = torch.zeros(needed.shape[1:], dtype=torch.bool)
-        keep[tuple(slice(o // s, -(-(o + n) // s)) for o, n, s in zip(self.offset, self.model_shape, self.stride))] = True
+        keep[tuple(slice(a, b) for a, b in self._kept_cells())] = True
         needed &= keep
         cells = needed.nonzero()
         values = self.blend_cells(terms, cells)

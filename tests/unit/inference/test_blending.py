@@ -77,3 +77,19 @@ def test_hot_regions_are_exact_where_a_mask_or_its_resampling_can_read(margin_ce
         assert not (above & ~covered).any()  # the cores hold every voxel above the threshold
         marked += int(above.sum())
     assert marked > 50, "the synthetic logits should put some voxels above the threshold"
+
+
+def test_the_bound_skips_cells_wholly_in_the_padding_and_is_unchanged_elsewhere():
+    probs = _windows((2, 2, 2))  # windows on a 28 x 20 x 8 padded grid
+    everything = WindowLogits(probs.logits, probs.origins, probs.roi, probs.stride, probs.padded_shape,
+                              probs.padded_shape, (0, 0, 0), probs.weights)  # fmt: skip
+    # A 20 x 9 x 3 model grid at (5, 6, 3): coarse cells 2..12, 3..7 and 1..2 overlap it.
+    narrow = WindowLogits(probs.logits, probs.origins, probs.roi, probs.stride, probs.padded_shape,
+                          (20, 9, 3), (5, 6, 3), probs.weights)  # fmt: skip
+    assert narrow._kept_cells() == [(2, 13), (3, 8), (1, 3)]
+    bound, reference = narrow.bound_for(range(3)), everything.bound_for(range(3))
+    kept = (slice(None), slice(2, 13), slice(3, 8), slice(1, 3))
+    torch.testing.assert_close(bound[kept], reference[kept], atol=1e-7, rtol=0)
+    assert float(bound[kept].max()) > 0.5  # some cells are hot there
+    bound[kept] = 0
+    assert not bound.any()  # 0 in the padding, never read
