@@ -546,6 +546,23 @@ class BoxInverter:
         and a whole-voxel shift): the inversion is then an index copy that reads no neighbour."""
         return self.perm is not None
 
+    def copy_voxels(self, voxels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+        """The index-copy case (:attr:`is_index_copy`), voxel by voxel: model voxels ``(n, 3)`` ->
+        their original-grid indices (a tuple of 3 arrays, for numpy indexing) and which of them
+        lie on the original grid (``(n,)`` bool; the indices are those of these voxels only).
+        Model voxels beyond the original grid lie in what the foreground crop's inverse pads."""
+        if self.perm is None:
+            raise ConfigError("copy_voxels: the model grid is not the original grid up to flips; resample boxes instead")
+        linear, shift = self.to_original[:3, :3], self.to_original[:3, 3]
+        voxels = np.asarray(voxels, dtype=np.int64)
+        index: list[np.ndarray] = [np.empty(0, np.int64)] * 3
+        for j, i in enumerate(self.perm):
+            index[i] = int(round(linear[i, j])) * voxels[:, j] + int(round(shift[i]))
+        inside = np.ones(len(voxels), dtype=bool)
+        for i, n in enumerate(self.original_shape):
+            inside &= (index[i] >= 0) & (index[i] < n)
+        return tuple(a[inside] for a in index), inside  # type: ignore[return-value]
+
     def _copy(self, values: torch.Tensor, box: Sequence[tuple[int, int]]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
         """The index-copy case: model voxel ``i`` along axis ``j`` is original voxel
         ``sign * i + shift`` along axis ``perm[j]``. Original voxels beyond the model grid lie

@@ -387,19 +387,25 @@ class PromptSegPredictor:
 
     def iter_original(
         self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase
-    ) -> Iterator[tuple[int, list[tuple[tuple[slice, slice, slice], np.ndarray]] | None]]:
-        """Yield ``(term index, pieces)`` on the original grid: ``pieces`` is a list of ``(box,
-        probabilities)``, ``box`` a tuple of slices of the original grid and ``probabilities`` its
-        float32 values. Boxes may overlap (the values agree there wherever they exceed the threshold).
+    ) -> Iterator[tuple[int, list[tuple[tuple, np.ndarray]] | None]]:
+        """Yield ``(term index, pieces)`` on the original grid: ``pieces`` is a list of ``(where,
+        probabilities)``, either a box (``where`` a tuple of slices of the original grid,
+        ``probabilities`` its float32 values) or voxels (``where`` a tuple of three index arrays,
+        ``probabilities`` 1-D, only voxels above ``config.threshold``, each once). Both index a
+        numpy array of the original grid the same way. Boxes may overlap (the values agree there
+        wherever they exceed the threshold).
 
-        Only boxes around each structure are computed: for :class:`WindowLogits`, a box per group
-        of coarse cells where the blend can exceed ``config.threshold``, blended exactly, then
-        narrowed to the voxels really above it; for a probability tensor, the box of the voxels
-        above it. Each is grown by one voxel and inverted box to box
-        (:class:`volumed.data.transforms.BoxInverter`). Trilinear resampling only forms
-        convex combinations, so outside the boxes the inverted probability is at most the
-        threshold; inside, it is exact wherever it can exceed it. Masks (``> threshold``) and the
-        label map are therefore those of a whole-grid inversion, at the cost of the structures.
+        Only what is around each structure is computed. For :class:`WindowLogits`, the coarse
+        cells where the blend can exceed ``config.threshold`` are blended exactly, all terms at
+        once; then, when the model grid is the original grid up to flips, the voxels above the
+        threshold are copied to their original indices (:meth:`WindowLogits.hot_voxels`); else
+        each group of those cells makes a box, narrowed to the voxels above the threshold, grown
+        by one voxel and resampled box to box (:class:`volumed.data.transforms.BoxInverter`). For a
+        probability tensor, the box of the voxels above the threshold is inverted. Trilinear
+        resampling only forms convex combinations, so outside the boxes the inverted probability
+        is at most the threshold; inside, it is exact wherever it can exceed it. Masks
+        (``> threshold``) and the label map are therefore those of a whole-grid inversion, at the
+        cost of the structures.
 
         Terms come in prompt order; a :class:`WindowLogits` blends them in chunks (all at once
         unless the image is large, ``_CHUNK_CELLS``), a probability tensor one at a time. A term
@@ -409,15 +415,16 @@ class PromptSegPredictor:
         whole = tuple((0, n) for n in case.model_shape)
         invert = BoxInverter(case)
         if isinstance(probs, WindowLogits):
-            # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB. An
-            # index copy onto the original grid reads no voxel next to the hot cells (margin 0) and
-            # costs little per voxel, so one box per term beats a box per group of hot cells there.
-            cells = max(1, math.prod(probs.bound_shape))
-            chunk = max(1, _CHUNK_CELLS // cells)
-            copy = invert.is_index_copy
+            # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB.
+            chunk = max(1, _CHUNK_CELLS // max(1, math.prod(probs.bound_shape)))
             for first in range(0, probs.num_terms, chunk):
                 terms = range(first, min(first + chunk, probs.num_terms))
-                for k, regions in probs.hot_regions(terms, threshold, margin_cells=0 if copy else 1, split=not copy):
+                if invert.is_index_copy:  # no resampling: only the voxels above the threshold matter
+                    for k, voxels, values in probs.hot_voxels(terms, threshold):
+                        where, inside = invert.copy_voxels(voxels.numpy())
+                        yield k, [(where, values.numpy()[inside])] if inside.any() else None
+                    continue
+                for k, regions in probs.hot_regions(terms, threshold, margin_cells=1):
                     model_boxes = []
                     for core, box, values in regions:
                         # Only the voxels of the core: those in the rim belong to another region's
@@ -473,14 +480,21 @@ class PromptSegPredictor:
         for k, pieces in self.iter_original(probs, case):
             mask = np.zeros(volume.shape, dtype=bool)
             # None: nowhere above threshold, an empty mask and no label-map voxel.
-            for box, prob in pieces or ():
-                mask[box] |= prob > threshold
+            for where, prob in pieces or ():
                 # Strictly greater: an exact tie keeps the earlier prompt (the priority rule); the
-                # terms with a probability map arrive in prompt order. Basic slices are views.
-                best_box, label_box = best[box], label[box]
-                win = prob > best_box
-                best_box[win] = prob[win]
-                label_box[win] = k + 1
+                # terms with a probability map arrive in prompt order.
+                if isinstance(where[0], slice):  # a box: basic slices are views
+                    mask[where] |= prob > threshold
+                    best_box, label_box = best[where], label[where]
+                    win = prob > best_box
+                    best_box[win] = prob[win]
+                    label_box[win] = k + 1
+                else:  # voxels, all above the threshold
+                    mask[where] = True
+                    win = prob > best[where]
+                    winners = tuple(a[win] for a in where)
+                    best[winners] = prob[win]
+                    label[winners] = k + 1
             if on_mask is not None:
                 on_mask(k, mask)
             else:

@@ -846,8 +846,9 @@ def predict_probabilities(
 
     The same path as ``volumed segment`` (:class:`volumed.inference.segment.PromptSegPredictor`):
     the package's preprocessing, MONAI sliding-window inference, trilinear inversion to the
-    original grid. Values are computed only in a box around each structure (zeros elsewhere, and
-    for terms that never exceed the threshold); they are exact wherever they can exceed it.
+    original grid. Values are computed only around each structure (zeros elsewhere, and for
+    terms that never exceed the threshold); they are exact wherever they exceed it (when the
+    model grid is the original grid up to flips, only the voxels above the threshold are set).
     """
     from dataclasses import replace
 
@@ -863,6 +864,6 @@ def predict_probabilities(
     probs = predictor.predict_probabilities(case, queries)
     out = np.zeros((len(terms), *volume.shape), dtype=np.float32)
     for k, pieces in predictor.iter_original(probs, case):
-        for box, values in pieces or ():
-            np.maximum(out[k][box], values, out=out[k][box])
+        for where, values in pieces or ():  # a box (slices) or voxels (index arrays)
+            out[k][where] = np.maximum(out[k][where], values)
     return out

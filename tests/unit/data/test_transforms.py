@@ -178,7 +178,16 @@ def test_box_inversion_equals_the_whole_grid_inversion(ts_dir, name, spacing):
     with pytest.raises(ConfigError, match="values of shape"):
         invert_box_to_original(field[:, :4, :4, :4], box, case)
     inverter = BoxInverter(case)
-    if not inverter.is_index_copy:
+    if inverter.is_index_copy:
+        # Voxel by voxel: each model voxel lands on the original voxel that holds its value.
+        rng = np.random.default_rng(0)
+        voxels = np.stack([rng.integers(0, n, 500) for n in case.model_shape], axis=1)
+        where, inside = inverter.copy_voxels(voxels)
+        assert inside.all() and len(where[0]) == 500
+        np.testing.assert_allclose(whole[where], field[0].numpy()[tuple(voxels.T)], atol=1e-6)
+    else:
+        with pytest.raises(ConfigError, match="not the original grid"):
+            inverter.copy_voxels(np.zeros((1, 3), dtype=np.int64))
         # The separable path computes what MONAI's SpatialResample computes (the generic path).
         generic = BoxInverter(case)
         assert inverter.axes == [0, 1, 2]

@@ -93,3 +93,21 @@ def test_the_bound_skips_cells_wholly_in_the_padding_and_is_unchanged_elsewhere(
     assert float(bound[kept].max()) > 0.5  # some cells are hot there
     bound[kept] = 0
     assert not bound.any()  # 0 in the padding, never read
+
+
+@pytest.mark.parametrize("stride", [(2, 2, 2), (4, 2, 1)])
+def test_hot_voxels_are_exactly_the_voxels_above_the_threshold(stride):
+    probs = _windows(stride, terms=4, seed=1)  # model grid 26 x 18 x 7 at (1, 1, 0) in the padded grid
+    whole = tuple((0, n) for n in probs.model_shape)
+    found = list(probs.hot_voxels([3, 1, 0, 2], 0.5))
+    assert [term for term, _, _ in found] == [3, 1, 0, 2]
+    marked = 0
+    for term, voxels, values in found:
+        exact = probs.blend(term, whole)
+        expected = (exact > 0.5).nonzero()
+        y, z = probs.model_shape[1:]
+        order = torch.argsort((voxels[:, 0] * y + voxels[:, 1]) * z + voxels[:, 2])  # raster order, as nonzero()
+        torch.testing.assert_close(voxels[order], expected)
+        torch.testing.assert_close(values[order], exact[tuple(expected.T)], atol=2e-6, rtol=0)
+        marked += len(values)
+    assert marked > 50
