@@ -197,7 +197,8 @@ def run(repeats: int, sequential_repeats: int, n_prompts: int = 24) -> tuple[lis
         f"{min(runs['par']) / min(runs['one']):.2f} on example_ct_sm, {min(dcm[n_prompts]) / min(dcm[1]):.2f} on the DICOM series. "
         + (f"The decoder predicts at stride {stride}; each window's coarse logits are kept, and all terms are blended "
            "together, exactly, with MONAI's gaussian weights, only in the coarse cells where a bound shows they can "
-           "exceed the threshold (`volumed/inference/blending.py`), then inverted box by box." if compare else
+           "exceed the threshold (`volumed/inference/blending.py`), then copied voxel by voxel to the image grid (example_ct_sm) "
+           "or resampled box by box (the DICOM series)." if compare else
            "The decoder's per-voxel embedding is at stride 1, so MONAI blends every term at full resolution."),
         "",
         "Where the time goes (seconds, last repetition of predict):",
