@@ -41,8 +41,8 @@ Training data flow (``T`` = all terms of the data set, ``B`` = batch, ``(px, py,
     case: read -> preprocess (RAS, spacing, body crop, intensity to [0, 1]) -> image (1, x, y, z),
           masks (K, x, y, z) of its K annotated terms -> cached in memory
     sample: pad to the patch, foreground-biased crop (MONAI RandCropByLabelClassesd: each present
-          structure equally often; no other augmentation) -> image (1, px, py, pz),
-          target (T, px, py, pz), annotated (T,)
+          structure equally often), optional rotation, scaling and intensity augmentation
+          (``augment``) -> image (1, px, py, pz), target (T, px, py, pz), annotated (T,)
     step: terms used = annotated & (present in the patch | sampled negative), union over the batch
           -> text embeddings (precomputed once) -> logits (B, T_used, px, py, pz)
           -> PartialLabelLoss (Dice on positives + BCE on every used pair)
@@ -67,7 +67,18 @@ from lightning.pytorch.callbacks import Callback
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.transforms import Compose, RandCropByLabelClassesd, RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
 from torch.utils.data import Dataset, RandomSampler
 
 from volumed.data.datalist import DatalistEntry, load_datalist, split_terms
@@ -373,6 +384,30 @@ def phantom_cases(
 # --------------------------------------------------------------------------------------------
 
 
+def patch_augmentation() -> Compose:
+    """nnU-Net-style augmentation of a cropped patch (keys ``image``, ``masks``, ``fg``), with
+    MONAI transforms, each applied with its own probability:
+
+    * a random rotation (up to 15 degrees about each axis) and scaling (0.85-1.15), with the same
+      matrix for the image (trilinear, air outside) and the masks (nearest);
+    * intensity: multiplicative (0.75-1.25) and additive (+-0.05 of the window, i.e. +-100 HU
+      for the default -1000..1000 window) shifts, gamma contrast (0.7-1.5), gaussian noise and
+      blur, for scanners, contrast phases and reconstruction kernels other than the training ones.
+
+    No mirroring: it would turn a left kidney into a right one.
+    """
+    keys = ["image", "masks", "fg"]
+    return Compose([
+        RandAffined(keys=keys, prob=0.3, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                    mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd(keys="image", factors=0.25, prob=0.15),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.15),
+        RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised(keys="image", std=0.01, prob=0.1),
+        RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.1),
+    ])  # fmt: skip
+
+
 class PromptSegPatchDataset(Dataset):
     """Foreground-biased patches of cached cases, with targets over the data set's term list.
 
@@ -388,6 +423,8 @@ class PromptSegPatchDataset(Dataset):
             ``RandCropByLabelClassesd``), so a 1,000-voxel aorta is sampled as often as a
             40,000-voxel liver. ``"union"``: a voxel of the union of all structures (MONAI
             ``RandCropByPosNegLabeld``), which favours the large organs.
+        augment: apply :func:`patch_augmentation` to each patch (off by default: the default
+            model was trained without it).
 
     Item: ``{"image": (1, px, py, pz) float32, "target": (T, px, py, pz) uint8,
     "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool}``.
@@ -401,6 +438,7 @@ class PromptSegPatchDataset(Dataset):
         fg_rate: float = 0.67,
         length: int | None = None,
         sampling: str = "class",
+        augment: bool = False,
     ):
         if not 0.0 <= fg_rate <= 1.0:
             raise ConfigError(f"fg_rate must be a probability in [0, 1], got {fg_rate!r}", "fg_rate")
@@ -418,6 +456,7 @@ class PromptSegPatchDataset(Dataset):
         self.fg_rate = float(fg_rate)
         self.length = int(length) if length else len(self.cases)
         self.sampling = sampling
+        self.augment = patch_augmentation() if augment else None
         keys = ["image", "masks", "fg"]
         pad = SpatialPadd(keys=keys, spatial_size=self.patch_size, mode="constant")
         if sampling == "union":
@@ -447,6 +486,8 @@ class PromptSegPatchDataset(Dataset):
     def set_random_state(self, seed: int) -> "PromptSegPatchDataset":
         for k, t in enumerate(self.transforms):
             t.set_random_state(seed=seed + 7919 * k)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=seed + 104729)
         return self
 
     def __len__(self) -> int:
@@ -460,6 +501,8 @@ class PromptSegPatchDataset(Dataset):
             # Padding with 0 marks padded voxels as neither background nor a structure: no centre there.
             data["crop_label"] = torch.cat([1 - fg, case.masks]) if len(case.masks) else 1 - fg
         out = self.transforms[i % len(self.cases)](data)[0]
+        if self.augment is not None:
+            out = self.augment(out)
         image = torch.as_tensor(out["image"]).float()
         masks = torch.as_tensor(out["masks"]).to(torch.uint8)
         fgp = torch.as_tensor(out["fg"])
@@ -490,6 +533,7 @@ class PromptSegDataModule(L.LightningDataModule):
         fg_rate: fraction of patches centred on annotated foreground.
         sampling: ``"class"`` (each present structure equally often) or ``"union"``
             (``PromptSegPatchDataset``).
+        augment: rotation, scaling and intensity augmentation of the patches (:func:`patch_augmentation`).
         samples_per_epoch: patches per epoch.
         num_workers: DataLoader workers.
         target_spacing: model-space voxel size, mm.
@@ -510,6 +554,7 @@ class PromptSegDataModule(L.LightningDataModule):
         batch_size: int = 2,
         fg_rate: float = 0.67,
         sampling: str = "class",
+        augment: bool = False,
         samples_per_epoch: int = 100,
         num_workers: int = 0,
         target_spacing: Sequence[float] = (3.0, 3.0, 3.0),
@@ -550,7 +595,9 @@ class PromptSegDataModule(L.LightningDataModule):
             )
         # Sorted: the term order (and so the package's term list) does not depend on entry order.
         self.terms = sorted({t for c in self.cases for t in c.terms})
-        self.train_set = PromptSegPatchDataset(self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling)
+        self.train_set = PromptSegPatchDataset(
+            self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment
+        )
         self.train_set.set_random_state(hp.seed)
         for c in self.cases:
             log.info("case %s: model shape %s, %d terms", c.name, tuple(c.image.shape[1:]), len(c.terms))

@@ -227,6 +227,25 @@ def test_class_balanced_sampling_centres_small_structures_as_often_as_large_ones
         PromptSegPatchDataset([case], terms, (16, 16, 8), sampling="balanced")
 
 
+def test_augmentation_moves_image_and_masks_together_and_keeps_the_masks_binary():
+    """A bright block whose mask is the image itself: after rotation, scaling and the intensity
+    changes, the image still lies above 0.5 where the mask is set, and the geometry did change."""
+    masks = torch.zeros(1, 48, 48, 24, dtype=torch.uint8)
+    masks[0, 14:30, 18:34, 6:18] = 1
+    case = PromptSegCase(masks.float(), masks, ("liver",), "CT")
+    plain = PromptSegPatchDataset([case], ["liver"], (32, 32, 16), 1.0, 40).set_random_state(5)
+    augmented = PromptSegPatchDataset([case], ["liver"], (32, 32, 16), 1.0, 40, augment=True).set_random_state(5)
+    moved = 0
+    for i in range(40):
+        a, b = plain[i], augmented[i]
+        assert b["image"].shape == (1, 32, 32, 16) and b["target"].dtype == torch.uint8
+        assert set(b["target"].unique().tolist()) <= {0, 1}
+        agree = ((b["image"][0] > 0.5) == b["target"][0].bool()).float().mean()
+        assert agree > 0.97, (i, float(agree))
+        moved += int(not torch.equal(a["target"], b["target"]))
+    assert moved >= 5  # about 30% of the patches are rotated or scaled
+
+
 def test_small_images_are_padded_to_the_patch():
     case = PromptSegCase(torch.rand(1, 20, 20, 6), torch.ones(1, 20, 20, 6, dtype=torch.uint8), ("liver",), "CT")
     item = PromptSegPatchDataset([case], ["liver"], (32, 32, 8), fg_rate=1.0)[0]
