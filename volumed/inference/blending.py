@@ -23,8 +23,10 @@ provably exceed the threshold:
   then the sigmoid, times the same gaussian importance map, summed and divided by the summed
   importance of all windows. The work is that of the hot cells, not of their bounding boxes (about
   a fifth of it for organs) and not of the image;
-* :meth:`WindowLogits.hot_regions` then hands each term's values out per connected group of hot
-  cells (a box), 0 in the box's cells that were not blended, where the blend is at most the threshold.
+* :meth:`WindowLogits.hot_voxels` then hands out each term's voxels above the threshold and their
+  values (enough when the masks are copied voxel for voxel to the image grid), and
+  :meth:`WindowLogits.hot_regions` its values per connected group of hot cells (a box, for
+  resampling), 0 in the box's cells that were not blended, where the blend is at most the threshold.
 
 Masks and the label map are therefore those of full-resolution blending, and the per-term cost is
 that of each structure (zero for a term absent from the image), not of the whole image.
