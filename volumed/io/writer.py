@@ -72,11 +72,17 @@ def _on_grid(label: np.ndarray, reference: Volume, where) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """One structure of a label map: its ``value`` in the map and its canonical ``name``."""
+    """One structure of a label map: its ``value`` in the map and its canonical ``name``.
+
+    ``label`` is the SegmentLabel viewers show (default: the readable name; 64 characters at
+    most); ``description`` the optional SegmentDescription (free text, e.g. the prompt and how
+    sure the model was; 1024 characters at most).
+    """
 
     value: int
     name: str
     label: str | None = None  # shown to readers; defaults to the readable name
+    description: str | None = None
 
 
 def _load_source_datasets(source: Volume) -> list:
@@ -138,7 +144,8 @@ def write_dicom_seg(
         series_instance_uid, sop_instance_uid: deterministic UIDs (for idempotent PACS uploads);
             fresh UIDs when ``None``.
 
-    Segments are numbered 1..N in the order given; each carries its name as SegmentLabel, a
+    Segments are numbered 1..N in the order given; each carries its ``label`` (default: its
+    readable name) as SegmentLabel, its ``description`` as SegmentDescription when given, a
     SNOMED CT property type where one is known (else the local ``99VOLUMED`` scheme, see
     :mod:`volumed.io.coding`), and a laterality modifier for left/right structures.
     """
@@ -175,6 +182,8 @@ def write_dicom_seg(
             tracking_uid=hd.UID(),
             tracking_id=spec.name[:64],
         )
+        if spec.description:
+            desc.SegmentDescription = spec.description[:1024]  # (0062,0006) ST, type 3
         if laterality is not None:
             from pydicom.dataset import Dataset
 
@@ -211,6 +220,7 @@ class SegSegment:
     name: str  # tracking id (canonical name) when present, else the label
     property_type: tuple[str, str, str]
     laterality: tuple[str, str, str] | None
+    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +253,8 @@ def read_dicom_seg(path: str | Path, source: Volume) -> DicomSegContent:
         mod = getattr(d.SegmentedPropertyTypeCodeSequence[0], "SegmentedPropertyTypeModifierCodeSequence", None)
         lat = (mod[0].CodeValue, mod[0].CodingSchemeDesignator, mod[0].CodeMeaning) if mod else None
         segments.append(SegSegment(number, d.segment_label, d.tracking_id or d.segment_label,
-                                   (ptype.value, ptype.scheme_designator, ptype.meaning), lat))
+                                   (ptype.value, ptype.scheme_designator, ptype.meaning), lat,
+                                   getattr(d, "SegmentDescription", None)))
         arr = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=sop_uids, segment_numbers=[number], combine_segments=False, ignore_spatial_locations=True
         )  # (Z, rows=j, cols=i, 1)
