@@ -15,6 +15,31 @@ What ``statistics.json`` of ``volumed segment`` holds, per term:
   voxel box.
 * ``components``: the number of 26-connected components (``scipy.ndimage.label`` with a full 3x3x3
   structuring element): 1 for a clean organ, more for fragments.
+
+And how sure the model is (:class:`MaskEvidence`, from the sigmoid probabilities the mask was
+thresholded from, on the original grid; ``threshold`` is the package's, 0.5 by default):
+
+* ``present``: whether the mask holds at least one voxel (a probability above ``threshold``).
+  A structure that is not in the image gets an empty mask and ``present: false``.
+* ``confidence``: for a present structure, the mean probability over its mask's voxels, exact
+  (every voxel above the threshold is blended and inverted exactly, see
+  :meth:`volumed.inference.segment.PromptSegPredictor.iter_original`); in ``(threshold, 1]``.
+  ``None`` (JSON ``null``) for an absent one.
+* ``max_probability``: for a present structure, its exact peak probability on the original grid
+  (attained inside the mask). ``None`` for an absent one, for which the predictor does not
+  compute every probability (it skips the voxels where it can prove them at most the threshold).
+* ``max_probability_bound``: for an absent structure, an upper bound of its probability at every
+  voxel of the original grid, in ``[0, threshold]``. It is the maximum of the term's blended
+  probability on the MODEL grid
+  (:meth:`volumed.inference.segment.PromptSegPredictor.max_probability_bounds`: exact, found by
+  branch and bound over the coarse cells of the sliding windows, or, should a broad plateau need
+  more than a budget of cells, the larger of the blended cells' maximum and the bound of the
+  others), which no original-grid probability exceeds (inversion interpolates model voxels, and
+  is 0 outside the crop); when the grids coincide up to flips it is the exact maximum. Capped at
+  the threshold: an absent structure is at most the threshold everywhere on the original grid,
+  by definition, even when a thin run of model voxels above it vanished in resampling. A value
+  well below the threshold is strong evidence of absence; one near it says the model came close
+  somewhere. ``None`` for a present structure.
 """
 
 from __future__ import annotations
@@ -28,7 +53,7 @@ from scipy import ndimage
 from volumed.errors import ConfigError
 from volumed.io.volume import Volume
 
-__all__ = ["IntensityStatistics", "TermStatistics", "compute_statistics"]
+__all__ = ["IntensityStatistics", "MaskEvidence", "TermStatistics", "compute_statistics", "mask_evidence"]
 
 # Full 3x3x3 neighbourhood: faces, edges and corners touch (26-connectivity).
 _CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
@@ -112,3 +137,51 @@ def compute_statistics(mask: np.ndarray, image: Volume, name: str) -> TermStatis
         bbox_mm=bbox_mm,  # type: ignore[arg-type]
         components=int(components),
     )
+
+
+@dataclass(frozen=True)
+class MaskEvidence:
+    """Whether a structure was found, and how sure the model is (see the module docstring).
+
+    Attributes:
+        present: the mask holds at least one voxel.
+        confidence: mean probability inside the mask (exact); ``None`` when absent.
+        max_probability: exact peak probability (inside the mask); ``None`` when absent.
+        max_probability_bound: upper bound of the probability at every voxel, at most the
+            threshold; ``None`` when present.
+    """
+
+    present: bool
+    confidence: float | None
+    max_probability: float | None
+    max_probability_bound: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mask_evidence(
+    voxels: int, probability_sum: float, peak: float | None, bound: float | None, threshold: float
+) -> MaskEvidence:
+    """:class:`MaskEvidence` of one term's mask.
+
+    Args:
+        voxels: number of mask voxels (each above ``threshold``).
+        probability_sum: sum of the probabilities of those voxels, each counted once.
+        peak: the largest probability computed for the term on the original grid (``None`` if none was).
+        bound: an upper bound of the term's probability at every voxel (``None`` if unknown).
+        threshold: the mask's threshold.
+
+    Raises:
+        ValueError: numbers that contradict each other (a mean or peak of a present mask at or
+            below the threshold, a bound below a computed peak of an absent one).
+    """
+    if voxels > 0:
+        confidence = probability_sum / voxels
+        if peak is None or not threshold < confidence <= peak + 1e-5:
+            raise ValueError(f"mask of {voxels} voxels with mean probability {confidence} and peak {peak} (threshold {threshold})")
+        return MaskEvidence(True, float(confidence), float(peak), None)
+    limit = float(threshold) if bound is None else min(float(bound), float(threshold))
+    if peak is not None and peak > limit + 1e-5:
+        raise ValueError(f"empty mask, but a probability {peak} was computed above its bound {limit}")
+    return MaskEvidence(False, None, None, limit)

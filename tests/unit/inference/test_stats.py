@@ -64,3 +64,20 @@ def test_empty_mask_has_zero_volume_and_no_values():
 def test_mask_off_grid_is_an_error():
     with pytest.raises(ConfigError, match=r"mask shape \(10, 8, 5\) is not the image grid \(10, 8, 6\)"):
         compute_statistics(np.zeros((10, 8, 5), bool), _image(), "liver")
+
+
+def test_mask_evidence_of_present_and_absent_masks():
+    from volumed.inference.stats import MaskEvidence, mask_evidence
+
+    present = mask_evidence(4, 0.6 + 0.7 + 0.8 + 0.9, 0.9, None, 0.5)
+    assert present == MaskEvidence(True, pytest.approx(0.75), 0.9, None)
+    assert present.to_dict() == {"present": True, "confidence": pytest.approx(0.75), "max_probability": 0.9,
+                                 "max_probability_bound": None}
+    # Absent: the bound, capped at the threshold (an empty mask is at most the threshold everywhere).
+    assert mask_evidence(0, 0.0, None, 0.12, 0.5) == MaskEvidence(False, None, None, 0.12)
+    assert mask_evidence(0, 0.0, 0.3, 0.97, 0.5) == MaskEvidence(False, None, None, 0.5)
+    assert mask_evidence(0, 0.0, None, None, 0.5).max_probability_bound == 0.5
+    with pytest.raises(ValueError, match="mean probability"):
+        mask_evidence(2, 0.8, 0.45, None, 0.5)  # a mask voxel at or below the threshold
+    with pytest.raises(ValueError, match="above its bound"):
+        mask_evidence(0, 0.0, 0.3, 0.2, 0.5)
