@@ -77,23 +77,42 @@ def preview(
 
 @app.command("segment")
 def segment_command(
-    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    image: Optional[Path] = typer.Argument(None, help="NIfTI/NRRD/MHA file or DICOM series folder."),
     prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable: liver, 'left kidney', 'L1 vertebra'."),
     all_terms: bool = typer.Option(False, "--all", help="Also segment every structure the model was trained on (for the image's modality)."),
     free_text: bool = typer.Option(False, "--free-text", help="Accept prompts outside the anatomy vocabulary (flagged free_text in labels.json)."),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Segment prompts the model was never trained on (see --list-terms), flagged untrained in every output."),
+    list_terms: bool = typer.Option(False, "--list-terms", help="Print the structures the model was trained on, and exit."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (config.json + model.safetensors); default: bundles/volumed_promptseg_ct/models."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder: masks/, labels.nii.gz, labels.json, statistics.json, preview.png (+ segmentation.dcm)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: masks/, labels.nii.gz, labels.json, statistics.json, preview.png (+ segmentation.dcm)."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
     modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell (it recognises CT by air at -1000 HU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
 ) -> None:
-    """Segment anatomy named by text prompts; masks, label map, statistics and preview on the input's grid."""
-    from volumed.inference.segment import segment
+    """Segment anatomy named by text prompts; masks, label map, statistics and preview on the input's grid.
 
+    The summary says which structures were found (volume, confidence = mean probability inside
+    the mask) and which are absent (with an upper bound of their probability).
+    """
+    from volumed.inference.segment import read_package_config, segment
+
+    if list_terms:
+        from volumed.data.vocab import default_vocabulary
+
+        path, config = read_package_config(model)
+        vocab = default_vocabulary()
+        typer.echo(f"{path}: trained on {len(config.terms)} term(s) for {', '.join(config.modalities)}:")
+        for term in config.terms:
+            typer.echo(f"  {term}" + ("" if term in vocab else "  (free text: prompt it with --free-text)"))
+        return
+    missing = [what for what, value in (("IMAGE", image), ("--output/-o OUT", output)) if value is None]
+    if missing:
+        raise ConfigError(f"missing {' and '.join(missing)} (or pass --list-terms)", "volumed segment")
     result = segment(image, prompt, model_dir=model, out_dir=output, all_terms=all_terms, allow_free_text=free_text,
-                     series_uid=series_uid, modality=modality, overwrite=overwrite, device=device, progress=progress)
+                     allow_untrained=allow_untrained, series_uid=series_uid, modality=modality, overwrite=overwrite,
+                     device=device, progress=progress)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 

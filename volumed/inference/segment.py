@@ -4,13 +4,17 @@ Pipeline (one image, ``N`` prompts)::
 
     read_volume (NIfTI / NRRD / MHA / DICOM series)          original grid (X, Y, Z), affine
       -> resolve prompts (vocabulary, image modality)         N canonical terms (or free text)
+      -> refuse terms the model was not trained on (unless allow_untrained)
       -> text embeddings (TextEncoder, cached) -> modality-conditioned queries  (N, D)
       -> preprocess (PreprocessConfig from the package)       model grid (1, x, y, z) in [0, 1]
       -> MONAI sliding_window_inference (roi = patch_size); per window the encoder runs ONCE
          and the term-query decoder answers all N terms in one pass (coarse logits kept)
       -> per term, only in the box where its probability can exceed the threshold: exact
          gaussian blending of the windows (volumed.inference.blending), trilinear inversion of
-         the box onto the original grid, threshold -> mask, label map
+         the box onto the original grid, threshold -> mask, label map; per term, while its mask
+         is set: voxel count, summed and peak probability (confidence), no probability map kept
+      -> absent terms (empty mask): the maximum of their blend on the model grid, found by
+         branch and bound over the coarse cells (an upper bound of their probability)
       -> outputs on the original grid (shape and affine of the input, exactly)
 
 Outputs in ``out_dir``:
@@ -18,15 +22,30 @@ Outputs in ``out_dir``:
 * ``masks/<name>.nii.gz``: one uint8 mask per term (``<name>`` is the canonical term; free text
   is turned into a file-safe name). Masks of different terms may overlap.
 * ``labels.nii.gz`` + ``labels.json``: one label map and its table (value -> canonical term,
-  prompt, ``free_text``, ``trained``). **Priority rule**: a voxel above threshold for several terms
+  prompt, ``free_text``, ``trained``: False for a term the model was never trained on, allowed only
+  with ``allow_untrained``). **Priority rule**: a voxel above threshold for several terms
   gets the term with the highest probability there; exact ties go to the earlier prompt. Values
   are never summed, so the map holds only the listed values.
-* ``statistics.json``: per term, volume (mL), intensity (HU for CT), bounding boxes (voxels and
-  RAS mm), connected components; see :mod:`volumed.inference.stats`.
-* ``preview.png``: three orthogonal slices with the label map.
+* ``statistics.json``: the ``threshold``, and per term: ``value``, ``prompt``, ``free_text``,
+  ``trained``; ``present`` (the mask is not empty: a structure not in the image gets an empty
+  mask and ``present: false``); ``confidence`` (mean probability inside the mask, exact) and
+  ``max_probability`` (exact peak) for a present term, ``null`` for an absent one;
+  ``max_probability_bound`` for an absent term (an upper bound of its probability anywhere,
+  at most the threshold; ``null`` for a present one); volume (mL), intensity (HU for CT),
+  bounding boxes (voxels and RAS mm), connected components. See :mod:`volumed.inference.stats`.
+* ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
+  (present terms, ``(untrained)`` where so), and a line listing the absent terms.
 * ``segmentation.dcm``: a DICOM SEG of the label map, when the input is a DICOM series with
-  Study/Series/Frame-of-Reference UIDs. A series without them (anonymised) gets no SEG: a warning
-  is recorded in the result (and printed by the CLI); every other output is still written.
+  Study/Series/Frame-of-Reference UIDs, one segment per term in the label map; its
+  SegmentDescription gives the prompt and the confidence, and an untrained term's SegmentLabel
+  and SegmentDescription say "untrained". A series without the UIDs (anonymised) gets no SEG: a
+  warning is recorded in the result (and printed by the CLI); every other output is still written.
+
+Untrained terms: a prompt for a term not in the package's ``terms`` (a vocabulary term the model
+never saw, or free text other than a trained one) would get a mask that means nothing, so it is
+refused (``ConfigError`` naming it and listing the trained terms) unless ``allow_untrained``; then
+it is flagged untrained in labels.json, statistics.json, the summary, the preview legend and the
+SEG. ``all_terms`` adds trained terms only.
 
 Atomicity: all files are first written into a hidden staging folder next to ``out_dir`` and
 moved in only when everything succeeded, so a failure leaves no partial output. Existing outputs
@@ -62,7 +81,7 @@ from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, nor
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
-from volumed.inference.stats import TermStatistics, compute_statistics
+from volumed.inference.stats import MaskEvidence, TermStatistics, compute_statistics, mask_evidence
 from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
 from volumed.io.volume import Volume
@@ -83,6 +102,7 @@ __all__ = [
     "default_model_dir",
     "is_trained",
     "mask_file_name",
+    "refuse_untrained",
     "read_package_config",
     "resolve_prompts",
     "segment",
@@ -99,6 +119,8 @@ MASKS_DIR = "masks"
 _TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, SEG_NAME)
 #: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
 _CHUNK_CELLS = 1 << 24
+#: At most this many coarse cells are blended to find the peak of an absent term (a few ms).
+_PEAK_CELLS = 1 << 15
 
 PRIORITY_RULE = (
     "a voxel above threshold for several terms gets the term with the highest probability; "
@@ -181,6 +203,28 @@ def is_trained(term: ResolvedTerm, trained_terms: Sequence[str]) -> bool:
     return normalize_text(term.name) in {normalize_text(t) for t in trained_terms}
 
 
+def refuse_untrained(terms: Sequence[ResolvedTerm], trained_terms: Sequence[str]) -> None:
+    """Raise unless the model was trained on every term (see :func:`is_trained`).
+
+    A model asked for a structure it never learned still answers, with masks that mean nothing;
+    ``volumed segment`` refuses such prompts unless ``allow_untrained`` (``--allow-untrained``).
+
+    Raises:
+        ConfigError: naming each untrained prompt and listing the terms the model was trained on.
+    """
+    untrained = [t for t in terms if not is_trained(t, trained_terms)]
+    if not untrained:
+        return
+    asked = ", ".join(repr(t.prompt) + ("" if normalize_text(t.prompt) == normalize_text(t.name) else f" ({t.name})")
+                      for t in untrained)
+    raise ConfigError(
+        f"the model was not trained on {asked}; it was trained on: {', '.join(trained_terms) or 'nothing'} "
+        "(volumed segment --list-terms); pass allow_untrained=True (--allow-untrained) to segment "
+        f"{'it' if len(untrained) == 1 else 'them'} anyway, flagged untrained in every output",
+        "prompts",
+    )
+
+
 # ----------------------------------------------------------------------------------- prediction
 
 
@@ -192,12 +236,16 @@ class Prediction:
         label_map: ``(X, Y, Z)`` uint8/uint16, value ``k + 1`` for term ``k`` (priority rule above).
         masks: ``N`` bool arrays ``(X, Y, Z)`` (overlaps kept), or ``None`` when they were handed
             to an ``on_mask`` callback instead of being kept (bounded memory on large images).
+        evidence: per term, whether it was found and how sure the model is: mean and peak
+            probability inside a present mask (exact), an upper bound of the probability of an
+            absent one (:class:`volumed.inference.stats.MaskEvidence`).
         seconds: wall time per stage: ``queries`` (text), ``preprocess``, ``sliding_window``,
             ``invert`` (inversion, threshold, label map and ``on_mask`` callbacks).
     """
 
     label_map: np.ndarray
     masks: list[np.ndarray] | None
+    evidence: list[MaskEvidence] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -385,6 +433,61 @@ class PromptSegPredictor:
             sliding_window_inference(image, predictor=coarse_logits, with_coord=True, **common)
         return WindowLogits(logits, origins, roi, stride, image.shape[2:], model_shape, offset, importance_map(roi))
 
+    @staticmethod
+    def max_probability_bounds(probs: "torch.Tensor | WindowLogits", terms: Sequence[int]) -> np.ndarray:
+        """``(len(terms),)`` float: per term, an upper bound of its probability at every voxel of
+        the model grid, hence of the original grid (inverting forms convex combinations of model
+        voxels, or 0 outside the crop). Used for the terms found absent.
+
+        For a probability tensor: its maximum. For :class:`WindowLogits`: the exact maximum of the
+        blend on the model grid, found by branch and bound over the coarse cells, so that only a
+        few cells are blended: every cell has an upper bound (:meth:`WindowLogits.bound_for`); the
+        cell with the largest bound, blended exactly (:meth:`WindowLogits.blend_cells`), gives a
+        lower bound ``L`` of the maximum; then the cells whose bound exceeds ``L`` are blended, as
+        no other can hold the maximum. Should more than ``_PEAK_CELLS`` cells exceed ``L`` (a
+        broad plateau), only the ``_PEAK_CELLS`` with the largest bounds are blended and the result
+        is the larger of their maximum and the largest bound left: still an upper bound, not exact.
+        (The sigmoid of the largest coarse logit of any window is also an upper bound and costs
+        nothing, but on real CTs some window's logit of almost every term is positive somewhere,
+        so it is close to 1 even for absent terms.)
+        """
+        terms = list(terms)
+        if not terms:
+            return np.zeros(0)
+        if not isinstance(probs, WindowLogits):
+            probs = torch.as_tensor(probs)
+            return np.array([float(probs[k].max()) if probs[k].numel() else 0.0 for k in terms])
+        stride, offset, shape = (torch.tensor(v) for v in (probs.stride, probs.offset, probs.model_shape))
+        fine = torch.cartesian_prod(*(torch.arange(v) for v in probs.stride)).reshape(-1, 3)  # (s^3, 3), blend_cells' order
+        grid = probs.bound_shape
+
+        def exact_max(part: list[int], rows: torch.Tensor) -> torch.Tensor:
+            """``(len(part),)``: the largest blend at the model-grid voxels of the coarse cells
+            ``rows`` ((M, 2): index into ``part``, flat cell), 0 for a term without rows."""
+            cells = torch.from_numpy(np.stack(np.unravel_index(rows[:, 1].numpy(), grid), 1)).long().reshape(-1, 3)
+            values = probs.blend_cells(part, torch.cat([rows[:, :1], cells], 1))
+            voxels = cells[:, None, :] * stride + fine[None] - offset  # (M, s^3, 3) model-grid voxels
+            values[~((voxels >= 0) & (voxels < shape)).all(dim=2)] = 0.0
+            return torch.zeros(len(part)).scatter_reduce_(0, rows[:, 0], values.amax(dim=1), "amax")
+
+        out = np.zeros(len(terms))
+        chunk = max(1, _CHUNK_CELLS // max(1, math.prod(grid)))
+        for first in range(0, len(terms), chunk):
+            part = terms[first : first + chunk]
+            bounds = probs.bound_for(part).flatten(1)  # (T, cells); cells wholly in the padding: 0
+            index = torch.arange(len(part))
+            lower = exact_max(part, torch.stack([index, bounds.argmax(dim=1)], 1))  # at each term's top cell
+            rows = (bounds > lower[:, None]).nonzero()  # the cells that may hold a larger value
+            left = torch.zeros(len(part))  # the largest bound of the cells not blended
+            counts = torch.bincount(rows[:, 0], minlength=len(part))
+            for t in (counts > _PEAK_CELLS).nonzero().flatten().tolist():  # broad plateaus: rare
+                ranked = bounds[t].masked_fill(bounds[t] <= lower[t], -1.0).topk(_PEAK_CELLS + 1)
+                left[t] = ranked.values[-1]
+                rows = torch.cat([rows[rows[:, 0] != t], torch.stack([torch.full((_PEAK_CELLS,), t), ranked.indices[:-1]], 1)])
+            peak = exact_max(part, rows) if len(rows) else torch.zeros(len(part))
+            out[first : first + len(part)] = torch.maximum(torch.maximum(lower, peak), left).double().numpy()
+        return out
+
     def iter_original(
         self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase
     ) -> Iterator[tuple[int, list[tuple[tuple, np.ndarray]] | None]]:
@@ -477,33 +580,55 @@ class PromptSegPredictor:
         label = np.zeros(volume.shape, dtype=np.uint8 if len(terms) < 256 else np.uint16)
         masks: list[np.ndarray] | None = [] if on_mask is None else None
         kept: dict[int, np.ndarray] = {}
+        found: dict[int, tuple[int, float, float | None]] = {}  # voxels, their summed probability, the peak
         for k, pieces in self.iter_original(probs, case):
             mask = np.zeros(volume.shape, dtype=bool)
+            # The mask's voxels are counted and their probabilities summed as they are set: pieces
+            # may overlap (with equal values above the threshold), so each voxel counts once, and
+            # no full-grid probability map is ever made.
+            voxels, total, peak = 0, 0.0, None
             # None: nowhere above threshold, an empty mask and no label-map voxel.
             for where, prob in pieces or ():
+                if prob.size:
+                    peak = max(float(prob.max()), -math.inf if peak is None else peak)
                 # Strictly greater: an exact tie keeps the earlier prompt (the priority rule); the
                 # terms with a probability map arrive in prompt order.
                 if isinstance(where[0], slice):  # a box: basic slices are views
-                    mask[where] |= prob > threshold
+                    above = prob > threshold
+                    mask_box = mask[where]
+                    new = above & ~mask_box
+                    voxels += int(np.count_nonzero(new))
+                    total += float(prob[new].sum(dtype=np.float64))
+                    mask_box |= above
                     best_box, label_box = best[where], label[where]
                     win = prob > best_box
                     best_box[win] = prob[win]
                     label_box[win] = k + 1
                 else:  # voxels, all above the threshold
+                    new = ~mask[where]
+                    voxels += int(np.count_nonzero(new))
+                    total += float(prob[new].sum(dtype=np.float64))
                     mask[where] = True
                     win = prob > best[where]
                     winners = tuple(a[win] for a in where)
                     best[winners] = prob[win]
                     label[winners] = k + 1
+            found[k] = (voxels, total, peak)
             if on_mask is not None:
                 on_mask(k, mask)
             else:
                 kept[k] = mask
         if masks is not None:
             masks.extend(kept[k] for k in range(len(terms)))
+        # Absent terms: the evidence is a bound of their probability (exact values were computed
+        # only where they could exceed the threshold).
+        absent = [k for k in range(len(terms)) if found[k][0] == 0]
+        bounds = dict(zip(absent, self.max_probability_bounds(probs, absent)))
+        evidence = [mask_evidence(*found[k], bounds.get(k), threshold) for k in range(len(terms))]
         clock.append(time.perf_counter())
         stages = ("queries", "preprocess", "sliding_window", "invert")
-        return Prediction(label, masks, {s: b - a for s, a, b in zip(stages, clock, clock[1:])})
+        return Prediction(label, masks, evidence,
+                          {s: b - a for s, a, b in zip(stages, clock, clock[1:])})
 
 
 # ------------------------------------------------------------------------------------- pipeline
@@ -511,7 +636,12 @@ class PromptSegPredictor:
 
 @dataclass(frozen=True)
 class SegmentedTerm:
-    """One segmented structure: its label value, names, flags, mask file and statistics."""
+    """One prompted structure: its label value, names, flags, mask file, statistics and evidence.
+
+    ``trained`` is False for a term the model was never trained on (allowed only with
+    ``allow_untrained``); ``evidence`` says whether it was found (``present``) and how sure the
+    model is (``confidence``, or an upper bound of its probability when absent).
+    """
 
     value: int
     name: str
@@ -520,6 +650,16 @@ class SegmentedTerm:
     trained: bool
     mask_path: Path
     statistics: TermStatistics
+    evidence: MaskEvidence
+
+    @property
+    def present(self) -> bool:
+        return self.evidence.present
+
+    @property
+    def display_name(self) -> str:
+        """The canonical name, with ``" (untrained)"`` for a term the model was not trained on."""
+        return self.name + ("" if self.trained else " (untrained)")
 
 
 @dataclass(frozen=True)
@@ -534,6 +674,7 @@ class SegmentationResult:
         dicom_seg: the DICOM SEG path, or ``None`` (input not DICOM, or SEG skipped: see warnings).
         warnings: problems that did not stop the run (e.g. SEG skipped for a series without UIDs).
         seconds: wall time per stage (``read``, ``predict``, ``write``, ``total``).
+        threshold: the probability above which a voxel is in a mask (the package's).
     """
 
     out_dir: Path
@@ -548,18 +689,29 @@ class SegmentationResult:
     dicom_seg: Path | None
     warnings: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
 
     def summary(self) -> list[str]:
-        """Human-readable lines: one per term, then the outputs and warnings."""
-        lines = []
-        for t in self.terms:
+        """Human-readable lines: how many structures were found, one line per found structure
+        (volume, confidence, intensity, components, flags), one line listing the absent ones with
+        the bound of their probability, then the outputs and warnings."""
+        found = [t for t in self.terms if t.present]
+        absent = [t for t in self.terms if not t.present]
+        threshold = self.threshold if self.threshold is not None else math.nan
+        lines = [f"found {len(found)} of {len(self.terms)} structure(s) (probability above {threshold:g}):"]
+        for t in found:
             s = t.statistics
             flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained)) if on)
             hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
+            volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
             lines.append(
-                f"{t.value:3d} {t.name:<28s} {s.volume_ml:9.1f} mL{hu}, {s.components} component(s)"
-                + (f" [{flags}]" if flags else "")
+                f"{t.value:3d} {t.name:<28s} {volume} mL, confidence {t.evidence.confidence:.2f}{hu}, "
+                f"{s.components} component(s)" + (f" [{flags}]" if flags else "")
             )
+        # An absent structure's evidence: an upper bound of its probability anywhere in the image.
+        lines.append(f"absent ({len(absent)}): " + (", ".join(
+            f"{t.name} (p <= {t.evidence.max_probability_bound:.2f}" + ("" if t.trained else ", untrained") + ")"
+            for t in absent) if absent else "none"))
         lines.append(f"wrote {self.out_dir} ({len(self.terms)} masks, labels, statistics, preview"
                      + (", DICOM SEG" if self.dicom_seg else "") + f") in {self.seconds.get('total', 0):.1f} s")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -613,6 +765,7 @@ def segment(
     out_dir: str | Path,
     all_terms: bool = False,
     allow_free_text: bool = False,
+    allow_untrained: bool = False,
     series_uid: str | None = None,
     modality: str | None = None,
     overwrite: bool = False,
@@ -628,7 +781,10 @@ def segment(
         model_dir: package folder (``config.json`` + ``model.safetensors``); default :func:`default_model_dir`.
         out_dir: output folder (created).
         all_terms: also segment every trained term available in the image's modality.
-        allow_free_text: accept prompts outside the vocabulary (flagged ``free_text`` and untrained).
+        allow_free_text: accept prompts outside the vocabulary (flagged ``free_text``; untrained
+            unless the model was trained on that very text, and then refused without ``allow_untrained``).
+        allow_untrained: accept prompts for terms the model was never trained on (not in its
+            config's ``terms``); they are segmented and flagged untrained in every output.
         series_uid: SeriesInstanceUID when the DICOM folder holds several series.
         modality: ``"CT"`` or ``"MR"`` to override the reader's guess (it recognises CT by its air
             at -1000 HU; anything else reads as unknown and must be named).
@@ -641,7 +797,8 @@ def segment(
 
     Raises:
         ConfigError: no prompts, duplicates, a prompt for another modality, a model folder
-            that is missing or for another modality. UnknownTermError: unknown prompt.
+            that is missing or for another modality, a term the model was not trained on
+            (without ``allow_untrained``). UnknownTermError: unknown prompt.
         OutputExistsError: ``out_dir`` holds outputs and not ``overwrite`` (checked first).
         VolumeReadError, InvalidVolumeError, DicomSeriesError: unreadable input.
     """
@@ -668,6 +825,8 @@ def segment(
             f"the model was trained on {', '.join(config.modalities)} images only; this image is {volume.modality}",
             used_model,
         )
+    if not allow_untrained:
+        refuse_untrained(terms, config.terms)
     names = [mask_file_name(t.name) for t in terms]
     if len(set(names)) != len(names):
         raise ConfigError(f"two prompts map to the same mask file name: {names}", "prompts")
@@ -701,6 +860,7 @@ def segment(
                 trained=is_trained(t, predictor.config.terms),
                 mask_path=out / MASKS_DIR / f"{names[k]}.nii.gz",
                 statistics=stats[k],
+                evidence=prediction.evidence[k],
             )
             for k, t in enumerate(terms)
         )
@@ -723,6 +883,7 @@ def segment(
         dicom_seg=out / SEG_NAME if has_seg else None,
         warnings=tuple(warnings),
         seconds={"read": t_read - t0, "predict": t_pred - t_read, "write": t_end - t_pred, "total": t_end - t0},
+        threshold=float(config.threshold),
     )
 
 
@@ -756,15 +917,19 @@ def _write_outputs(
         "modality": volume.modality,
         "shape": list(volume.shape),
         "spacing_mm": list(volume.spacing),
-        "terms": {t.name: t.statistics.to_dict() for t in terms},
+        "threshold": float(config.threshold),
+        "terms": {t.name: _term_statistics(t) for t in terms},
     }
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
+    found = [t for t in terms if t.present]
+    absent = [f"{t.display_name} (p <= {t.evidence.max_probability_bound:.2f})" for t in terms if not t.present]
     render_preview(
         volume,
         staging / PREVIEW_NAME,
         label=label_map,
-        label_names={t.value: t.name for t in terms},
-        title=f"{volume.source.path.name if volume.source.path else 'image'}: {len(terms)} term(s)",
+        label_names={t.value: t.display_name for t in found},
+        notes=[f"absent: {', '.join(absent)}"] if absent else [],
+        title=f"{volume.source.path.name if volume.source.path else 'image'}: {len(found)} of {len(terms)} structure(s) found",
     )
     if volume.source.format != "dicom":
         return
@@ -775,7 +940,7 @@ def _write_outputs(
                         "the NIfTI outputs were written")
         return
     present = set(np.unique(label_map).tolist())
-    segments = [SegmentSpec(t.value, t.name) for t in terms if t.value in present]
+    segments = [_segment_spec(t) for t in terms if t.value in present]
     if not segments:
         warnings.append("DICOM SEG skipped: no structure was found above threshold")
         return
@@ -783,3 +948,25 @@ def _write_outputs(
         write_dicom_seg(label_map, volume, segments, staging / SEG_NAME)
     except VolumedError as err:
         warnings.append(f"DICOM SEG skipped: {err}")
+
+
+def _term_statistics(term: SegmentedTerm) -> dict:
+    """One term's entry of ``statistics.json``: what it is and whether it was found first, then
+    the evidence and the measurements (see :mod:`volumed.inference.stats`)."""
+    stats = term.statistics.to_dict()
+    return {"name": stats.pop("name"), "value": term.value, "prompt": term.prompt, "free_text": term.free_text,
+            "trained": term.trained, **term.evidence.to_dict(), **stats}
+
+
+def _segment_spec(term: SegmentedTerm):
+    """The DICOM SEG segment of a present term: an untrained term says so in its SegmentLabel
+    (what viewers show) and SegmentDescription."""
+    from volumed.io.coding import readable_name
+    from volumed.io.writer import SegmentSpec
+
+    description = f"prompt '{term.prompt}', mean probability {term.evidence.confidence:.2f}"
+    if not term.trained:
+        description += "; untrained: the model was not trained on this term"
+    suffix = "" if term.trained else " (untrained)"
+    label = readable_name(term.name)[: 64 - len(suffix)] + suffix  # SegmentLabel holds 64 characters
+    return SegmentSpec(term.value, term.name, label=label, description=description)

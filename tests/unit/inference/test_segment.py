@@ -19,6 +19,7 @@ import torch
 from volumed.cli import main
 from volumed.errors import ConfigError, OutputExistsError, UnknownTermError
 from volumed.data.transforms import BoxInverter, invert_to_original
+from volumed.inference import preview as preview_module
 from volumed.inference import segment as segment_module
 from volumed.inference.blending import WindowLogits, _cell_upper_bound, _merge_boxes
 from volumed.inference.package import PromptSegConfig, build_model, load_package, save_package
@@ -26,6 +27,7 @@ from volumed.inference.segment import (
     PRIORITY_RULE,
     PromptSegPredictor,
     is_trained,
+    refuse_untrained,
     resolve_prompts,
     segment,
 )
@@ -323,7 +325,12 @@ def test_box_by_box_masks_equal_whole_grid_inversion_on_the_dicom_series(package
         differ = pred.masks[k] != expected
         assert np.all(np.abs(inverted[differ] - 0.5) < 1e-5) and differ.sum() <= 3
         marked += int(expected.sum())
-    assert marked > 1000, "the untrained tiny model should still mark some voxels"
+        # Confidence and peak: those of the whole-grid inversion inside the mask (the tiny model
+        # marks every term here; absent terms: the tests below).
+        evidence = pred.evidence[k]
+        assert evidence.present and pred.masks[k].any()
+        assert evidence.confidence == pytest.approx(float(inverted[pred.masks[k]].mean()), abs=1e-5)
+        assert evidence.max_probability == pytest.approx(float(inverted.max()), abs=1e-5)
 
 
 @pytest.mark.parametrize("stride", [(2, 2, 2), (2, 2, 1), (4, 2, 1)])
@@ -478,3 +485,238 @@ def test_default_model_dir_is_in_the_repository_bundles():
     path = segment_module.default_model_dir()
     assert path.parts[-3:] == ("bundles", "volumed_promptseg_ct", "models")
     assert (path.parents[2] / "volumed").is_dir()
+
+
+# ------------------------------------------------------------- presence, confidence, untrained
+
+
+def scaled_probabilities(scales):
+    """A stand-in for the network: term k is ``scales[k]`` times one smooth map of the image (HU
+    above about 100), so its peak is known and its mask is present exactly when the scale lets the
+    map exceed the threshold."""
+
+    def fake(self, case, queries, *, progress=False):
+        hu = case.image.as_tensor()[0] * 2000.0 - 1000.0  # undo the -1000..1000 window
+        base = torch.sigmoid((hu - 100.0) / 50.0)
+        return torch.stack([base * s for s in scales[: queries.shape[0]]]).float()
+
+    return fake
+
+
+def test_statistics_say_which_terms_are_present_with_their_confidence_and_bound_the_absent(
+    package, ts_dir, tmp_path, monkeypatch, text_encoder
+):
+    scales = [1.0, 0.3, 0.45]  # liver present; spleen and left kidney absent (peaks 0.3 and 0.45)
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", scaled_probabilities(scales))
+    image = ts_dir / "example_ct_sm.nii.gz"
+    volume = read_volume(image)
+    result = segment(image, ["liver", "spleen", "left kidney"], model_dir=package, out_dir=tmp_path / "out", progress=False)
+
+    # The reference: the same model-grid probabilities inverted over the whole original grid.
+    predictor = PromptSegPredictor(*load_package(package), text_encoder=text_encoder)
+    case = predictor.preprocess(volume)
+    model_grid = scaled_probabilities(scales)(predictor, case, torch.zeros(3, 1))
+    stats = json.loads(result.statistics.read_text())
+    assert stats["threshold"] == 0.5
+    for k, term in enumerate(result.terms):
+        saved = stats["terms"][term.name]
+        reference = invert_to_original(model_grid[k], case, mode="bilinear")
+        mask = _nii(term.mask_path)[0].astype(bool)
+        assert saved["trained"] is True and saved["value"] == k + 1 and saved["voxels"] == int(mask.sum())
+        assert saved["present"] == term.present == bool(mask.any())
+        if k == 0:
+            assert mask.sum() > 1000
+            # Confidence: the mean probability inside the mask; the peak: the largest probability.
+            assert saved["confidence"] == pytest.approx(float(reference[mask].mean()), abs=1e-5)
+            assert saved["max_probability"] == pytest.approx(float(reference.max()), abs=1e-5)
+            assert 0.5 < saved["confidence"] <= saved["max_probability"] <= 1
+            assert saved["max_probability_bound"] is None
+        else:
+            assert not mask.any() and saved["confidence"] is None and saved["max_probability"] is None
+            # The bound: the model-grid maximum, which no original-grid probability exceeds.
+            bound = saved["max_probability_bound"]
+            assert bound == pytest.approx(float(model_grid[k].max()), abs=1e-6)
+            assert float(reference.max()) <= bound + 1e-6 and bound < 0.5
+            assert bound == pytest.approx(scales[k] * float(model_grid[0].max()), abs=1e-6)
+    lines = result.summary()
+    assert lines[0] == "found 1 of 3 structure(s) (probability above 0.5):"
+    assert lines[1].startswith("  1 liver") and f"confidence {stats['terms']['liver']['confidence']:.2f}" in lines[1]
+    bounds = [stats["terms"][n]["max_probability_bound"] for n in ("spleen", "kidney_left")]
+    assert lines[2] == f"absent (2): spleen (p <= {bounds[0]:.2f}), kidney_left (p <= {bounds[1]:.2f})"
+
+
+def _peak_windows(stride=(2, 2, 2)) -> WindowLogits:
+    """Six overlapping windows on a padded grid with the model grid offset inside it (as in
+    test_blending.py): smooth random logits, some cells far above and many far below 0."""
+    g = torch.Generator().manual_seed(3)
+    roi, padded, model, offset = (16, 12, 8), (28, 20, 8), (26, 18, 7), (1, 1, 0)
+    origins = [(x, y, 0) for x in (0, 8, 12) for y in (0, 8)]
+    coarse = [r // s for r, s in zip(roi, stride)]
+    logits = []
+    for _ in origins:
+        noise = torch.randn(4, *[max(1, c // 2) for c in coarse], generator=g) * 6 - torch.tensor([2.0, 12, 14, 30])[:, None, None, None]
+        logits.append(torch.nn.functional.interpolate(noise[None], size=coarse, mode="trilinear", align_corners=False)[0])
+    from volumed.inference.blending import importance_map
+
+    return WindowLogits(logits, origins, roi, stride, padded, model, offset, importance_map(roi))
+
+
+def test_absent_term_bound_is_the_exact_maximum_of_the_blend_by_branch_and_bound(monkeypatch):
+    probs = _peak_windows()
+    whole = tuple((0, n) for n in probs.model_shape)
+    exact = [float(probs.blend(k, whole).max()) for k in range(4)]
+    assert exact[0] > 0.5 > exact[1] > exact[2] > 0.01 > 1e-6 > exact[3]  # from present to clearly absent
+    found = PromptSegPredictor.max_probability_bounds(probs, [3, 1, 2, 0])
+    np.testing.assert_allclose(found, [exact[3], exact[1], exact[2], exact[0]], rtol=1e-5, atol=1e-7)
+    # The sigmoid of the largest coarse logit is far looser: branch and bound is what makes it useful.
+    assert max(float(w[1].max()) for w in probs.logits) > 0 and exact[1] < 0.5
+    # With too small a budget of cells, still an upper bound, never below the maximum.
+    monkeypatch.setattr(segment_module, "_PEAK_CELLS", 2)
+    capped = PromptSegPredictor.max_probability_bounds(probs, range(4))
+    assert np.all(capped >= np.array(exact) - 1e-6)
+    assert np.all(capped <= probs.bound_for(range(4)).flatten(1).amax(dim=1).numpy() + 1e-6)
+    # A probability tensor: its maximum.
+    tensor = torch.stack([torch.full((3, 3, 3), 0.2), torch.linspace(0, 0.7, 27).reshape(3, 3, 3)])
+    np.testing.assert_allclose(PromptSegPredictor.max_probability_bounds(tensor, [1, 0]), [0.7, 0.2], rtol=1e-6)
+
+
+def test_predict_with_lazy_blending_gives_exact_confidence_and_the_peak_of_absent_terms(package, text_encoder, monkeypatch):
+    """The index-copy path with real WindowLogits: a present blob, a near miss (a positive coarse
+    logit whose blend stays under the threshold) and a term far below it."""
+    model, config = load_package(package)
+    config = replace(config, preprocessing=dict(modality="CT", target_spacing=None, crop_foreground=False))
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    volume = Volume(np.full((20, 20, 20), 40.0, np.float32), np.eye(4), "CT")
+    logits = torch.full((3, 10, 10, 10), -20.0)
+    logits[0, 2:6, 2:6, 3:6] = 4.0  # liver: a blob
+    logits[1] = -1.0
+    logits[1, 7, 7, 7] = 1.0  # spleen: one positive coarse cell, whose neighbours pull its blend under 0.5
+    logits[2] -= 5.0  # left kidney: nowhere near
+    probs = WindowLogits([logits], [(0, 0, 0)], (20, 20, 20), (2, 2, 2), (20, 20, 20), (20, 20, 20), (0, 0, 0),
+                         torch.ones(20, 20, 20))  # fmt: skip
+    full = probs[0:3].numpy()
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: probs)
+    pred = predictor.predict(volume, predictor.resolve_prompts(["liver", "spleen", "left kidney"], "CT"))
+    liver, spleen, kidney = pred.evidence
+    np.testing.assert_array_equal(pred.masks[0], full[0] > 0.5)
+    assert liver.present and liver.max_probability_bound is None
+    assert liver.confidence == pytest.approx(float(full[0][full[0] > 0.5].mean()), abs=1e-6)
+    assert liver.max_probability == pytest.approx(float(full[0].max()), abs=1e-6)
+    for evidence, k in ((spleen, 1), (kidney, 2)):
+        assert not pred.masks[k].any() and not evidence.present and evidence.confidence is None
+        assert evidence.max_probability_bound == pytest.approx(float(full[k].max()), abs=1e-6)
+    assert torch.sigmoid(torch.tensor(1.0)) > 0.5 > spleen.max_probability_bound > 0.4
+    assert kidney.max_probability_bound < 1e-10
+
+
+def test_prompts_the_model_was_not_trained_on_are_refused_before_any_compute(package, ts_dir, tmp_path, monkeypatch):
+    image = ts_dir / "example_ct_sm.nii.gz"
+    out = tmp_path / "out"
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the model was loaded for an untrained prompt")
+
+    monkeypatch.setattr(PromptSegPredictor, "from_package", no_compute)
+    trained = "liver, spleen, kidney_left, kidney_right, costal_cartilages"
+    with pytest.raises(ConfigError, match=rf"prompts: the model was not trained on 'left adrenal gland' \(adrenal_gland_left\); it was trained on: {trained} "):
+        segment(image, ["liver", "left adrenal gland"], model_dir=package, out_dir=out, progress=False)
+    with pytest.raises(ConfigError, match=r"not trained on 'hepatic cyst', 'aorta'; .* to segment them anyway") as err:
+        segment(image, ["hepatic cyst", "aorta"], model_dir=package, out_dir=out, allow_free_text=True, progress=False)
+    assert "--allow-untrained" in str(err.value) and "--list-terms" in str(err.value)
+    assert not out.exists()
+    # Free text the model was trained on is trained; --all adds trained terms only.
+    refuse_untrained(resolve_prompts(["pulmonary artery"], "CT", allow_free_text=True), ["liver", "pulmonary artery"])
+    refuse_untrained(resolve_prompts([], "CT", trained_terms=TERMS, all_terms=True), TERMS)
+
+
+def test_allowed_untrained_terms_are_flagged_in_every_output(package, ts_dir, tmp_path, monkeypatch):
+    def three_present_one_absent(self, case, queries, *, progress=False):
+        probs = fake_probabilities(self, case, queries[:3])
+        return torch.cat([probs, 0.4 * probs[:1]])
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", three_present_one_absent)
+    legends = []
+    real_preview = preview_module.render_preview
+
+    def recording_preview(*args, **kwargs):
+        legends.append(kwargs)
+        return real_preview(*args, **kwargs)
+
+    monkeypatch.setattr("volumed.inference.preview.render_preview", recording_preview)
+    series = ts_dir / "example_ct_dicom_with_uids"
+    volume = read_volume(series)
+    out = tmp_path / "out"
+    result = segment(series, ["liver", "aorta", "hepatic cyst", "adrenal gland left"], model_dir=package, out_dir=out,
+                     allow_free_text=True, allow_untrained=True, progress=False)
+    assert [(t.name, t.trained, t.present) for t in result.terms] == [
+        ("liver", True, True), ("aorta", False, True), ("hepatic cyst", False, True), ("adrenal_gland_left", False, False)]
+    table = json.loads((out / "labels.json").read_text())["labels"]
+    stats = json.loads((out / "statistics.json").read_text())["terms"]
+    assert [(table[str(t.value)]["trained"], stats[t.name]["trained"]) for t in result.terms] == [
+        (True, True), (False, False), (False, False), (False, False)]
+    lines = result.summary()
+    assert lines[1].startswith("  1 liver") and "untrained" not in lines[1]
+    assert lines[2].startswith("  2 aorta") and lines[2].endswith("[untrained]")
+    assert lines[3].startswith("  3 hepatic cyst") and lines[3].endswith("[free text, untrained]")
+    assert lines[4].startswith("absent (1): adrenal_gland_left (p <= ") and lines[4].endswith(", untrained)")
+    # The preview's legend names the present terms by their label value, flagged; the absent one in a note.
+    label = _assert_on_grid(out / "labels.nii.gz", volume)
+    (call,) = legends
+    assert call["label_names"] == {1: "liver", 2: "aorta (untrained)", 3: "hepatic cyst (untrained)"}
+    assert set(np.unique(label)) - {0} == set(call["label_names"])
+    assert len(call["notes"]) == 1 and call["notes"][0].startswith("absent: adrenal_gland_left (untrained) (p <= ")
+    # The DICOM SEG: a valid SEG whose untrained segments say so in their label and description.
+    seg = read_dicom_seg(result.dicom_seg, volume)
+    assert [(s.name, s.label) for s in seg.segments] == [
+        ("liver", "liver"), ("aorta", "aorta (untrained)"), ("hepatic cyst", "hepatic cyst (untrained)")]
+    assert "untrained" not in seg.segments[0].description and "prompt 'liver'" in seg.segments[0].description
+    assert all("untrained: the model was not trained on this term" in s.description for s in seg.segments[1:])
+    for info, value in zip(seg.segments, (1, 2, 3)):
+        np.testing.assert_array_equal(seg.masks[info.number], label == value)
+
+
+def test_cli_refuses_an_untrained_prompt_and_allows_it_when_asked(package, ts_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    out = tmp_path / "o"
+    argv = ["segment", str(ts_dir / "example_ct_sm.nii.gz"), "--model", str(package), "-o", str(out), "-p", "liver",
+            "-p", "aorta", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("volumed: error: prompts: the model was not trained on 'aorta'; it was trained on: liver, ")
+    assert err.count("\n") == 1 and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--allow-untrained"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("found ") and any(line.startswith("  2 aorta") and "[untrained]" in line for line in printed)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--list-terms", "--model", str(package)])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [f"  {t}" for t in TERMS]
+
+
+def test_overlapping_pieces_count_each_mask_voxel_once_in_the_confidence(package, text_encoder, monkeypatch):
+    """Boxes may overlap (their values agree above the threshold): a voxel in two boxes is one
+    voxel of the mask, counted once in the mean; voxels of an index copy likewise."""
+    model, config = load_package(package)
+    config = replace(config, preprocessing=dict(modality="CT", target_spacing=None, crop_foreground=False))
+    predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
+    volume = Volume(np.full((6, 4, 4), 40.0, np.float32), np.eye(4), "CT")
+    reference = np.zeros(volume.shape, np.float32)
+    reference[0:4] = 0.6
+    reference[2:6] = 0.9
+    reference[2:4] = 0.8  # in both boxes
+    a, b = (slice(0, 4), slice(0, 4), slice(0, 4)), (slice(2, 6), slice(0, 4), slice(0, 4))
+    pieces = {0: [(a, reference[a]), (b, reference[b])],
+              # voxels (1, 1, 1) and (2, 0, 0), then (2, 0, 0) again
+              1: [((np.array([1, 2]), np.array([1, 0]), np.array([1, 0])), np.array([0.95, 0.9], np.float32)),
+                  ((np.array([2]), np.array([0]), np.array([0])), np.array([0.9], np.float32))]}
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: torch.zeros(2, 6, 4, 4))
+    monkeypatch.setattr(PromptSegPredictor, "iter_original", lambda self, probs, case: iter(pieces.items()))
+    pred = predictor.predict(volume, predictor.resolve_prompts(["liver", "spleen"], "CT"))
+    assert pred.masks[0].all() and pred.evidence[0].confidence == pytest.approx(float(reference.mean()))
+    assert pred.evidence[0].max_probability == pytest.approx(0.9)
+    assert pred.masks[1].sum() == 2 and pred.evidence[1].confidence == pytest.approx(0.925)
+    assert pred.evidence[1].max_probability == pytest.approx(0.95)  # in the first piece
