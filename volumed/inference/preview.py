@@ -33,10 +33,11 @@ __all__ = ["OVERLAY_ALPHA", "LegendEntry", "label_color", "label_overlay", "lege
 #: Opacity of the label colours over the image.
 OVERLAY_ALPHA = 0.5
 # Kelly's colours of maximum contrast in his order (each next one far from those before), without
-# white, black and grey, which vanish on a CT: value 1 is the first.
+# white, black and grey, which vanish on a CT, and his orange yellow and greenish yellow, too close
+# to his yellow and orange: value 1 is the first.
 _PALETTE = ["#F3C300", "#875692", "#F38400", "#A1CAF1", "#BE0032", "#C2B280", "#008856", "#E68FAC",
-            "#0067A5", "#F99379", "#604E97", "#F6A600", "#B3446C", "#DCD300", "#882D17", "#8DB600",
-            "#654522", "#E25822", "#2B3D26"]
+            "#0067A5", "#F99379", "#604E97", "#B3446C", "#882D17", "#8DB600", "#654522", "#E25822",
+            "#2B3D26"]
 
 
 def label_color(value: int) -> tuple[float, float, float]:
