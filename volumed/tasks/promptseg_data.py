@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,14 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SpatialPadd,
 )
 from torch.utils.data import Dataset, RandomSampler
 
+from volumed.data.ct_augment import POOL_TISSUES, ContrastPhase, FieldOfView, region_of
+from volumed.data.ct_augment import slice_thickness as slice_thickness_transform
 from volumed.data.datalist import DatalistEntry, load_datalist, split_terms
+from volumed.data.hu_priors import tissue_of
+from volumed.data.synthesis import BODY_CLASSES, CTSynthesizer, LabelMapCase, load_label_map_case
 from volumed.data.transforms import PreprocessConfig, build_preprocessing
 from volumed.data.vocab import Vocabulary, default_vocabulary
 from volumed.errors import ConfigError, DatalistError, UnknownTermError
@@ -87,8 +90,11 @@ __all__ = [
     "PromptSegCase",
     "PromptSegDataModule",
     "PromptSegPatchDataset",
+    "SyntheticSource",
     "load_case",
     "load_promptseg_datalist",
+    "load_synthetic_case",
+    "load_synthetic_sources",
     "patch_augmentation",
     "phantom_cases",
 ]
@@ -266,27 +272,209 @@ def _resolve_entry(
 
 
 # --------------------------------------------------------------------------------------------
+# Label maps without images (section "synthetic"): what each one teaches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """One entry of a datalist's ``synthetic`` section resolved: a label map (no image) that
+    training patches are synthesised from (:mod:`volumed.data.synthesis`).
+
+    Attributes:
+        name: the entry's ``name`` (default: the label map's folder or file name).
+        files: the :func:`volumed.data.synthesis.read_structures` keywords (absolute paths).
+        terms: annotated terms, canonical names.
+        term_structures: for each term, the structure names (as in the source) whose union is
+            it; empty: the term is annotated absent.
+        where: the entry's position, for messages.
+    """
+
+    name: str
+    files: dict[str, Any]
+    terms: tuple[str, ...]
+    term_structures: tuple[tuple[str, ...], ...]
+    where: str = ""
+
+
+def _structure_names(files: Mapping[str, Any]) -> list[str]:
+    """Structure names of a source without reading its volumes (file stems, keys, colour table)."""
+    from volumed.data.synthesis import read_colour_table
+
+    if "masks_dir" in files:
+        folder = Path(files["masks_dir"])
+        return sorted(f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
+                      for f in [*folder.glob("*.nii.gz"), *folder.glob("*.nii")])  # fmt: skip
+    if "masks" in files:
+        return sorted(files["masks"])
+    table = files.get("colour_table")
+    return sorted(read_colour_table(table).values()) if table else []
+
+
+def load_synthetic_sources(
+    path: str | Path, *, section: str = "synthetic", vocabulary: Vocabulary | None = None
+) -> list[SyntheticSource]:
+    """Read the label-map-only section of a JSON datalist (absent section: ``[]``).
+
+    Each entry gives its label map in one of three styles, paths relative to the datalist's
+    ``dataroot`` like the images:
+
+    * ``masks_dir``: a folder of binary masks ``<structure>.nii.gz`` (a TotalSegmentator
+      ``segmentations/`` folder);
+    * ``masks``: ``{structure: mask file}``;
+    * ``label`` + ``colour_table``: an integer map and its 3D Slicer colour table.
+
+    Optional keys: ``name``; ``structure_terms`` ``{structure: term}`` for structures whose name is
+    not a vocabulary term or synonym (``"postcava": "inferior_vena_cava"``; several structures may
+    map to one term, whose mask is then their union); ``terms``: the annotated terms. Without
+    ``terms`` every term that some structure maps to is annotated; with it, a listed term that
+    no structure maps to is annotated *absent*, which is only right for a complete label map.
+    Every structure is synthesised (each with its own intensity), mapped to a term or not.
+
+    Raises:
+        DatalistError: every problem at once (style, missing files, unknown terms).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        raise DatalistError([f"cannot read JSON: {err}"], path) from None
+    entries = doc.get(section) if isinstance(doc, dict) else None
+    if entries is None:
+        return []
+    vocab = vocabulary or default_vocabulary()
+    base = _data_base(path)
+    problems: list[str] = []
+    sources: list[SyntheticSource] = []
+    if not isinstance(entries, list):
+        raise DatalistError([f"section {section!r} must be a list of entries"], path)
+    for row, entry in enumerate(entries):
+        where = f"{section}[{row}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: an entry must be an object, got {type(entry).__name__}")
+            continue
+        n_before = len(problems)
+        styles = [k for k in ("masks_dir", "masks", "label") if entry.get(k)]
+        if len(styles) != 1:
+            problems.append(f"{where}: give exactly one of 'masks_dir', 'masks' or 'label' (+ 'colour_table'), got {styles or 'none'}")
+            continue
+        unknown = sorted(set(entry) - {"name", "masks_dir", "masks", "label", "colour_table", "structure_terms", "terms"})
+        if unknown:
+            problems.append(f"{where}: unknown keys {unknown}")
+
+        def resolve(value: str) -> Path:
+            p = Path(value).expanduser()
+            return (p if p.is_absolute() else base / p).absolute()
+
+        files: dict[str, Any] = {}
+        if "masks_dir" in styles:
+            files["masks_dir"] = resolve(entry["masks_dir"])
+            if not files["masks_dir"].is_dir():
+                problems.append(f"{where}: masks_dir does not exist ({files['masks_dir']})")
+        elif "masks" in styles:
+            parsed = _parse_masks(entry["masks"])
+            if isinstance(parsed, str):
+                problems.append(f"{where}: {parsed}")
+            else:
+                files["masks"] = {k: resolve(v) for k, v in parsed.items()}
+                problems += [f"{where}: mask of {k!r} does not exist ({v})" for k, v in files["masks"].items() if not v.is_file()]
+        else:
+            files["label"] = resolve(entry["label"])
+            if not files["label"].is_file():
+                problems.append(f"{where}: label does not exist ({files['label']})")
+            if entry.get("colour_table"):
+                files["colour_table"] = resolve(entry["colour_table"])
+                if not files["colour_table"].is_file():
+                    problems.append(f"{where}: colour_table does not exist ({files['colour_table']})")
+        if len(problems) > n_before:
+            continue
+        explicit = entry.get("structure_terms") or {}
+        if not isinstance(explicit, dict):
+            problems.append(f"{where}: 'structure_terms' must map structure names to terms")
+            continue
+        names = _structure_names(files)
+        missing = sorted(set(explicit) - set(names))
+        if missing:
+            problems.append(f"{where}: structure_terms names structures the source does not have: {missing}")
+        by_term: dict[str, list[str]] = {}
+        for structure in names:
+            if structure in explicit:
+                term = _resolve_term(str(explicit[structure]), "CT", vocab, False, where, problems)
+            else:
+                term = vocab.lookup(structure)
+                if term is not None and not vocab.label_ids(term, "CT"):
+                    term = None
+            if term is not None:
+                by_term.setdefault(term, []).append(structure)
+        if entry.get("terms") is not None:
+            terms = []
+            for text in split_terms(entry["terms"]):
+                t = _resolve_term(text, "CT", vocab, False, where, problems)
+                if t is not None and t not in terms:
+                    terms.append(t)
+        else:
+            terms = sorted(by_term)
+        if len(problems) > n_before:
+            continue
+        default_name = Path(str(files.get("masks_dir") or files.get("label") or next(iter(files["masks"].values())).parent))
+        name = str(entry.get("name") or (default_name.parent.name if default_name.name == "segmentations" else default_name.name))
+        sources.append(SyntheticSource(name, files, tuple(terms), tuple(tuple(by_term.get(t, ())) for t in terms), where))
+    if problems:
+        raise DatalistError(problems, path)
+    return sources
+
+
+def load_synthetic_case(source: SyntheticSource, config: PreprocessConfig, seed: int = 0) -> PromptSegCase:
+    """A :class:`SyntheticSource` in model space (:func:`volumed.data.synthesis.load_label_map_case`)
+    as a training case whose image is drawn anew for every patch."""
+    lm = load_label_map_case(name=source.name, terms=source.terms, term_structures=source.term_structures,
+                             target_spacing=config.target_spacing, margin=int(np.max(config.margin)), seed=seed,
+                             **source.files)  # fmt: skip
+    structures = {n: lm.classes[0] == c for c, n in enumerate(lm.class_names) if c >= len(BODY_CLASSES)}
+    regions = _regions(structures)
+    return PromptSegCase(None, lm.masks(), lm.terms, "CT", f"synthetic:{source.name}", regions=regions, synthetic=lm)
+
+
+# --------------------------------------------------------------------------------------------
 # Cases in model space
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class PromptSegCase:
-    """One preprocessed training case.
+    """One preprocessed training case: a real image with masks, or a label map to synthesise from.
 
     Attributes:
-        image: ``(1, x, y, z)`` float32 in ``[0, 1]``, model space.
+        image: ``(1, x, y, z)`` float32 in ``[0, 1]``, model space; ``None`` for a synthetic case.
         masks: ``(K, x, y, z)`` uint8, one channel per annotated term (all zero: absent).
         terms: the ``K`` annotated terms.
         modality: ``"CT"`` or ``"MR"``.
-        name: where it came from (image path, phantom id).
+        name: where it came from (image path, phantom id, label-map source).
+        pools: ``(P, x, y, z)`` uint8 blood-pool and enhancing-organ masks of a real CT, one per
+            tissue (:data:`volumed.data.ct_augment.POOL_TISSUES`), for the contrast-phase
+            augmentation; ``pool_tissues`` and ``pool_means`` (HU, over the case) go with them.
+        regions: ``{"chest" | "abdomen" | "pelvis": (first, last)}`` 1-based model-space slices
+            that the case's structures of that region span (field-of-view augmentation).
+        synthetic: the label map an image is drawn from for every patch (``image`` is ``None``).
     """
 
-    image: torch.Tensor
+    image: torch.Tensor | None
     masks: torch.Tensor
     terms: tuple[str, ...]
     modality: str
     name: str = ""
+    pools: torch.Tensor | None = None
+    pool_tissues: tuple[str, ...] = ()
+    pool_means: tuple[float, ...] = ()
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    synthetic: LabelMapCase | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Model-space ``(x, y, z)``."""
+        return tuple(int(s) for s in self.masks.shape[1:])  # type: ignore[return-value]
 
 
 def _totalseg_channels(ids_map: torch.Tensor, label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -317,8 +505,45 @@ def _classes_in_map(ids: np.ndarray, modality: str) -> dict[str, int]:
     return {names[i - 1]: i for i in present}
 
 
+def _regions(named: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{region: (first, last)}``: the 1-based slices (last axis) spanned by the structures
+    (``{name: (x, y, z) bool}``) that mark each body region (:func:`volumed.data.ct_augment.region_of`)."""
+    regions: dict[str, tuple[int, int]] = {}
+    for name, mask in named.items():
+        region = region_of(name)
+        if region is None or not bool(mask.any()):
+            continue
+        zs = mask.any(0).any(0).nonzero().flatten()
+        a, b = int(zs.min()) + 1, int(zs.max()) + 1
+        old = regions.get(region)
+        regions[region] = (min(a, old[0]), max(b, old[1])) if old else (a, b)
+    return regions
+
+
+def _pools_and_regions(
+    named: Mapping[str, torch.Tensor], image: torch.Tensor, ct_window: Sequence[float]
+) -> tuple[torch.Tensor | None, tuple[str, ...], tuple[float, ...], dict[str, tuple[int, int]]]:
+    """From a case's model-space structure masks ``{name: (x, y, z) bool}`` and its image
+    ``(1, x, y, z)`` in ``[0, 1]``: the blood-pool masks (one per pool tissue, the union of its
+    structures), their mean HU, and the slice span of each body region (1-based)."""
+    lo, hi = float(ct_window[0]), float(ct_window[1])
+    by_tissue: dict[str, torch.Tensor] = {}
+    for name, mask in named.items():
+        tissue = tissue_of(name)
+        if tissue in POOL_TISSUES and bool(mask.any()):
+            by_tissue[tissue] = by_tissue[tissue] | mask if tissue in by_tissue else mask.clone()
+    regions = _regions(named)
+    if not by_tissue:
+        return None, (), (), regions
+    tissues = tuple(sorted(by_tissue))
+    pools = torch.stack([by_tissue[t] for t in tissues]).to(torch.uint8)
+    means = tuple(float(image[0][by_tissue[t]].mean()) * (hi - lo) + lo for t in tissues)
+    return pools, tissues, means, regions
+
+
 def load_case(source: LabelSource, config: PreprocessConfig) -> PromptSegCase:
-    """Read, label and preprocess one datalist case (see :class:`LabelSource`)."""
+    """Read, label and preprocess one datalist case (see :class:`LabelSource`), with the blood
+    pools and body regions the CT augmentations need (:func:`_pools_and_regions`)."""
     volume = read_volume(source.image, modality=source.modality)
     cfg = PreprocessConfig(**{**asdict(config), "modality": source.modality})
     if source.label_map is not None:
@@ -331,13 +556,18 @@ def load_case(source: LabelSource, config: PreprocessConfig) -> PromptSegCase:
             terms, label_ids = tuple(present) + terms, tuple((i,) for i in present.values()) + label_ids
         image, ids_model = _preprocess_with_masks(volume, torch.as_tensor(ids.data.astype(np.int32))[None], cfg)
         masks = _totalseg_channels(ids_model[0], label_ids)
-        return PromptSegCase(image, masks, terms, source.modality, str(source.image))
+        # Every structure of the map (annotated or not) can move with the phase or mark a region.
+        named = {n: ids_model[0] == i for n, i in _classes_in_map(ids_model[0].numpy(), source.modality).items()}
     else:
         stack = [torch.as_tensor(read_label(m, reference=volume).data > 0) for m in source.masks]
         stack += [torch.zeros(volume.shape, dtype=torch.bool)] * len(source.absent)
         image, masks = _preprocess_with_masks(volume, torch.stack(stack).to(torch.uint8), cfg)
         masks = masks.to(torch.uint8)
-    return PromptSegCase(image, masks, source.terms, source.modality, str(source.image))
+        named = {t: masks[k] > 0 for k, t in enumerate(source.terms)}
+    extras = _pools_and_regions(named, image, cfg.ct_window) if source.modality == "CT" else (None, (), (), {})
+    pools, tissues, means, regions = extras
+    return PromptSegCase(image, masks, terms if source.label_map is not None else source.terms, source.modality,
+                         str(source.image), pools, tissues, means, regions)
 
 
 def phantom_cases(
@@ -391,11 +621,17 @@ def patch_augmentation() -> Compose:
     ])  # fmt: skip
 
 
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor (MONAI transforms return MetaTensors, synthesis plain ones: a batch must
+    not mix them)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
 class PromptSegPatchDataset(Dataset):
     """Foreground-biased patches of cached cases, with targets over the data set's term list.
 
     Args:
-        cases: the preprocessed cases.
+        cases: the preprocessed cases (real images, or label maps with ``synthetic`` set).
         terms: the data set's term list ``T`` (every case's terms must be in it).
         patch_size: ``(px, py, pz)`` voxels; smaller images are padded with 0 (air after scaling).
         fg_rate: probability that a patch is centred on a foreground voxel; otherwise on a
@@ -406,11 +642,23 @@ class PromptSegPatchDataset(Dataset):
             ``RandCropByLabelClassesd``), so a 1,000-voxel aorta is sampled as often as a
             40,000-voxel liver. ``"union"``: a voxel of the union of all structures (MONAI
             ``RandCropByPosNegLabeld``), which favours the large organs.
-        augment: apply :func:`patch_augmentation` to each patch (off by default: the default
-            model was trained without it).
+        augment: apply :func:`patch_augmentation` to each patch.
+        contrast_phase: probability that a real CT patch's blood pools move to a random phase
+            (:class:`volumed.data.ct_augment.ContrastPhase`; 0: off).
+        field_of_view: probability that a patch keeps one body region's slices only
+            (:class:`volumed.data.ct_augment.FieldOfView`; 0: off).
+        slice_thickness: probability that a patch is resampled as 1-5 mm slices
+            (:func:`volumed.data.ct_augment.slice_thickness`; 0: off).
+        spacing: model-space voxel size, mm (synthesis and slice thickness).
+        ct_window: the HU window of the ``[0, 1]`` scale (synthesis, contrast phase).
+        deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
+
+    Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
+    image from the labels, targets from the deformed labels); real CT: contrast phase -> field of
+    view -> ``augment`` -> slice thickness.
 
     Item: ``{"image": (1, px, py, pz) float32, "target": (T, px, py, pz) uint8,
-    "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool}``.
+    "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool, "synthetic": bool}``.
     """
 
     def __init__(
@@ -422,11 +670,20 @@ class PromptSegPatchDataset(Dataset):
         length: int | None = None,
         sampling: str = "class",
         augment: bool = False,
+        contrast_phase: float = 0.0,
+        field_of_view: float = 0.0,
+        slice_thickness: float = 0.0,
+        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        ct_window: Sequence[float] = (-1000.0, 1000.0),
+        deform_mm: float = 6.0,
     ):
         if not 0.0 <= fg_rate <= 1.0:
             raise ConfigError(f"fg_rate must be a probability in [0, 1], got {fg_rate!r}", "fg_rate")
         if sampling not in ("class", "union"):
             raise ConfigError(f"sampling must be 'class' or 'union', got {sampling!r}", "sampling")
+        for name, p in (("contrast_phase", contrast_phase), ("field_of_view", field_of_view), ("slice_thickness", slice_thickness)):
+            if not 0.0 <= float(p) <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {p!r}", name)
         if not cases:
             raise ConfigError("no training cases", "cases")
         self.cases = list(cases)
@@ -440,59 +697,134 @@ class PromptSegPatchDataset(Dataset):
         self.length = int(length) if length else len(self.cases)
         self.sampling = sampling
         self.augment = patch_augmentation() if augment else None
-        keys = ["image", "masks", "fg"]
-        pad = SpatialPadd(keys=keys, spatial_size=self.patch_size, mode="constant")
-        if sampling == "union":
-            # pos/neg weights: fg_rate of the patches are centred on foreground. With pos=0
-            # and neg=0 MONAI refuses, so fg_rate 0 means "background only" via neg=1.
-            crop = RandCropByPosNegLabeld(
-                keys=keys, label_key="fg", spatial_size=self.patch_size, pos=self.fg_rate, neg=1.0 - self.fg_rate,
-                num_samples=1, allow_smaller=False,
-            )  # fmt: skip
-            self.transforms = [Compose([pad, crop]) for _ in self.cases]
-        else:
-            # One cropper per case: the class ratios depend on which of its structures are present.
-            # Channel 0 of the crop label is the background, channels 1.. the case's masks.
-            self.transforms = []
-            for case in self.cases:
-                present = [bool(m.any()) for m in case.masks]
-                n = sum(present)
-                ratios = [1.0 - self.fg_rate if n else 1.0] + [self.fg_rate / n if p else 0.0 for p in present]
-                if not any(ratios):  # fg_rate 1 with nothing present: background is all there is
-                    ratios[0] = 1.0
-                crop = RandCropByLabelClassesd(
-                    keys=keys, label_key="crop_label", spatial_size=self.patch_size, ratios=ratios,
-                    num_samples=1, allow_smaller=False, warn=False,
+        self.synthesizers = [
+            CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm) if c.synthetic is not None else None
+            for c in self.cases
+        ]  # fmt: skip
+        self.contrast = [
+            ContrastPhase(c.pool_tissues, c.pool_means, ct_window, prob=contrast_phase)
+            if contrast_phase > 0 and c.pools is not None and c.synthetic is None else None
+            for c in self.cases
+        ]  # fmt: skip
+        self.fov = [FieldOfView(c.regions, prob=field_of_view) if field_of_view > 0 and c.regions else None for c in self.cases]
+        self.thickness = slice_thickness_transform(float(spacing[2]), prob=slice_thickness) if slice_thickness > 0 else None
+        self._torch_rng = np.random.default_rng(0)
+        # Per case, once: the tensors padded to at least one patch (0: air, no structure, no
+        # slice) and the voxel indices the crop centres are drawn from. Drawing them per patch
+        # (MONAI does when no indices are given) cost more than the network's step.
+        self.base: list[dict[str, Any]] = []
+        self.transforms = []
+        for case in self.cases:
+            self.base.append(self._padded(case))
+            keys = [k for k in ("image", "classes", "masks", "fg", "zindex", "pools") if k in self.base[-1]]
+            if sampling == "union":
+                # pos/neg weights: fg_rate of the patches are centred on foreground. With pos=0
+                # and neg=0 MONAI refuses, so fg_rate 0 means "background only" via neg=1.
+                crop = RandCropByPosNegLabeld(
+                    keys=keys, label_key="fg", spatial_size=self.patch_size, pos=self.fg_rate, neg=1.0 - self.fg_rate,
+                    num_samples=1, allow_smaller=False, fg_indices_key="fg_indices", bg_indices_key="bg_indices",
                 )  # fmt: skip
-                self.transforms.append(Compose([SpatialPadd(keys=[*keys, "crop_label"], spatial_size=self.patch_size), crop]))
+                self.transforms.append(crop)
+                continue
+            # One cropper per case: the class ratios depend on which of its structures are present.
+            # Class 0 is the background, classes 1.. the case's masks.
+            present = [bool(m.any()) for m in case.masks]
+            n = sum(present)
+            ratios = [1.0 - self.fg_rate if n else 1.0] + [self.fg_rate / n if p else 0.0 for p in present]
+            if not any(ratios):  # fg_rate 1 with nothing present: background is all there is
+                ratios[0] = 1.0
+            crop = RandCropByLabelClassesd(
+                keys=keys, label_key="fg", spatial_size=self.patch_size, ratios=ratios, num_samples=1,
+                allow_smaller=False, warn=False, indices_key="crop_indices",
+            )  # fmt: skip
+            self.transforms.append(crop)
+
+    def _padded(self, case: PromptSegCase) -> dict[str, Any]:
+        """The case's tensors padded to at least the patch (half before, half after, as MONAI's
+        ``SpatialPad``), with the crop-centre indices of :attr:`sampling`."""
+        shape = case.shape
+        target = [max(s, p) for s, p in zip(shape, self.patch_size)]
+        pads = [v for s, t in reversed(list(zip(shape, target))) for v in ((t - s) // 2, t - s - (t - s) // 2)]
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, pads) if any(pads) else x
+
+        z = shape[2]
+        fg = case.masks.amax(0, keepdim=True) if len(case.masks) else torch.zeros((1, *shape), dtype=torch.uint8)
+        out: dict[str, Any] = {
+            "masks": pad(case.masks),
+            "fg": pad(fg),
+            # 1-based slice index of every voxel: 0 marks padding (field-of-view augmentation).
+            "zindex": pad(torch.arange(1, z + 1, dtype=torch.int16).view(1, 1, 1, z).expand(1, *shape).contiguous()),
+        }
+        if case.synthetic is not None:
+            out["classes"] = pad(case.synthetic.classes)
+        else:
+            out["image"] = pad(case.image)
+        if case.pools is not None:
+            out["pools"] = pad(case.pools)
+        inside = torch.zeros((1, *target), dtype=torch.bool)
+        inside[(0, *[slice(pads[2 * (2 - a)], pads[2 * (2 - a)] + shape[a]) for a in range(3)])] = True
+        flat_fg = out["fg"][0].flatten() > 0
+        if self.sampling == "union":
+            out["fg_indices"] = flat_fg.nonzero().flatten()
+            out["bg_indices"] = (~flat_fg & inside.flatten()).nonzero().flatten()
+        else:
+            # Padding is neither background nor a structure: no centre there.
+            out["crop_indices"] = [(~flat_fg & inside.flatten()).nonzero().flatten()] + [
+                (m.flatten() > 0).nonzero().flatten() for m in out["masks"]
+            ]
+        return out
 
     def set_random_state(self, seed: int) -> "PromptSegPatchDataset":
         for k, t in enumerate(self.transforms):
             t.set_random_state(seed=seed + 7919 * k)
+        for k, part in enumerate([*self.synthesizers, *self.contrast, *self.fov]):
+            if part is not None:
+                part.set_random_state(seed + 15485863 + 31 * k)
         if self.augment is not None:
             self.augment.set_random_state(seed=seed + 104729)
+        self._torch_rng = np.random.default_rng(seed + 1299709)
         return self
 
     def __len__(self) -> int:
         return self.length
 
+    def _slice_thickness(self, image: torch.Tensor) -> torch.Tensor:
+        # TorchIO draws from torch's global generator: seed it from ours, keep the caller's state.
+        state = torch.random.get_rng_state()
+        torch.manual_seed(int(self._torch_rng.integers(0, 2**31 - 1)))
+        try:
+            return torch.as_tensor(self.thickness(image.float())).float()
+        finally:
+            torch.random.set_rng_state(state)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        case = self.cases[i % len(self.cases)]
-        fg = case.masks.amax(0, keepdim=True) if len(case.masks) else torch.zeros_like(case.image, dtype=torch.uint8)
-        data = {"image": case.image, "masks": case.masks, "fg": fg}
-        if self.sampling == "class":
-            # Padding with 0 marks padded voxels as neither background nor a structure: no centre there.
-            data["crop_label"] = torch.cat([1 - fg, case.masks]) if len(case.masks) else 1 - fg
-        out = self.transforms[i % len(self.cases)](data)[0]
+        k = i % len(self.cases)
+        case = self.cases[k]
+        out = dict(self.transforms[k](dict(self.base[k]))[0])
+        if case.synthetic is not None:
+            image, classes, _ = self.synthesizers[k](torch.as_tensor(out.pop("classes")))
+            out["image"] = image
+            out["masks"] = case.synthetic.masks(classes)
+            out["fg"] = out["masks"].amax(0, keepdim=True) if len(out["masks"]) else torch.zeros_like(classes, dtype=torch.uint8)
+        elif self.contrast[k] is not None:
+            out = self.contrast[k](out)
+        if self.fov[k] is not None:
+            out = self.fov[k](out)
         if self.augment is not None:
-            out = self.augment(out)
-        image = torch.as_tensor(out["image"]).float()
-        masks = torch.as_tensor(out["masks"]).to(torch.uint8)
-        fgp = torch.as_tensor(out["fg"])
+            out = self.augment({key: out[key] for key in ("image", "masks", "fg")})
+        image = _plain(out["image"]).float()
+        if self.thickness is not None:
+            image = self._slice_thickness(image)
+        # Inference images never leave [0, 1] (the window clips): neither do training patches.
+        image = image.clamp(0.0, 1.0)
+        masks = _plain(out["masks"]).to(torch.uint8)
+        fgp = _plain(out["fg"])
         target = torch.zeros((len(self.terms), *self.patch_size), dtype=torch.uint8)
         annotated = torch.zeros(len(self.terms), dtype=torch.bool)
-        for k, t in enumerate(case.terms):
-            target[self.index[t]] = masks[k]
+        for j, t in enumerate(case.terms):
+            target[self.index[t]] = masks[j]
             annotated[self.index[t]] = True
         c = tuple(s // 2 for s in self.patch_size)
         return {
@@ -501,6 +833,7 @@ class PromptSegPatchDataset(Dataset):
             "annotated": annotated,
             "modality": 0 if case.modality == "CT" else 1,
             "center_fg": bool(fgp[(0, *c)] > 0),
+            "synthetic": case.synthetic is not None,
         }
 
 
@@ -527,6 +860,15 @@ class PromptSegDataModule(L.LightningDataModule):
         phantom_cases, phantom_seed, phantom_shape, phantom_spacing: the phantom cohort.
         phantom_terms: the structures annotated in the phantoms (``None``: all of them).
         seed: seeds the crop positions.
+        real: use the datalist's image entries (section ``section``).
+        synthetic: use its label-map-only entries (section ``synthetic_section``,
+            :func:`load_synthetic_sources`), with an image synthesised for every patch.
+        synthetic_section: the JSON section of those entries.
+        exclude: leave out every entry whose image path (or label-map name / path) contains one
+            of these strings: how leave-one-scan-out folds are made from one datalist.
+        contrast_phase, field_of_view, slice_thickness: probabilities of the CT augmentations
+            (:class:`PromptSegPatchDataset`; 0: off).
+        deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
     """
 
     def __init__(
@@ -551,6 +893,14 @@ class PromptSegDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = (64, 64, 48),
         phantom_spacing: Sequence[float] = (4.5, 4.5, 4.0),
         seed: int = 0,
+        real: bool = True,
+        synthetic: bool = True,
+        synthetic_section: str = "synthetic",
+        exclude: Sequence[str] = (),
+        contrast_phase: float = 0.0,
+        field_of_view: float = 0.0,
+        slice_thickness: float = 0.0,
+        deform_mm: float = 6.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -568,10 +918,24 @@ class PromptSegDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if hp.datalist:
+            excluded = [str(e) for e in hp.exclude or ()]
+
+            def kept(*names: object) -> bool:
+                return not any(e in str(n) for e in excluded for n in names)
+
             sources = load_promptseg_datalist(
                 hp.datalist, section=hp.section, default_modality=hp.default_modality, allow_free_text=hp.allow_free_text
-            )
+            ) if hp.real else []  # fmt: skip
+            synthetic = load_synthetic_sources(hp.datalist, section=hp.synthetic_section) if hp.synthetic else []
+            sources = [s for s in sources if kept(s.image)]
+            synthetic = [s for s in synthetic if kept(s.name, *s.files.values())]
+            if not sources and not synthetic:
+                raise ConfigError(
+                    f"no training cases left in {hp.datalist} (real={hp.real}, synthetic={hp.synthetic}, exclude={excluded})",
+                    "data",
+                )
             self.cases = [load_case(s, self.preprocess_config) for s in sources]
+            self.cases += [load_synthetic_case(s, self.preprocess_config, seed=hp.seed + k) for k, s in enumerate(synthetic)]
         else:
             self.cases = phantom_cases(
                 hp.phantom_cases, hp.phantom_seed, hp.phantom_shape, hp.phantom_spacing, self.preprocess_config, hp.phantom_terms
@@ -579,11 +943,14 @@ class PromptSegDataModule(L.LightningDataModule):
         # Sorted: the term order (and so the package's term list) does not depend on entry order.
         self.terms = sorted({t for c in self.cases for t in c.terms})
         self.train_set = PromptSegPatchDataset(
-            self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment
-        )
+            self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
+            contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
+            spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
+        )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         for c in self.cases:
-            log.info("case %s: model shape %s, %d terms", c.name, tuple(c.image.shape[1:]), len(c.terms))
+            log.info("case %s: model shape %s, %d terms%s", c.name, c.shape, len(c.terms),
+                     f", pools {list(c.pool_tissues)}" if c.pool_tissues else "")  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -1,0 +1,113 @@
+"""CT augmentations of training patches (volumed.data.ct_augment): contrast phase, field of view,
+slice thickness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from volumed.data.ct_augment import POOL_TISSUES, ContrastPhase, FieldOfView, region_of, slice_thickness
+from volumed.data.hu_priors import TISSUES
+
+WINDOW = (-1000.0, 1000.0)
+
+
+def _hu_to_unit(hu: torch.Tensor) -> torch.Tensor:
+    return (hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+
+
+def _patch() -> dict:
+    """A non-contrast patch: soft tissue 40 HU with texture, an 'aorta' (artery) of 40 HU and a
+    'liver' of 55 HU."""
+    g = torch.Generator().manual_seed(0)
+    hu = 40.0 + 10.0 * torch.randn((1, 32, 32, 16), generator=g)
+    aorta = torch.zeros((32, 32, 16), dtype=torch.uint8)
+    aorta[4:12, 4:12, 2:14] = 1
+    liver = torch.zeros_like(aorta)
+    liver[16:30, 10:28, 2:14] = 1
+    hu[0][liver > 0] += 15.0
+    return {"image": _hu_to_unit(hu), "pools": torch.stack([aorta, liver]), "masks": torch.stack([aorta, liver])}
+
+
+def _inner(mask: torch.Tensor) -> torch.Tensor:
+    m = mask.bool()
+    for axis in range(3):
+        m = m & torch.roll(m, 2, axis) & torch.roll(m, -2, axis)
+    return m
+
+
+@pytest.mark.parametrize("phase", ["native", "portal", "arterial"])
+def test_contrast_phase_moves_each_pool_into_its_phase_range(phase):
+    data = _patch()
+    aug = ContrastPhase(["artery", "liver"], [40.0, 55.0], WINDOW, prob=1.0, phases=[phase], seed=0)
+    out = aug(data)
+    assert out["phase"] == phase
+    hu_in = data["image"][0] * 2000 - 1000
+    hu = out["image"][0] * 2000 - 1000
+    for k, tissue in enumerate(["artery", "liver"]):
+        inner = _inner(data["pools"][k])
+        lo, hi = TISSUES[tissue].mean_range(phase)
+        assert lo - 1 <= float(hu[inner].mean()) <= hi + 1, (tissue, float(hu[inner].mean()))
+        # Coherent: one shift for the whole structure, its texture kept.
+        diff = (hu - hu_in)[inner]
+        assert float(diff.std()) < 1e-2
+    far = torch.zeros_like(hu, dtype=torch.bool)
+    far[:, :, :] = True
+    far[0:16, 0:16] = False
+    far[12:32, 6:32] = False
+    assert torch.equal(hu[far], hu_in[far])  # nothing moves away from the pools
+    assert torch.equal(out["masks"], data["masks"])  # targets are untouched
+
+
+def test_contrast_phase_probability_and_reproducibility():
+    data = _patch()
+    never = ContrastPhase(["artery", "liver"], [40.0, 55.0], WINDOW, prob=0.0)
+    out = never(data)
+    assert out["phase"] == "unchanged" and torch.equal(out["image"], data["image"])
+    a = ContrastPhase(["artery", "liver"], [40.0, 55.0], WINDOW, prob=1.0, seed=5)(data)
+    b = ContrastPhase(["artery", "liver"], [40.0, 55.0], WINDOW, prob=1.0, seed=5)(data)
+    assert a["phase"] == b["phase"] and torch.equal(a["image"], b["image"])
+    with pytest.raises(ValueError):
+        ContrastPhase(["artery"], [40.0, 55.0])
+    assert {"artery", "heart", "vein", "portal_vein", "kidney", "liver", "spleen"} <= set(POOL_TISSUES)
+    assert "bone" not in POOL_TISSUES and "lung" not in POOL_TISSUES
+
+
+def test_field_of_view_keeps_one_region_and_blanks_the_rest():
+    shape = (8, 8, 20)
+    zindex = torch.arange(11, 31, dtype=torch.int16).view(1, 1, 1, 20).expand(1, *shape).clone()  # case slices 11..30
+    zindex[..., :2] = 0  # two slices of padding
+    masks = torch.ones((2, *shape), dtype=torch.uint8)
+    data = {"image": torch.full((1, *shape), 0.5), "masks": masks, "fg": masks[:1].clone(), "zindex": zindex}
+    fov = FieldOfView({"chest": (20, 25), "pelvis": (100, 120)}, margin_slices=(0, 0), prob=1.0, seed=0)
+    out = fov(data)
+    # The pelvis is far from this patch: the chest is the region kept.
+    assert out["fov"] == "chest"
+    keep = (zindex[0] >= 20) & (zindex[0] <= 25)
+    assert torch.equal(out["image"][0] > 0, keep)
+    assert torch.equal(out["masks"][1] > 0, keep) and torch.equal(out["fg"][0] > 0, keep)
+    assert data["image"].min() == 0.5  # the input is not modified
+    assert FieldOfView({"chest": (20, 25)}, prob=0.0)(data)["fov"] == "whole"
+    assert FieldOfView({"pelvis": (100, 120)}, margin_slices=(0, 0), prob=1.0)(data)["fov"] == "whole"
+
+
+def test_region_of():
+    assert region_of("lung_upper_lobe_left") == region_of("heart") == region_of("pulmonary artery") == "chest"
+    assert region_of("liver") == region_of("kidney_right") == region_of("gallbladder") == "abdomen"
+    assert region_of("urinary_bladder") == region_of("femur_left") == region_of("sacrum") == "pelvis"
+    assert region_of("aorta") is None and region_of("rib_left_3") is None
+
+
+def test_slice_thickness_blurs_along_the_slice_axis_only():
+    assert slice_thickness(5.0) is None  # nothing coarser than the model spacing in 1-5 mm
+    aug = slice_thickness(1.0, prob=1.0)
+    assert aug is not None
+    image = torch.zeros((1, 16, 16, 32))
+    image[..., ::2] = 1.0  # alternate slices: the finest detail along z
+    torch.manual_seed(0)
+    out = torch.as_tensor(aug(image))
+    assert out.shape == image.shape
+    # In-plane nothing changes; along z the stripes lose contrast.
+    assert torch.allclose(out[0, :, :, 5], out[0, 0:1, 0:1, 5].expand(16, 16))
+    assert float(out[0, 8, 8].std()) < float(image[0, 8, 8].std())

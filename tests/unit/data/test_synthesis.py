@@ -1,0 +1,164 @@
+"""Label-map synthesis (volumed.data.synthesis) and CT priors (volumed.data.hu_priors): tissues,
+body layers, the TorchIO generator's intensities per phase, and the real label maps' geometry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from volumed.data.hu_priors import PHASES, TISSUES, tissue_of
+from volumed.data.synthesis import (
+    BODY_CLASSES,
+    CTSynthesizer,
+    add_body_layers,
+    load_label_map_case,
+    read_colour_table,
+    read_structures,
+)
+from volumed.errors import ConfigError
+from volumed.io.volume import Volume
+from volumed.io.writer import write_nifti
+
+
+def test_every_totalsegmentator_class_has_a_tissue(ts_dir):
+    classes = json.loads((ts_dir / "totalsegmentator_class_map_all_tasks.json").read_text())["total"].values()
+    tissues = {name: tissue_of(name) for name in classes}
+    assert set(tissues.values()) <= set(TISSUES)
+    assert tissues["aorta"] == tissues["pulmonary_vein"] == "artery"  # both carry arterial blood
+    assert tissues["inferior_vena_cava"] == "vein" and tissues["portal_vein_and_splenic_vein"] == "portal_vein"
+    assert tissues["kidney_cyst_left"] == "water" and tissues["kidney_left"] == "kidney"
+    assert tissues["gallbladder"] == "bile" and tissues["urinary_bladder"] == "urine"
+    assert all(tissues[f"vertebrae_{v}"] == "bone" for v in ("C1", "T12", "L5", "S1"))
+    assert tissues["lung_middle_lobe_right"] == "lung" and tissues["trachea"] == "airway"
+    # Names of the other label maps: AbdomenAtlas, the SPL atlas, free text.
+    assert tissue_of("postcava") == "vein" and tissue_of("gall_bladder") == "bile"
+    assert tissue_of("L4-L3-IntervertebralDisc") == "disc" and tissue_of("Lumbar3") == "bone"
+    assert tissue_of("right_renal_pelvis") == "water" and tissue_of("rectus_abdominis_muscle") == "muscle"
+    assert tissue_of("pulmonary artery") == "artery" and tissue_of("something unknown") == "soft"
+
+
+def test_contrast_phases_order_the_blood_pool():
+    artery, vein = TISSUES["artery"], TISSUES["vein"]
+    assert artery.mean_range("native")[1] < artery.mean_range("portal")[0] < artery.mean_range("arterial")[0]
+    assert artery.mean_range("arterial") [0] >= 250 and artery.mean_range("arterial")[1] >= 400  # 300-500 HU
+    assert 100 < sum(vein.mean_range("portal")) / 2 < 200  # portal venous: about 150 HU
+    assert all(30 <= t.mean_range("native")[0] and t.mean_range("native")[1] <= 70
+               for n, t in TISSUES.items() if n in ("artery", "vein", "heart", "portal_vein"))  # fmt: skip
+    # Tissues that do not enhance are the same in every phase.
+    assert all(len({t.mean_range(p) for p in PHASES}) == 1 for t in TISSUES.values() if not t.blood_pool)
+
+
+def test_read_colour_table(tmp_path):
+    path = tmp_path / "colours.ctbl"
+    path.write_text("# comment\n3 liver 1 2 3 255\n\n51 right_kidney 9 9 9 255\n")
+    assert read_colour_table(path) == {3: "liver", 51: "right_kidney"}
+    path.write_text("3 liver 1 2 3 255\nnot-a-number x\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        read_colour_table(path)
+
+
+def test_read_structures_masks(tmp_path):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    a = np.zeros((10, 10, 10), np.uint8)
+    a[1:4, 1:4, 1:4] = 1
+    b = np.zeros_like(a)
+    b[3:6, 3:6, 3:6] = 1  # overlaps a at one voxel: the later name wins
+    write_nifti(Volume(a, affine, "unknown"), tmp_path / "a.nii.gz")
+    write_nifti(Volume(b, affine, "unknown"), tmp_path / "b.nii.gz")
+    write_nifti(Volume(np.zeros_like(a), affine, "unknown"), tmp_path / "empty.nii.gz")
+    classes, aff, names = read_structures(masks_dir=tmp_path)
+    assert names == ["a", "b"]  # the empty mask is dropped
+    assert classes[3, 3, 3] == 2 and classes[1, 1, 1] == 1 and classes[8, 8, 8] == 0
+    np.testing.assert_allclose(aff, affine)
+    write_nifti(Volume(a[:8], affine, "unknown"), tmp_path / "other.nii.gz")
+    with pytest.raises(ConfigError, match="another grid"):
+        read_structures(masks={"a": tmp_path / "a.nii.gz", "z": tmp_path / "other.nii.gz"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        read_structures(masks_dir=tmp_path, label=tmp_path / "a.nii.gz")
+
+
+def test_body_layers_fill_the_trunk_and_wrap_it():
+    classes = np.zeros((40, 40, 3), np.int16)
+    classes[8:14, 15:25, :] = 1  # two structures far apart in x: the trunk is their hull
+    classes[26:32, 15:25, :] = 2
+    out = add_body_layers(classes, (3.0, 3.0, 3.0), np.random.default_rng(0), wall_mm=(6.0, 6.0), fat_mm=(9.0, 9.0))
+    offset = len(BODY_CLASSES) - 1
+    assert (out[8:14, 15:25] == 1 + offset).all() and (out[26:32, 15:25] == 2 + offset).all()
+    assert set(np.unique(out[14:26, 15:25])) <= {3, 4}  # between them: inner fat / soft tissue
+    assert (out[19, 15:25, 1] != 0).all()
+    # Wall (2 voxels = 6 mm) then subcutaneous fat (3 voxels = 9 mm), air beyond, in-plane only.
+    assert (out[20, 13:15, 1] == 2).all() and (out[20, 10:13, 1] == 1).all() and (out[20, :10, 1] == 0).all()
+    assert out[0, 0, 0] == 0
+
+
+def _two_organs() -> tuple[torch.Tensor, list[str]]:
+    classes = torch.zeros((1, 32, 32, 16), dtype=torch.int16)
+    classes[0, 4:28, 4:28, 2:14] = 4  # inner soft tissue
+    classes[0, 6:16, 6:26, 4:12] = 5  # liver
+    classes[0, 18:26, 10:20, 4:12] = 6  # aorta (a big one)
+    tissues = [t for _, t in BODY_CLASSES] + ["liver", "artery"]
+    return classes, tissues
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_synthesizer_draws_each_structure_from_its_phase_range(phase):
+    classes, tissues = _two_organs()
+    synth = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=1)
+    image, deformed, used = synth(classes, phase=phase)
+    assert used == phase and image.shape == classes.shape and image.dtype == torch.float32
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert torch.equal(deformed, classes)  # no deformation asked
+    hu = image[0] * 2000.0 - 1000.0
+    core = torch.zeros_like(hu, dtype=torch.bool)
+    for c, tissue in ((5, "liver"), (6, "artery")):
+        core[:] = False
+        core[(classes[0] == c)] = True
+        inner = core & torch.roll(core, 2, 0) & torch.roll(core, -2, 0) & torch.roll(core, 2, 1) & torch.roll(core, -2, 1)
+        lo, hi = TISSUES[tissue].mean_range(phase)
+        mean = float(hu[inner].mean())
+        assert lo - 30 <= mean <= hi + 30, (tissue, phase, mean)  # noise, blur and a +-2 % bias field
+    assert float(hu[classes[0] == 0].mean()) < -900  # air outside
+
+
+def test_synthesizer_is_reproducible_and_deforms_labels_and_image_together():
+    classes, tissues = _two_organs()
+    a = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=6.0, seed=3)
+    b = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=6.0, seed=3)
+    state = torch.random.get_rng_state()
+    ia, da, pa = a(classes)
+    ib, db, pb = b(classes)
+    assert torch.equal(ia, ib) and torch.equal(da, db) and pa == pb
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's torch generator is untouched
+    assert not torch.equal(da, classes)  # deformed
+    assert set(torch.unique(da).tolist()) <= set(torch.unique(classes).tolist())  # nearest: no new class
+    # The image follows the deformed labels: air exactly where the deformed map says outside.
+    hu = ia[0] * 2000.0 - 1000.0
+    assert float(hu[da[0] == 0].mean()) < -900 and float(hu[da[0] == 5].mean()) > -200
+    with pytest.raises(ConfigError, match="no tissue"):
+        a(torch.full((1, 4, 4, 4), 9, dtype=torch.int16))
+    with pytest.raises(ConfigError, match="unknown tissues"):
+        CTSynthesizer(["air", "plasma"], (3.0, 3.0, 3.0))
+
+
+@pytest.mark.realdata
+def test_real_label_map_in_model_space_is_ras(shared_data):
+    """The SPL atlas (an LPS-stored NRRD with a colour table): right kidney on the patient's right,
+    i.e. at larger x in RAS model space, and unions of structures make one term."""
+    case = load_label_map_case(
+        name="spl", terms=["kidney_left", "kidney_right", "portal_vein_and_splenic_vein", "heart"],
+        term_structures=[["left_kidney"], ["right_kidney"], ["portal_vein_and_superior_mesenteric_vein", "splenic_vein"], []],
+        target_spacing=(3.0, 3.0, 3.0), label=shared_data / "spl_abdominal_atlas" / "seg.nrrd",
+        colour_table=shared_data / "spl_abdominal_atlas" / "AbdominalAtlasColors.ctbl",
+    )  # fmt: skip
+    masks = case.masks()
+    assert masks.shape == (4, *case.classes.shape[1:]) and masks.dtype == torch.uint8
+    x = [float(masks[k].nonzero()[:, 0].float().mean()) for k in (0, 1)]
+    assert x[1] > x[0] + 10  # right kidney at larger x (RAS), ~ 30 voxels apart at 3 mm
+    assert len(case.term_classes[2]) == 2 and masks[2].any() and not masks[3].any()  # heart: annotated absent
+    assert case.class_tissues[case.class_names.index("liver")] == "liver"
+    # The body: air at the corner, the body classes around the organs.
+    assert int(case.classes[0, 0, 0, 0]) == 0
+    assert {1, 2, 3, 4} <= set(torch.unique(case.classes).tolist())

@@ -1,0 +1,173 @@
+"""The datalist's label-map-only section and the patches drawn from it (volumed.tasks.promptseg_data):
+term mapping, errors, leave-one-out selection, synthetic patches whose targets follow the deformed
+labels, and real patches with the CT augmentations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from volumed.data.synthesis import BODY_CLASSES
+from volumed.errors import ConfigError, DatalistError
+from volumed.io.volume import Volume
+from volumed.io.writer import write_nifti
+from volumed.tasks.promptseg_data import (
+    PromptSegDataModule,
+    PromptSegPatchDataset,
+    load_synthetic_case,
+    load_synthetic_sources,
+)
+from volumed.data.transforms import PreprocessConfig
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def label_maps(tmp_path_factory) -> Path:
+    """Two label-map sources: a masks folder with TotalSegmentator names, and masks with
+    AbdomenAtlas names; plus a CT with a TotalSegmentator-id map."""
+    root = tmp_path_factory.mktemp("label_maps")
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    shape = (40, 32, 24)
+    organs = {
+        "liver": (slice(20, 34), slice(6, 24), slice(4, 20)),
+        "spleen": (slice(4, 12), slice(8, 20), slice(8, 18)),
+        "aorta": (slice(16, 20), slice(4, 8), slice(2, 22)),
+        "vertebrae_L1": (slice(16, 22), slice(0, 4), slice(2, 22)),
+    }
+    (root / "ts").mkdir()
+    for name, box in organs.items():
+        m = np.zeros(shape, np.uint8)
+        m[box] = 1
+        write_nifti(Volume(m, affine, "unknown"), root / "ts" / f"{name}.nii.gz")
+    write_nifti(Volume(np.zeros(shape, np.uint8), affine, "unknown"), root / "ts" / "heart.nii.gz")
+    (root / "aa").mkdir()
+    for name, src in (("postcava", "aorta"), ("liver", "liver")):
+        m = np.zeros(shape, np.uint8)
+        m[organs[src]] = 1
+        write_nifti(Volume(m, affine, "unknown"), root / "aa" / f"{name}.nii.gz")
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[2:38, 0:30, :] = 40.0
+    ids = np.zeros(shape, np.uint8)
+    ids[organs["liver"]] = 5
+    ids[organs["aorta"]] = 52
+    ct[ids == 52] = 200.0
+    write_nifti(Volume(ct, affine, "CT"), root / "ct.nii.gz")
+    write_nifti(Volume(ids, affine, "unknown"), root / "seg.nii.gz")
+    return root
+
+
+def _datalist(root: Path, synthetic: list, training: list | None = None) -> Path:
+    path = root / f"datalist_{len(list(root.glob('datalist_*.json')))}.json"
+    doc = {"modality": {"0": "CT"}, "training": training or [], "synthetic": synthetic}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_synthetic_sources_map_structures_to_terms(label_maps):
+    path = _datalist(label_maps, [
+        {"name": "ts", "masks_dir": "ts", "terms": ["liver", "spleen", "aorta", "heart", "kidney_left"]},
+        {"masks_dir": "aa", "structure_terms": {"postcava": "inferior_vena_cava"}},
+    ])  # fmt: skip
+    ts, aa = load_synthetic_sources(path)
+    assert ts.name == "ts" and ts.terms == ("liver", "spleen", "aorta", "heart", "kidney_left")
+    # heart: a mask file, empty; kidney_left: no file; both annotated absent.
+    assert dict(zip(ts.terms, ts.term_structures)) == {
+        "liver": ("liver",), "spleen": ("spleen",), "aorta": ("aorta",), "heart": ("heart",), "kidney_left": ()}
+    assert aa.name == "aa" and aa.terms == ("inferior_vena_cava", "liver")  # without 'terms': all mapped ones
+    case = load_synthetic_case(ts, PreprocessConfig(target_spacing=(3.0, 3.0, 3.0)))
+    assert case.image is None and case.synthetic is not None and case.terms == ts.terms
+    present = {t: bool(m.any()) for t, m in zip(case.terms, case.masks)}
+    assert present == {"liver": True, "spleen": True, "aorta": True, "heart": False, "kidney_left": False}
+    # The vertebra is synthesised (a class of its own, bone) though it is no term here.
+    assert case.synthetic.class_tissues[case.synthetic.class_names.index("vertebrae_L1")] == "bone"
+    assert case.regions["abdomen"][0] >= 1
+
+
+def test_synthetic_sources_report_every_problem(label_maps):
+    path = _datalist(label_maps, [
+        {"masks_dir": "ts", "label": "seg.nii.gz"},
+        {"masks_dir": "nowhere"},
+        {"masks_dir": "aa", "structure_terms": {"precava": "inferior_vena_cava"}, "terms": ["livr"]},
+        {"label": "seg.nii.gz", "colour_table": "missing.ctbl", "colour": 1},
+    ])  # fmt: skip
+    with pytest.raises(DatalistError) as err:
+        load_synthetic_sources(path)
+    text = str(err.value)
+    for expected in ("synthetic[0]: give exactly one", "synthetic[1]: masks_dir does not exist",
+                     "synthetic[2]: structure_terms names structures the source does not have: ['precava']",
+                     "synthetic[2]: unknown term 'livr'", "synthetic[3]: unknown keys ['colour']",
+                     "synthetic[3]: colour_table does not exist"):  # fmt: skip
+        assert expected in text, (expected, text)
+    assert load_synthetic_sources(_datalist(label_maps, [])) == []
+    assert load_synthetic_sources(REPO / "configs" / "datalists" / "promptseg_ct_real.json") == []  # no section
+
+
+def test_synthetic_patches_follow_the_deformed_labels(label_maps):
+    path = _datalist(label_maps, [{"name": "ts", "masks_dir": "ts", "terms": ["liver", "spleen", "aorta", "heart"]}])
+    case = load_synthetic_case(load_synthetic_sources(path)[0], PreprocessConfig(target_spacing=(3.0, 3.0, 3.0)))
+    terms = ["aorta", "heart", "liver", "spleen", "stomach"]
+    ds = PromptSegPatchDataset([case], terms, (32, 32, 16), fg_rate=1.0, length=6, deform_mm=6.0).set_random_state(0)
+    for i in range(6):
+        item = ds[i]
+        assert item["synthetic"] and item["image"].shape == (1, 32, 32, 16) and item["target"].shape == (5, 32, 32, 16)
+        assert item["annotated"].tolist() == [True, True, True, True, False]
+        assert float(item["image"].min()) >= 0 and float(item["image"].max()) <= 1
+        hu = item["image"][0] * 2000 - 1000
+        liver = item["target"][2] > 0
+        if liver.sum() > 50:
+            # The liver's voxels have a liver's HU in some phase (blur smears the edge a little).
+            assert 0 < float(hu[liver].median()) < 160
+        outside = (item["target"].sum(0) == 0) & (hu < -900)
+        assert not (outside & liver).any()
+        assert not item["target"][1].any()  # heart: annotated, absent
+    # Same seed, same patches.
+    again = PromptSegPatchDataset([case], terms, (32, 32, 16), fg_rate=1.0, length=6, deform_mm=6.0).set_random_state(0)
+    assert torch.equal(again[3]["image"], ds.set_random_state(0)[3]["image"])
+
+
+def test_datamodule_selects_real_synthetic_and_leaves_one_out(label_maps):
+    path = _datalist(
+        label_maps,
+        [{"name": "ts", "masks_dir": "ts", "terms": ["liver", "aorta"]}, {"masks_dir": "aa", "structure_terms": {"postcava": "inferior_vena_cava"}}],
+        [{"image": "ct.nii.gz", "label": "seg.nii.gz", "terms": ["liver", "aorta", "spleen"]}],
+    )  # fmt: skip
+    common = dict(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=4, contrast_phase=1.0, field_of_view=0.5,
+                  slice_thickness=0.5, augment=True)  # fmt: skip
+    dm = PromptSegDataModule(**common)
+    dm.setup()
+    assert [c.name.split("/")[-1] for c in dm.cases] == ["ct.nii.gz", "synthetic:ts", "synthetic:aa"]
+    real = dm.cases[0]
+    assert real.pool_tissues == ("artery", "liver") and abs(real.pool_means[0] - 200.0) < 1.0
+    assert dm.terms == ["aorta", "inferior_vena_cava", "liver", "spleen"]
+    for i in range(6):
+        item = dm.train_set[i]
+        assert item["image"].shape == (1, 32, 32, 16) and float(item["image"].max()) <= 1.0
+    only = PromptSegDataModule(**common, exclude=["ct.nii.gz", "synthetic:nothing"])
+    only.setup()
+    assert [c.name for c in only.cases] == ["synthetic:ts", "synthetic:aa"]
+    fold = PromptSegDataModule(**common, exclude=["aa"], synthetic=True, real=False)
+    fold.setup()
+    assert [c.name for c in fold.cases] == ["synthetic:ts"]
+    with pytest.raises(ConfigError, match="no training cases left"):
+        PromptSegDataModule(**common, real=False, synthetic=False).setup()
+
+
+def test_shipped_datalist_resolves(shared_data):
+    """The default model's datalist: four real CTs and four label maps, every term mapped."""
+    from volumed.tasks.promptseg_data import load_promptseg_datalist
+
+    path = REPO / "configs" / "datalists" / "promptseg_ct_all.json"
+    real = load_promptseg_datalist(path, allow_free_text=True)
+    synthetic = load_synthetic_sources(path)
+    assert len(real) == 4 and [s.name for s in synthetic] == ["s0327", "s0328", "spl_abdominal_atlas", "abdomenatlas_bdmap_00000338"]
+    spl = synthetic[2]
+    assert dict(zip(spl.terms, spl.term_structures))["portal_vein_and_splenic_vein"] == (
+        "portal_vein_and_superior_mesenteric_vein", "splenic_vein")
+    assert dict(zip(spl.terms, spl.term_structures))["kidney_right"] == ("right_kidney",)
+    assert "inferior_vena_cava" in synthetic[3].terms and all(synthetic[0].term_structures)
+    assert len(BODY_CLASSES) == 5

@@ -1,0 +1,423 @@
+"""CT images synthesised from label maps (after SynthSeg, Billot et al., Medical Image Analysis 2023).
+
+Label maps without their CTs (TotalSegmentator subjects, an abdominal atlas, an AbdomenAtlas case)
+teach the network *shape*: each training patch gets a new image drawn from its label map, with
+random per-structure intensities from CT-plausible ranges (:mod:`volumed.data.hu_priors`), a random
+elastic deformation, blur, noise and a multiplicative bias field, so that no intensity, texture
+or scanner is the same twice and only the anatomy carries over.
+
+Two steps::
+
+    label map source (masks folder, id map + colour table, {name: mask})
+      -> load_label_map_case: RAS, model spacing (nearest), one class per structure,
+         body layers added where nothing is labelled (below), cropped to the body
+         -> LabelMapCase: classes (1, x, y, z) int16, class_names, class_tissues, annotated terms
+    per training patch (classes cropped with the patch, (1, px, py, pz)):
+      -> CTSynthesizer: elastic deformation of the classes (TorchIO, nearest)
+         -> targets from the deformed classes (term k = union of its classes)
+         -> TorchIO RandomLabelsToImage: one mean and one std per class, drawn from its tissue's
+            range in a phase drawn per patch (native / portal / arterial), in HU + 1000
+            (attenuation, 0 = air), so the bias field multiplies attenuation, not HU
+         -> TorchIO RandomBlur, RandomBiasField, RandomNoise -> HU -> the model's window, [0, 1]
+
+Why TorchIO: it implements exactly the SynthSeg generator (``RandomLabelsToImage``, written after
+Billot et al.) together with the deformation, blur, bias-field, noise and anisotropy transforms it
+needs, on the tensors and affines we already use; it is maintained (releases every few months),
+installs from PyPI without touching the pinned torch, and it is widely used in medical imaging.
+cornucopia offers similar generators but is GPU-first and less established.
+
+Body layers. A label map labels organs, bones and some muscles, not the body around them. So the
+body is rebuilt: per axial slice, the convex hull of everything labelled (the trunk) is filled
+with ``soft`` and ``fat`` (a smooth random split: mesentery, retroperitoneal fat), then wrapped in
+a ``muscle`` wall and a ``fat`` subcutaneous layer of random thickness; everything outside is
+``air``. Those four classes are never training targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from volumed.data.hu_priors import PHASES, TISSUES, tissue_of
+from volumed.errors import ConfigError
+
+__all__ = [
+    "BODY_CLASSES",
+    "CTSynthesizer",
+    "LabelMapCase",
+    "add_body_layers",
+    "read_colour_table",
+    "read_structures",
+]
+
+#: Classes 0..3 of every synthetic class map: outside, subcutaneous fat, muscle wall, inner fill
+#: fat, inner fill soft tissue. Structures follow from 5 on.
+BODY_CLASSES: tuple[tuple[str, str], ...] = (
+    ("outside", "air"),
+    ("subcutaneous_fat", "fat"),
+    ("body_wall", "muscle"),
+    ("inner_fat", "fat"),
+    ("inner_soft_tissue", "soft"),
+)
+
+
+def read_colour_table(path: str | Path) -> dict[int, str]:
+    """A 3D Slicer colour table (``value name r g b a`` per line, ``#`` comments) as ``{value: name}``.
+
+    Raises:
+        ConfigError: a line that is not ``value name ...``.
+    """
+    path = Path(path)
+    out: dict[int, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            out[int(parts[0])] = parts[1]
+        except (ValueError, IndexError):
+            raise ConfigError(f"line {n} is not 'value name r g b a': {line!r}", path) from None
+    return out
+
+
+def read_structures(
+    *,
+    masks_dir: str | Path | None = None,
+    masks: Mapping[str, str | Path] | None = None,
+    label: str | Path | None = None,
+    colour_table: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read one label-map source into a class map on its own grid.
+
+    Exactly one style: ``masks_dir`` (one binary mask per structure, ``<name>.nii.gz``, e.g. a
+    TotalSegmentator ``segmentations/`` folder), ``masks`` (``{name: mask file}``) or ``label`` (an
+    integer map) with ``colour_table`` (its names; values without a name become ``label_<v>``).
+
+    Returns:
+        ``(classes, affine, names)``: ``classes`` ``(X, Y, Z)`` int16 with 0 = unlabelled and
+        ``c >= 1`` = ``names[c - 1]``; the voxel-to-RAS affine. Empty structures are dropped. Where
+        masks overlap, the later file (sorted by name) wins.
+
+    Raises:
+        ConfigError: no style or several, a missing file, masks on different grids.
+    """
+    from volumed.io import read_label
+
+    styles = [s for s in (masks_dir, masks, label) if s is not None]
+    if len(styles) != 1:
+        raise ConfigError("give exactly one of masks_dir, masks or label (with colour_table)", "label map")
+    if label is not None:
+        vol = read_label(label)
+        ids = np.asarray(vol.data).astype(np.int64)
+        table = read_colour_table(colour_table) if colour_table is not None else {}
+        values = [int(v) for v in np.unique(ids) if v != 0]
+        if len(values) > np.iinfo(np.int16).max:
+            raise ConfigError(f"{len(values)} structures: too many for an int16 class map", label)
+        lut = np.zeros(int(ids.max()) + 1, dtype=np.int16)
+        for c, v in enumerate(values, 1):
+            lut[v] = c
+        return lut[np.clip(ids, 0, None)], vol.affine, [table.get(v, f"label_{v}") for v in values]
+    if masks_dir is not None:
+        folder = Path(masks_dir)
+        files = sorted(folder.glob("*.nii.gz")) + sorted(folder.glob("*.nii"))
+        if not files:
+            raise ConfigError("no *.nii.gz masks in the folder", folder)
+        items = [(f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem, f) for f in files]
+    else:
+        items = sorted((str(k), Path(v)) for k, v in dict(masks).items())  # type: ignore[arg-type]
+    classes: np.ndarray | None = None
+    affine = None
+    names: list[str] = []
+    for name, file in items:
+        if not file.is_file():
+            raise ConfigError(f"mask of {name!r} does not exist", file)
+        vol = read_label(file)
+        data = np.asarray(vol.data) > 0
+        if classes is None:
+            classes, affine = np.zeros(data.shape, dtype=np.int16), vol.affine
+        elif data.shape != classes.shape or not np.allclose(vol.affine, affine, atol=1e-3):
+            raise ConfigError(f"mask of {name!r} is on another grid than the first mask", file)
+        if data.any():
+            names.append(name)
+            classes[data] = len(names)
+    assert classes is not None and affine is not None
+    return classes, affine, names
+
+
+def _hull_fill(mask2d: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a 2-D mask (the mask itself when it is degenerate)."""
+    rows = np.flatnonzero(mask2d.any(1))
+    if len(rows) == 0:
+        return mask2d.copy()
+    # The hull of all points is the hull of each row's two extreme points: far fewer to wrap.
+    first = mask2d[rows].argmax(1)
+    last = mask2d.shape[1] - 1 - mask2d[rows, ::-1].argmax(1)
+    pts = np.unique(np.concatenate([np.c_[rows, first], np.c_[rows, last]]), axis=0).astype(np.float64)
+    if len(pts) < 3:
+        return mask2d.copy()
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:  # all points on a line
+        return mask2d.copy()
+    lo, hi = pts.min(0).astype(int), pts.max(0).astype(int) + 1
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 2)
+    # Inside = on the inner side of every facet: normal . p + offset <= 0 (a small tolerance keeps
+    # the hull's own boundary voxels).
+    inside = (grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-6).all(1).reshape(hi - lo)
+    out = mask2d.copy()
+    out[lo[0]:hi[0], lo[1]:hi[1]] |= inside
+    return out
+
+
+def _ball(radius: int) -> np.ndarray:
+    r = int(radius)
+    z, y, x = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return (x * x + y * y + z * z) <= r * r
+
+
+def add_body_layers(
+    classes: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, *, wall_mm: tuple[float, float] = (4.0, 9.0),
+    fat_mm: tuple[float, float] = (6.0, 25.0),
+) -> np.ndarray:
+    """Fill the unlabelled body of a structure class map (``c >= 1`` = structure ``c``).
+
+    Returns a new map with the structures shifted to ``c + len(BODY_CLASSES) - 1`` and the body
+    classes of :data:`BODY_CLASSES` where nothing was labelled (module docstring): per axial slice
+    the convex hull of all structures is the trunk (its unlabelled voxels split into inner fat and
+    soft tissue by a smooth random field), then a muscle wall of ``wall_mm`` and subcutaneous fat
+    of ``fat_mm`` (each drawn once per map), air outside.
+
+    Args:
+        classes: ``(X, Y, Z)`` int16, RAS, ``Z`` the axial axis.
+        spacing: voxel size in mm.
+    """
+    labelled = classes > 0
+    trunk = np.zeros_like(labelled)
+    for k in range(classes.shape[2]):
+        if labelled[:, :, k].any():
+            trunk[:, :, k] = _hull_fill(labelled[:, :, k])
+    sp = float(np.mean(spacing[:2]))
+    wall_r = max(1, round(rng.uniform(*wall_mm) / sp))
+    fat_r = max(1, round(rng.uniform(*fat_mm) / sp))
+    # In-plane dilation only (a 2-D disc per slice): the body does not grow beyond the labelled slices.
+    def grow(mask: np.ndarray, r: int) -> np.ndarray:
+        disc = _ball(r)[:, :, r : r + 1]
+        return ndimage.binary_dilation(mask, structure=disc)
+
+    wall = grow(trunk, wall_r)
+    body = grow(wall, fat_r)
+    out = np.where(labelled, classes.astype(np.int32) + len(BODY_CLASSES) - 1, 0).astype(np.int16)
+    # Smooth random split of the unlabelled trunk into fat and soft tissue (blobs of ~2 cm).
+    field = ndimage.gaussian_filter(rng.standard_normal(classes.shape).astype(np.float32), sigma=[20.0 / s for s in spacing])
+    free = trunk & ~labelled
+    out[free & (field > 0)] = 3
+    out[free & (field <= 0)] = 4
+    out[wall & ~trunk] = 2
+    out[body & ~wall] = 1
+    return out
+
+
+@dataclass
+class LabelMapCase:
+    """A label-map source in model space, ready for synthesis.
+
+    Attributes:
+        classes: ``(1, x, y, z)`` int16 class map (RAS, model spacing): 0..4 the body classes of
+            :data:`BODY_CLASSES`, then one class per structure.
+        class_names: name of each class (index = class id).
+        class_tissues: tissue of each class (:data:`volumed.data.hu_priors.TISSUES` key).
+        terms: the annotated terms (what the source can teach; see the datalist rules).
+        term_classes: for each term, the class ids whose union is it (empty: annotated absent).
+        name: where it came from.
+    """
+
+    classes: torch.Tensor
+    class_names: tuple[str, ...]
+    class_tissues: tuple[str, ...]
+    terms: tuple[str, ...]
+    term_classes: tuple[tuple[int, ...], ...]
+    name: str = ""
+
+    def lookup(self) -> torch.Tensor:
+        """``(C, K)`` bool: class ``c`` belongs to term ``k``."""
+        table = torch.zeros((len(self.class_names), len(self.terms)), dtype=torch.bool)
+        for k, ids in enumerate(self.term_classes):
+            for c in ids:
+                table[c, k] = True
+        return table
+
+    def masks(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Term masks ``(K, ...)`` uint8 of a class map (default: the whole case), one lookup."""
+        cls = (self.classes if classes is None else classes)[0].long()
+        return self.lookup()[cls].movedim(-1, 0).to(torch.uint8)
+
+
+class CTSynthesizer:
+    """Draws a CT patch from a class-map patch (module docstring), with TorchIO.
+
+    Args:
+        class_tissues: tissue of each class id.
+        spacing: voxel size of the patch, mm (blur and deformation are set in mm).
+        ct_window: HU mapped to ``[0, 1]`` (the model's preprocessing).
+        deform_mm: largest elastic displacement, mm (0: none).
+        phases: contrast phases to draw from, uniformly.
+        seed: seeds the generator (TorchIO draws from torch's global generator; this seeds it per
+            call from our own generator so that a worker's samples are reproducible).
+
+    Call: ``(classes (1, px, py, pz) int) -> (image (1, px, py, pz) float32 in [0, 1],
+    deformed classes (1, px, py, pz) int16, phase)``.
+    """
+
+    def __init__(
+        self,
+        class_tissues: Sequence[str],
+        spacing: Sequence[float],
+        ct_window: Sequence[float] = (-1000.0, 1000.0),
+        deform_mm: float = 6.0,
+        phases: Sequence[str] = PHASES,
+        seed: int = 0,
+    ):
+        import torchio as tio
+
+        unknown = sorted(set(class_tissues) - set(TISSUES))
+        if unknown:
+            raise ConfigError(f"unknown tissues {unknown}; known: {sorted(TISSUES)}", "class_tissues")
+        self.class_tissues = list(class_tissues)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.window = (float(ct_window[0]), float(ct_window[1]))
+        self.phases = tuple(phases)
+        self.rng = np.random.default_rng(seed)
+        self.deform = (
+            tio.RandomElasticDeformation(num_control_points=6, max_displacement=float(deform_mm), locked_borders=2)
+            if deform_mm > 0 else None
+        )  # fmt: skip
+        sp_min = min(self.spacing)
+        # Point-spread of the scanner and the reconstruction (sigma in mm), noise in HU, and a
+        # smooth multiplicative field on attenuation of a few per cent (CT's cupping and
+        # beam-hardening shading are tens of HU, not MR's bias fields).
+        self.post = tio.Compose([
+            tio.RandomBlur(std=(0.3 * sp_min, 1.0 * sp_min)),
+            tio.RandomBiasField(coefficients=0.02, order=3, p=0.5),
+            tio.RandomNoise(std=(2.0, 25.0)),
+        ])  # fmt: skip
+
+    def set_random_state(self, seed: int) -> "CTSynthesizer":
+        self.rng = np.random.default_rng(seed)
+        return self
+
+    def _affine(self) -> np.ndarray:
+        return np.diag([*self.spacing, 1.0])
+
+    def __call__(self, classes: torch.Tensor, phase: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        import torchio as tio
+
+        classes = torch.as_tensor(classes)
+        if classes.ndim != 4 or classes.shape[0] != 1:
+            raise ConfigError(f"classes must be (1, x, y, z), got {tuple(classes.shape)}", "CTSynthesizer")
+        if int(classes.max()) >= len(self.class_tissues):
+            raise ConfigError(f"class id {int(classes.max())} has no tissue ({len(self.class_tissues)} classes)", "CTSynthesizer")
+        # TorchIO draws from torch's global generator: seed it from ours, keep the caller's state.
+        state = torch.random.get_rng_state()
+        torch.manual_seed(int(self.rng.integers(0, 2**31 - 1)))
+        try:
+            label = tio.LabelMap(tensor=classes.to(torch.int64), affine=self._affine())
+            subject = tio.Subject(label=label)
+            if self.deform is not None:
+                subject = self.deform(subject)
+            deformed = subject["label"].data.to(torch.int16)
+            phase = phase or str(self.rng.choice(self.phases))
+            # RandomLabelsToImage wants one range per label present, labels 0..n-1.
+            present, contiguous = torch.unique(deformed.long(), return_inverse=True)
+            means, stds = [], []
+            for c in present.tolist():
+                tissue = TISSUES[self.class_tissues[c]]
+                lo, hi = tissue.mean_range(phase)
+                means.append((lo + 1000.0, hi + 1000.0))  # attenuation: HU + 1000
+                stds.append(tissue.std)
+            subject = tio.Subject(label=tio.LabelMap(tensor=contiguous.reshape(deformed.shape), affine=self._affine()))
+            subject = tio.RandomLabelsToImage(label_key="label", image_key="image", mean=means, std=stds)(subject)
+            subject = self.post(subject)
+            hu = subject["image"].data.float() - 1000.0
+        finally:
+            torch.random.set_rng_state(state)
+        lo, hi = self.window
+        image = ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        return image, deformed, phase
+
+
+def crop_to_body(classes: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Slices of the bounding box of ``classes > 0`` grown by ``margin`` voxels (within the map)."""
+    nz = np.argwhere(classes > 0)
+    if len(nz) == 0:
+        return tuple(slice(0, n) for n in classes.shape)  # type: ignore[return-value]
+    lo = np.maximum(nz.min(0) - margin, 0)
+    hi = np.minimum(nz.max(0) + 1 + margin, classes.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def to_model_space(classes: np.ndarray, affine: np.ndarray, target_spacing: Sequence[float] | None) -> np.ndarray:
+    """A class map in RAS at ``target_spacing`` mm (nearest neighbour), with MONAI's transforms."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    t = MetaTensor(torch.as_tensor(classes.astype(np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+    t = Orientation(axcodes="RAS")(t)
+    if target_spacing is not None:
+        t = Spacing(pixdim=tuple(float(s) for s in target_spacing), mode="nearest")(t)
+    return t.as_tensor()[0].round().to(torch.int16).numpy()
+
+
+def load_label_map_case(
+    *,
+    name: str,
+    terms: Sequence[str],
+    term_structures: Sequence[Sequence[str]],
+    target_spacing: Sequence[float] | None,
+    margin: int = 8,
+    seed: int = 0,
+    **source: str | Path | Mapping[str, str | Path] | None,
+) -> LabelMapCase:
+    """Read a label-map source (:func:`read_structures` keywords), bring it to model space, add
+    the body layers and crop to the body: a :class:`LabelMapCase`.
+
+    Args:
+        name: for messages and logs.
+        terms: the annotated terms.
+        term_structures: for each term, the structure names (as read) whose union is it; empty:
+            annotated absent.
+        target_spacing: model spacing, mm.
+        margin: voxels of air kept around the body.
+        seed: the body layers' random thicknesses and fat/soft split.
+    """
+    classes, affine, names = read_structures(**source)  # type: ignore[arg-type]
+    model = to_model_space(classes, affine, target_spacing)
+    spacing = tuple(float(s) for s in (target_spacing or np.sqrt((affine[:3, :3] ** 2).sum(0))))
+    layered = add_body_layers(model, spacing, np.random.default_rng(seed))
+    box = crop_to_body(layered, margin)
+    layered = layered[box]
+    offset = len(BODY_CLASSES) - 1
+    class_names = tuple(n for n, _ in BODY_CLASSES) + tuple(names)
+    class_tissues = tuple(t for _, t in BODY_CLASSES) + tuple(tissue_of(n) for n in names)
+    index = {n: i + 1 + offset for i, n in enumerate(names)}
+    present = set(np.unique(layered).tolist())
+    term_classes = tuple(tuple(index[s] for s in structures if s in index and index[s] in present) for structures in term_structures)
+    return LabelMapCase(torch.as_tensor(layered)[None], class_names, class_tissues, tuple(terms), term_classes, name)
+
+
+def phase_of_mean(hu: float, tissue: str) -> str:
+    """The phase whose range for ``tissue`` is nearest to a measured mean ``hu`` (for reports)."""
+    best, dist = PHASES[0], math.inf
+    for p in PHASES:
+        lo, hi = TISSUES[tissue].mean_range(p)
+        d = 0.0 if lo <= hu <= hi else min(abs(hu - lo), abs(hu - hi))
+        if d < dist:
+            best, dist = p, d
+    return best
