@@ -68,7 +68,7 @@ TISSUES: dict[str, Tissue] = {
     # Back muscles with fatty infiltration measure 24-27 HU on the real scans.
     "muscle": Tissue(_same((20.0, 65.0)), (8.0, 30.0)),
     "liver": Tissue({"native": (45.0, 70.0), "portal": (90.0, 140.0), "arterial": (60.0, 95.0)}, (8.0, 20.0), True),
-    "spleen": Tissue({"native": (35.0, 55.0), "portal": (100.0, 140.0), "arterial": (80.0, 150.0)}, (8.0, 25.0), True),
+    "spleen": Tissue({"native": (30.0, 55.0), "portal": (100.0, 140.0), "arterial": (80.0, 150.0)}, (8.0, 25.0), True),
     # At 3 mm the renal sinus fat pulls a kidney's mean down (13-19 HU on example_ct_sm).
     "kidney": Tissue({"native": (10.0, 45.0), "portal": (130.0, 200.0), "arterial": (150.0, 260.0)}, (10.0, 40.0), True),
     # Fatty pancreas of older patients: 3 HU on example_ct_sm, 71 HU portal venous on the DICOM slab.
