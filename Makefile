@@ -7,6 +7,8 @@ SHARED ?= ../shared/data
 # The demo's embedded default: the real 20-slice CT DICOM series and its reference segmentation.
 IMAGE ?= $(SHARED)/totalsegmentator_ct_sm/example_ct_dicom_with_uids
 LABEL ?= $(SHARED)/totalsegmentator_ct_sm/example_seg_dicom.nii.gz
+# A second real CT, another scanner and body region (pelvis to lung apices, 311 x 248 x 296); TCIA= skips it.
+TCIA ?= $(SHARED)/tcia_ccth_a01/ct.nii.gz
 OUT ?= demo_out
 
 .PHONY: demo test test-slow bench venv clean
@@ -28,6 +30,7 @@ demo: venv
 	$(BIN)/volumed info $(IMAGE)
 	$(BIN)/volumed preview $(IMAGE) $(if $(LABEL),--label $(LABEL)) -o $(OUT)/preview.png --overwrite
 	$(BIN)/volumed segment $(IMAGE) --all -o $(OUT)/segment --overwrite --no-progress
+	$(if $(TCIA),$(BIN)/volumed -q segment $(TCIA) --all -o $(OUT)/segment_tcia --overwrite --no-progress)
 	@echo "demo outputs are in $(OUT)/"
 
 test: venv
