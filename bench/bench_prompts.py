@@ -155,7 +155,7 @@ def run(repeats: int, sequential_repeats: int, n_prompts: int = 24) -> tuple[lis
         for r in range(repeats):
             for k in (1, n_prompts) if r % 2 == 0 else (n_prompts, 1):
                 out = tmp / f"out{k}"
-                e2e[k].append(_timed(lambda: segment(IMAGE, prompts[:k], model_dir=model_dir, out_dir=out, overwrite=True, progress=False))[0])
+                e2e[k].append(_timed(lambda: segment(IMAGE, prompts[:k], model_dir=model_dir, out_dir=out, overwrite=True, progress=False, allow_untrained=True))[0])
 
     med = statistics.median
     one_s, par_s, seq_s = med(runs["one"]), med(runs["par"]), med(seq)
