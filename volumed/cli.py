@@ -90,6 +90,7 @@ def segment_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep only the largest connected component of structures that are one body (liver, heart, a kidney, ...; the rule per term is in labels.json); --no-postprocess writes the raw masks with every fragment."),
 ) -> None:
     """Segment anatomy named by text prompts; masks, label map, statistics and preview on the input's grid.
 
@@ -112,7 +113,7 @@ def segment_command(
         raise ConfigError(f"missing {' and '.join(missing)} (or pass --list-terms)", "volumed segment")
     result = segment(image, prompt, model_dir=model, out_dir=output, all_terms=all_terms, allow_free_text=free_text,
                      allow_untrained=allow_untrained, series_uid=series_uid, modality=modality, overwrite=overwrite,
-                     device=device, progress=progress)
+                     device=device, progress=progress, postprocess=postprocess)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 

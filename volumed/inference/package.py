@@ -64,6 +64,14 @@ class PromptSegConfig:
     terms: canonical terms seen in training (other vocabulary terms are allowed, flagged untrained).
     modalities: modalities seen in training.
     threshold: probability above which a voxel belongs to a term's mask.
+    postprocess: per-term overrides of the connected-component rule applied before inversion
+        (:mod:`volumed.inference.postprocess`): ``{term: "largest_component" | null}``, a term
+        named by its canonical name, a synonym or its free text. Default ``{}``: every term gets
+        its default rule (``largest_component`` for a structure that is one connected body, such
+        as liver, kidney_left, heart, aorta, a vertebra or a rib; ``null``, keep every component,
+        for colon, small_bowel, duodenum, portal_vein_and_splenic_vein, costal_cartilages, group
+        terms such as ``kidney`` or ``lung_left`` and free text). Packages written before the field
+        existed get the default.
     """
 
     encoder: str
@@ -79,6 +87,7 @@ class PromptSegConfig:
     terms: list[str] = field(default_factory=list)
     modalities: list[str] = field(default_factory=lambda: ["CT"])
     threshold: float = 0.5
+    postprocess: dict = field(default_factory=dict)
     version: str = "0.1.0"
     volumed_version: str = __version__
     training: dict = field(default_factory=dict)  # recipe, data, steps, seed: for reproducibility
@@ -95,6 +104,10 @@ class PromptSegConfig:
             raise ConfigError(f"bad model config: unknown keys {unknown}" if unknown else "bad model config: no 'encoder'", where)
         data = dict(data)
         data["patch_size"] = tuple(data.get("patch_size", (96, 96, 64)))
+        if "postprocess" in data:
+            from volumed.inference.postprocess import check_rules
+
+            data["postprocess"] = check_rules(data["postprocess"], where)
         return cls(**data)
 
 

@@ -68,7 +68,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,13 @@ from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, nor
 from volumed.errors import ConfigError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
+from volumed.inference.postprocess import (
+    RULE_DESCRIPTIONS,
+    ComponentFilter,
+    Postprocessing,
+    check_rules,
+    postprocess_rules,
+)
 from volumed.inference.stats import MaskEvidence, TermStatistics, compute_statistics, mask_evidence
 from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
@@ -240,13 +247,18 @@ class Prediction:
             probability inside a present mask (exact), an upper bound of the probability of an
             absent one (:class:`volumed.inference.stats.MaskEvidence`).
         seconds: wall time per stage: ``queries`` (text), ``preprocess``, ``sliding_window``,
-            ``invert`` (inversion, threshold, label map and ``on_mask`` callbacks).
+            ``invert`` (post-processing, inversion, threshold, label map and ``on_mask`` callbacks),
+            and ``postprocess``, the part of ``invert`` spent on connected components.
+        postprocessing: per term, the connected-component rule applied on the model grid and how
+            many components it removed (:class:`volumed.inference.postprocess.Postprocessing`);
+            masks, evidence and label map are those after it.
     """
 
     label_map: np.ndarray
     masks: list[np.ndarray] | None
     evidence: list[MaskEvidence] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    postprocessing: list[Postprocessing] = field(default_factory=list)
 
 
 def _within(inner: Sequence[tuple[int, int]], outer: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
@@ -354,6 +366,17 @@ class PromptSegPredictor:
         text = self.text_encoder.encode_cached(self.prompt_texts(terms)).to(self.device)
         with torch.inference_mode():
             return self.model.condition(text, modality)
+
+    def postprocess_rules(
+        self, terms: Sequence[ResolvedTerm], postprocess: bool | Mapping[str, str | None] = True
+    ) -> list[str | None]:
+        """Each term's connected-component rule (:mod:`volumed.inference.postprocess`): the
+        default of its kind, overridden by the package's ``config.postprocess``, then by
+        ``postprocess`` when it is a mapping; all ``None`` when ``postprocess`` is False."""
+        if not isinstance(postprocess, Mapping) and not postprocess:
+            return [None] * len(terms)
+        overrides = [self.config.postprocess] + ([postprocess] if isinstance(postprocess, Mapping) else [])
+        return postprocess_rules(terms, *overrides, vocabulary=self.vocabulary)
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -489,7 +512,7 @@ class PromptSegPredictor:
         return out
 
     def iter_original(
-        self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase
+        self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase, components: ComponentFilter | None = None
     ) -> Iterator[tuple[int, list[tuple[tuple, np.ndarray]] | None]]:
         """Yield ``(term index, pieces)`` on the original grid: ``pieces`` is a list of ``(where,
         probabilities)``, either a box (``where`` a tuple of slices of the original grid,
@@ -510,11 +533,21 @@ class PromptSegPredictor:
         (``> threshold``) and the label map are therefore those of a whole-grid inversion, at the
         cost of the structures.
 
+        ``components`` (:class:`volumed.inference.postprocess.ComponentFilter`) applies each
+        term's connected-component rule on the model grid, before inversion: of a term whose rule
+        is ``largest_component``, only the voxels above the threshold of its largest 26-connected
+        component are kept (voxels of the others dropped from the voxel lists, set to 0 in the
+        boxes). Two components are separated by voxels at most the threshold, so no 2 x 2 x 2
+        trilinear cell holds voxels of both: the kept component's inverted values are exact, voxel
+        for voxel those of the raw output (the module docstring of
+        :mod:`volumed.inference.postprocess` gives the argument). Without it, every component is kept.
+
         Terms come in prompt order; a :class:`WindowLogits` blends them in chunks (all at once
         unless the image is large, ``_CHUNK_CELLS``), a probability tensor one at a time. A term
         nowhere above the threshold yields ``None`` (structures outside the field of view cost nothing).
         """
         threshold = float(self.config.threshold)
+        components = components or ComponentFilter([], threshold)
         whole = tuple((0, n) for n in case.model_shape)
         invert = BoxInverter(case)
         if isinstance(probs, WindowLogits):
@@ -525,9 +558,18 @@ class PromptSegPredictor:
                 if invert.is_index_copy:  # no resampling: only the voxels above the threshold matter
                     for k, voxels, values in probs.hot_voxels(terms, threshold):
                         where, inside = invert.copy_voxels(voxels.numpy())
-                        yield k, [(where, values.numpy()[inside])] if inside.any() else None
+                        values = values.numpy()[inside]
+                        if components.applies(k):
+                            # The copy maps model voxels one to one (flips, axis order, a shift), so
+                            # the components of the copied voxels are the model grid's, less the
+                            # voxels beyond the original grid: exactly those of the mask.
+                            kept, values = components.voxels(k, np.stack(where, 1), values)
+                            where = tuple(kept.T)
+                        yield k, [(where, values)] if len(values) else None
                     continue
                 for k, regions in probs.hot_regions(terms, threshold, margin_cells=1):
+                    # One bool map of the whole term: a component may span several (overlapping) boxes.
+                    regions = components.boxes(k, regions)
                     model_boxes = []
                     for core, box, values in regions:
                         # Only the voxels of the core: those in the rim belong to another region's
@@ -539,7 +581,7 @@ class PromptSegPredictor:
                     yield k, self._invert_boxes(invert, model_boxes)
             return
         for k in range(len(probs)):  # one term at a time: memory holds one term's boxes
-            term = torch.as_tensor(probs[k])
+            term = components.tensor(k, torch.as_tensor(probs[k]))
             tight = _box_above(term, threshold, whole, case.model_shape)
             yield k, self._invert_boxes(invert, [(tight, term[_within(tight, whole)])] if tight is not None else [])
 
@@ -559,12 +601,16 @@ class PromptSegPredictor:
         *,
         progress: bool = False,
         on_mask: Callable[[int, np.ndarray], None] | None = None,
+        postprocess: bool | Mapping[str, str | None] = True,
     ) -> Prediction:
         """Segment ``volume`` for ``terms`` (resolved for its modality): masks on the original grid.
 
         Args:
             on_mask: called as ``on_mask(k, mask)`` with each term's bool mask ``(X, Y, Z)`` as soon
                 as it exists; the masks are then not kept (``Prediction.masks`` is ``None``).
+            postprocess: connected-component post-processing (:meth:`postprocess_rules`): True
+                applies each term's rule, a mapping overrides rules per term, False keeps every
+                component of every term (the raw output).
         """
         if not terms:
             raise ConfigError("no terms to segment", "prompts")
@@ -576,12 +622,13 @@ class PromptSegPredictor:
         probs = self.predict_probabilities(case, queries, progress=progress)
         clock.append(time.perf_counter())
         threshold = float(self.config.threshold)
+        components = ComponentFilter(self.postprocess_rules(terms, postprocess), threshold)
         best = np.full(volume.shape, threshold, dtype=np.float32)
         label = np.zeros(volume.shape, dtype=np.uint8 if len(terms) < 256 else np.uint16)
         masks: list[np.ndarray] | None = [] if on_mask is None else None
         kept: dict[int, np.ndarray] = {}
         found: dict[int, tuple[int, float, float | None]] = {}  # voxels, their summed probability, the peak
-        for k, pieces in self.iter_original(probs, case):
+        for k, pieces in self.iter_original(probs, case, components):
             mask = np.zeros(volume.shape, dtype=bool)
             # The mask's voxels are counted and their probabilities summed as they are set: pieces
             # may overlap (with equal values above the threshold), so each voxel counts once, and
@@ -627,8 +674,9 @@ class PromptSegPredictor:
         evidence = [mask_evidence(*found[k], bounds.get(k), threshold) for k in range(len(terms))]
         clock.append(time.perf_counter())
         stages = ("queries", "preprocess", "sliding_window", "invert")
-        return Prediction(label, masks, evidence,
-                          {s: b - a for s, a, b in zip(stages, clock, clock[1:])})
+        seconds = {s: b - a for s, a, b in zip(stages, clock, clock[1:])}
+        seconds["postprocess"] = components.seconds  # part of "invert"
+        return Prediction(label, masks, evidence, seconds, [components.postprocessing(k) for k in range(len(terms))])
 
 
 # ------------------------------------------------------------------------------------- pipeline
@@ -640,7 +688,9 @@ class SegmentedTerm:
 
     ``trained`` is False for a term the model was never trained on (allowed only with
     ``allow_untrained``); ``evidence`` says whether it was found (``present``) and how sure the
-    model is (``confidence``, or an upper bound of its probability when absent).
+    model is (``confidence``, or an upper bound of its probability when absent);
+    ``postprocessing`` which connected-component rule was applied (statistics and evidence are
+    those of the post-processed mask).
     """
 
     value: int
@@ -651,6 +701,7 @@ class SegmentedTerm:
     mask_path: Path
     statistics: TermStatistics
     evidence: MaskEvidence
+    postprocessing: Postprocessing = Postprocessing(None)
 
     @property
     def present(self) -> bool:
@@ -704,9 +755,11 @@ class SegmentationResult:
             flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained)) if on)
             hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
             volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
+            removed = t.postprocessing.removed_components
             lines.append(
                 f"{t.value:3d} {t.name:<28s} {volume} mL, confidence {t.evidence.confidence:.2f}{hu}, "
-                f"{s.components} component(s)" + (f" [{flags}]" if flags else "")
+                f"{s.components} component(s)" + (f", {removed} fragment(s) removed" if removed else "")
+                + (f" [{flags}]" if flags else "")
             )
         # An absent structure's evidence: an upper bound of its probability anywhere in the image.
         lines.append(f"absent ({len(absent)}): " + (", ".join(
@@ -771,6 +824,7 @@ def segment(
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    postprocess: bool | Mapping[str, str | None] = True,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in one image; write masks, label map,
     statistics, preview (and a DICOM SEG for DICOM input) into ``out_dir``.
@@ -791,6 +845,12 @@ def segment(
         overwrite: replace the outputs of an earlier run in ``out_dir``.
         device: torch device for the network ("cpu", "cuda").
         progress: show a progress bar over the sliding windows.
+        postprocess: connected-component post-processing (:mod:`volumed.inference.postprocess`):
+            True keeps only the largest component of each structure that is one connected body
+            (the package's ``config.postprocess`` may override the rule per term); a mapping
+            ``{term: "largest_component" | None}`` overrides it further; False keeps every
+            component of every term (the raw output, ``--no-postprocess``). Each term's rule is
+            recorded in ``labels.json`` and ``statistics.json``.
 
     Returns:
         A :class:`SegmentationResult`. Every output lies on the input's grid (shape and affine).
@@ -798,7 +858,8 @@ def segment(
     Raises:
         ConfigError: no prompts, duplicates, a prompt for another modality, a model folder
             that is missing or for another modality, a term the model was not trained on
-            (without ``allow_untrained``). UnknownTermError: unknown prompt.
+            (without ``allow_untrained``), an unknown post-processing rule. UnknownTermError:
+            unknown prompt.
         OutputExistsError: ``out_dir`` holds outputs and not ``overwrite`` (checked first).
         VolumeReadError, InvalidVolumeError, DicomSeriesError: unreadable input.
     """
@@ -806,6 +867,8 @@ def segment(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts and not all_terms:
         raise ConfigError("give at least one anatomy prompt (--prompt liver) or --all", "prompts")
+    if isinstance(postprocess, Mapping):
+        postprocess = check_rules(postprocess)
     out = Path(out_dir)
     _check_output_dir(out, overwrite)  # before any computation
 
@@ -848,7 +911,7 @@ def segment(
                         staging / MASKS_DIR / f"{names[k]}.nii.gz")
             stats[k] = compute_statistics(mask, volume, terms[k].name)
 
-        prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep)
+        prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess)
         t_pred = time.perf_counter()
 
         segmented = tuple(
@@ -861,6 +924,7 @@ def segment(
                 mask_path=out / MASKS_DIR / f"{names[k]}.nii.gz",
                 statistics=stats[k],
                 evidence=prediction.evidence[k],
+                postprocessing=prediction.postprocessing[k],
             )
             for k, t in enumerate(terms)
         )
@@ -904,10 +968,12 @@ def _write_outputs(
     table = {
         "background": 0,
         "labels": {
-            str(t.value): {"name": t.name, "prompt": t.prompt, "free_text": t.free_text, "trained": t.trained}
+            str(t.value): {"name": t.name, "prompt": t.prompt, "free_text": t.free_text, "trained": t.trained,
+                           "postprocess": t.postprocessing.rule}
             for t in terms
         },
         "priority": PRIORITY_RULE,
+        "postprocess": RULE_DESCRIPTIONS,
         "threshold": float(config.threshold),
         "model": {"path": str(model_dir), "version": config.version, "encoder": config.encoder},
     }
@@ -955,7 +1021,7 @@ def _term_statistics(term: SegmentedTerm) -> dict:
     the evidence and the measurements (see :mod:`volumed.inference.stats`)."""
     stats = term.statistics.to_dict()
     return {"name": stats.pop("name"), "value": term.value, "prompt": term.prompt, "free_text": term.free_text,
-            "trained": term.trained, **term.evidence.to_dict(), **stats}
+            "trained": term.trained, **term.evidence.to_dict(), **stats, **term.postprocessing.to_dict()}
 
 
 def _segment_spec(term: SegmentedTerm):
