@@ -10,9 +10,14 @@ Pipeline (one image, ``N`` prompts)::
       -> MONAI sliding_window_inference (roi = patch_size); per window the encoder runs ONCE
          and the term-query decoder answers all N terms in one pass (coarse logits kept)
       -> per term, only in the box where its probability can exceed the threshold: exact
-         gaussian blending of the windows (volumed.inference.blending), trilinear inversion of
-         the box onto the original grid, threshold -> mask, label map; per term, while its mask
-         is set: voxel count, summed and peak probability (confidence), no probability map kept
+         gaussian blending of the windows (volumed.inference.blending)
+      -> per term, on the MODEL grid: connected components of its voxels above the threshold
+         (26-connected, one bool map); a one-body structure (liver, heart, a vertebra, ...)
+         keeps only its largest component, others (colon, groups, free text) keep all
+         (volumed.inference.postprocess; the kept values are unchanged)
+      -> trilinear inversion of the boxes onto the original grid, threshold -> mask, label map;
+         per term, while its mask is set: voxel count, summed and peak probability
+         (confidence), no probability map kept
       -> absent terms (empty mask): the maximum of their blend on the model grid, found by
          branch and bound over the coarse cells (an upper bound of their probability)
       -> outputs on the original grid (shape and affine of the input, exactly)
@@ -23,7 +28,8 @@ Outputs in ``out_dir``:
   is turned into a file-safe name). Masks of different terms may overlap.
 * ``labels.nii.gz`` + ``labels.json``: one label map and its table (value -> canonical term,
   prompt, ``free_text``, ``trained``: False for a term the model was never trained on, allowed only
-  with ``allow_untrained``). **Priority rule**: a voxel above threshold for several terms
+  with ``allow_untrained``; ``postprocess``: the connected-component rule applied,
+  ``"largest_component"`` or ``null``). **Priority rule**: a voxel above threshold for several terms
   gets the term with the highest probability there; exact ties go to the earlier prompt. Values
   are never summed, so the map holds only the listed values.
 * ``statistics.json``: the ``threshold``, and per term: ``value``, ``prompt``, ``free_text``,
@@ -32,7 +38,9 @@ Outputs in ``out_dir``:
   ``max_probability`` (exact peak) for a present term, ``null`` for an absent one;
   ``max_probability_bound`` for an absent term (an upper bound of its probability anywhere,
   at most the threshold; ``null`` for a present one); volume (mL), intensity (HU for CT),
-  bounding boxes (voxels and RAS mm), connected components. See :mod:`volumed.inference.stats`.
+  bounding boxes (voxels and RAS mm), connected components (see :mod:`volumed.inference.stats`);
+  ``postprocess`` (the rule applied, or ``null``) and ``removed_components`` (the components it
+  dropped on the model grid). All measured on the post-processed masks.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
   (present terms, ``(untrained)`` where so), and a line listing the absent terms.
 * ``segmentation.dcm``: a DICOM SEG of the label map, when the input is a DICOM series with
@@ -40,6 +48,13 @@ Outputs in ``out_dir``:
   SegmentDescription gives the prompt and the confidence, and an untrained term's SegmentLabel
   and SegmentDescription say "untrained". A series without the UIDs (anonymised) gets no SEG: a
   warning is recorded in the result (and printed by the CLI); every other output is still written.
+
+Post-processing (:mod:`volumed.inference.postprocess`): a structure that is one connected body
+keeps only its largest 26-connected component, found on the model grid before inversion, so
+scattered false-positive fragments elsewhere disappear and the kept component's probabilities are
+those of the raw output, voxel for voxel. The rule of each term comes from its kind (one-body
+TotalSegmentator class or not), the package's ``config.postprocess`` and the caller's
+``postprocess`` (``False``, ``--no-postprocess``: every component of every term, the raw output).
 
 Untrained terms: a prompt for a term not in the package's ``terms`` (a vocabulary term the model
 never saw, or free text other than a trained one) would get a mask that means nothing, so it is
