@@ -68,13 +68,15 @@ TARGETS: dict[str, float] = {
 }  # fmt: skip
 LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")
 
-#: Model sizes (command-line overrides of the recipe). S is the recipe's own.
+#: Model sizes (command-line overrides of the recipe). S is the recipe's own (2.0 M parameters,
+#: 8 MB); M doubles the encoder's first widths and widens the decoder (5.0 M, 20 MB: the largest
+#: that stays under the 25 MB a committed model may weigh, in float32).
 VARIANTS: dict[str, list[str]] = {
     "S": [],
     "M": [
-        "--model.encoder_kwargs", json.dumps({"channels": [16, 32, 64, 128, 256, 256],
+        "--model.encoder_kwargs", json.dumps({"channels": [16, 32, 64, 128, 192, 192],
                                               "strides": [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1]]}),
-        "--model.decoder_kwargs", json.dumps({"embed_dim": 128, "num_layers": 2, "num_heads": 8, "pixel_dim": 32,
+        "--model.decoder_kwargs", json.dumps({"embed_dim": 96, "num_layers": 2, "num_heads": 8, "pixel_dim": 32,
                                               "num_memory_levels": 2, "pixel_levels": [1, 2, 3, 4, 5]}),
     ],
 }  # fmt: skip
@@ -185,11 +187,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _lungs_by_threshold(hu: np.ndarray, t: float) -> np.ndarray:
-    """Air below ``t`` HU not connected to the image border (the air around the patient), the
-    two largest components (the lungs; one if they touch)."""
+    """Air below ``t`` HU not connected to the image's side faces (the air around the patient;
+    the top and bottom faces cut through the body and often through the lungs), the two largest
+    components (the lungs; one if they touch). Arrays are (X, Y, Z) with Z the slice axis."""
     air = hu < t
     lab, n = ndimage.label(air)
-    border = np.unique(np.concatenate([lab[[0, -1]].ravel(), lab[:, [0, -1]].ravel(), lab[:, :, [0, -1]].ravel()]))
+    border = np.unique(np.concatenate([lab[[0, -1]].ravel(), lab[:, [0, -1]].ravel()]))
     inside = air & ~np.isin(lab, border)
     lab, n = ndimage.label(inside)
     if n == 0:
@@ -294,6 +297,48 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
     return "\n".join(lines)
 
 
+def capacity_table(root_all: Path) -> str:
+    """Model size against Dice: for each variant with results, its size, training time and the
+    mean leave-one-out Dice of the target structures, per left-out scan and fold by fold."""
+    rows = []
+    folds = [f"loso_{s}" for s in SCANS]
+    for variant in sorted(VARIANTS):
+        path = root_all / variant / "results.json"
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())["results"]
+        cells, minutes, params = [], [], None
+        for fold in folds:
+            if fold not in res:
+                cells.append("-")
+                continue
+            scan = fold[len("loso_"):]
+            scores = [v for t, v in res[fold][scan]["dice"].items() if t in TARGETS]
+            cells.append(f"{np.mean(scores):.3f} ({len(scores)})" if scores else "no target")
+            cfg_path = root_all / variant / fold / "package" / "config.json"
+            if cfg_path.exists():
+                cfg = json.loads(cfg_path.read_text())
+                minutes.append(cfg.get("training", {}).get("fit_wall_minutes"))
+                if params is None:
+                    from volumed.inference.package import PromptSegConfig, build_model
+
+                    known = PromptSegConfig.__dataclass_fields__
+                    net = build_model(PromptSegConfig(**{k: v for k, v in cfg.items() if k in known}))
+                    params = sum(p.numel() for p in net.parameters())
+        mins = [m for m in minutes if m is not None]
+        size = f"{params / 1e6:.1f} M ({params * 4 / 1e6:.0f} MB)" if params else "?"
+        rows.append(f"| {variant} | {size} | {', '.join(f'{m:g}' for m in mins) or '?'} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = "| size | parameters (float32) | training min per fold (1 thread) | " + " | ".join(f"left out: {s}" for s in SCANS) + " |"
+    return "\n".join([
+        "### Model size against Dice", "",
+        "Mean leave-one-out Dice of the target structures the left-out scan has (their number in brackets); "
+        "same recipe, steps and data, only the widths differ (`VARIANTS` in the bench).", "",
+        head, "|---|---|---|" + "---:|" * len(SCANS), *rows, "",
+    ])  # fmt: skip
+
+
 def _run_info(package: Path) -> str:
     cfg_path = package / "config.json"
     if not cfg_path.exists():
@@ -314,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the evaluation")
+    parser.add_argument("--baselines", action="store_true", help="recompute the HU-threshold baselines (else kept from results.json)")
     parser.add_argument("extra", nargs="*", help="more recipe overrides, after --")
     args = parser.parse_args(argv)
     root = args.runs or REPO / "runs" / "generalisation" / args.variant
@@ -321,16 +367,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.train:
         train(selected, args.variant, root, args.jobs, args.extra, args.train_threads)
     torch.set_num_threads(args.threads)
-    results = {}
+    # Results accumulate in <runs>/results.json: evaluating some runs keeps the others' numbers.
+    store = root / "results.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    results = saved.get("results", {})
     for run in selected:
         package = root / run.name / "package"
         if (package / "model.safetensors").exists():
             results[run.name] = evaluate(package, run.test_scans, preview_dir=root / run.name / "previews")
-    base = baselines(tuple(SCANS))
-    text = report(results, base, args.variant, root)
+    results = {r.name: results[r.name] for r in runs() if r.name in results}
+    base = saved.get("baselines") if saved.get("baselines") and not args.baselines else baselines(tuple(SCANS))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"results": results, "baselines": base}, indent=2))
+    tmp.replace(store)
+    text = report(results, base, args.variant, root) + "\n" + capacity_table(root.parent)
     print(text)
-    (root / "results.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps({"results": results, "baselines": base}, indent=2))
     if not args.no_write:
         write_section(args.output, HEADING, text)
 
