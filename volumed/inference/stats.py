@@ -127,7 +127,9 @@ def compute_statistics(mask: np.ndarray, image: Volume, name: str) -> TermStatis
         tuple(float(v) for v in world.min(axis=0)),
         tuple(float(v) for v in world.max(axis=0)),
     )
-    _, components = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    # Within the bounding box only: every component lies in it (a tenth of the voxels of a
+    # whole-body CT for most organs; the whole grid cost ~0.2 s per term on 311 x 248 x 296).
+    _, components = ndimage.label(mask[box], structure=_CONNECTIVITY_26)
     return TermStatistics(
         name=name,
         voxels=voxels,
