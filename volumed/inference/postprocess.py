@@ -167,7 +167,7 @@ def largest_component(hot: np.ndarray) -> tuple[np.ndarray, int]:
     labels, count = ndimage.label(hot, structure=_CONNECTIVITY_26)
     if count <= 1:
         return hot, int(count)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes = np.bincount(labels[hot], minlength=count + 1)  # the hot voxels only: ~10x faster
     sizes[0] = 0
     return labels == int(sizes.argmax()), int(count)
 
