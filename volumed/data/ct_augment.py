@@ -17,7 +17,7 @@ What a new hospital's CT differs in, beyond what rotation, scaling and intensity
   field of view is then absent, and one cut by it is cut in its mask too.
 * **Slice thickness** (:func:`slice_thickness`, every patch). Slices from 1 to 5 mm: TorchIO's
   ``RandomAnisotropy`` down-samples the slice axis by a random factor and resamples back, as
-  thick slices lose through-plane detail. At a 3 mm model spacing only thicknesses above 3 mm
+  thick slices lose through-plane detail. At a 4 mm model spacing only thicknesses above 4 mm
   change the patch.
 
 Patches are dictionaries (MONAI style) of channel-first tensors: ``image`` ``(1, px, py, pz)`` in

@@ -341,6 +341,7 @@ def predict_probabilities(
     embeddings: torch.Tensor,
     *,
     sw_batch_size: int = 1,
+    postprocess: bool = True,
 ) -> np.ndarray:
     """Per-term probabilities ``(N, X, Y, Z)`` float32 on ``volume``'s original grid.
 
@@ -349,6 +350,8 @@ def predict_probabilities(
     original grid. Values are computed only around each structure (zeros elsewhere, and for
     terms that never exceed the threshold); they are exact wherever they exceed it (when the
     model grid is the original grid up to flips, only the voxels above the threshold are set).
+    With ``postprocess`` (the default, as ``volumed segment``), each term's connected-component
+    rule (:mod:`volumed.inference.postprocess`) removes the fragments first.
     """
     from dataclasses import replace
 
@@ -363,7 +366,13 @@ def predict_probabilities(
         queries = model.condition(embeddings.to(torch.float32), modality)
     probs = predictor.predict_probabilities(case, queries)
     out = np.zeros((len(terms), *volume.shape), dtype=np.float32)
-    for k, pieces in predictor.iter_original(probs, case):
+    components = None
+    if postprocess:
+        from volumed.inference.postprocess import ComponentFilter
+
+        resolved = [predictor.vocabulary.resolve(t, modality, allow_free_text=True) for t in terms]
+        components = ComponentFilter(predictor.postprocess_rules(resolved), float(config.threshold))
+    for k, pieces in predictor.iter_original(probs, case, components):
         for where, values in pieces or ():  # a box (slices) or voxels (index arrays)
             out[k][where] = np.maximum(out[k][where], values)
     return out
