@@ -24,7 +24,7 @@ from volumed.data.transforms import BoxInverter
 from volumed.data.vocab import default_vocabulary
 from volumed.errors import ConfigError
 from volumed.inference.blending import WindowLogits
-from volumed.inference.package import PromptSegConfig, build_model, load_package, read_config, save_package
+from volumed.inference.package import PromptSegConfig, build_model, load_package, read_config
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
     ComponentFilter,
@@ -36,32 +36,9 @@ from volumed.inference.segment import PromptSegPredictor, resolve_prompts, segme
 from volumed.inference.stats import compute_statistics
 from volumed.io import read_volume
 from volumed.io.volume import Volume
-from volumed.text.encoder import TextEncoder, default_model_dir, model_hash
 
 TERMS = ["liver", "colon", "kidney_left"]
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = PromptSegConfig(
-        encoder="stunet_tiny",
-        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
-        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
-                            pixel_levels=[1, 2, 3, 4, 5]),
-        text_model_hash=model_hash(default_model_dir()),
-        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
-        patch_size=(64, 64, 16),
-        terms=TERMS,
-        modalities=["CT"],
-    )
-    return save_package(build_model(config), config, tmp_path_factory.mktemp("pkg") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
 
 
 def _two_blob_logits(coarse_shape, n_terms: int, big, small) -> torch.Tensor:
@@ -264,7 +241,6 @@ def test_segment_writes_postprocessed_masks_statistics_and_label_map_and_no_post
     """Full-resolution probabilities resampled onto a real CT, through segment() and the CLI."""
     monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", _blob_probabilities)
     image = ts_dir / "example_ct_sm.nii.gz"
-    volume = read_volume(image)
     result = segment(image, ["liver", "colon"], model_dir=package, out_dir=tmp_path / "post", progress=False)
     argv = ["segment", str(image), "--model", str(package), "-o", str(tmp_path / "raw"), "-p", "liver", "-p", "colon",
             "--no-progress", "--no-postprocess"]

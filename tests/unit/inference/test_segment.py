@@ -22,7 +22,7 @@ from volumed.data.transforms import BoxInverter, invert_to_original
 from volumed.inference import preview as preview_module
 from volumed.inference import segment as segment_module
 from volumed.inference.blending import WindowLogits, _cell_upper_bound, _merge_boxes
-from volumed.inference.package import PromptSegConfig, build_model, load_package, save_package
+from volumed.inference.package import load_package
 from volumed.inference.segment import (
     PRIORITY_RULE,
     PromptSegPredictor,
@@ -35,32 +35,8 @@ from volumed.inference.stats import compute_statistics
 from volumed.io import read_volume
 from volumed.io.volume import Volume
 from volumed.io.writer import read_dicom_seg
-from volumed.text.encoder import TextEncoder, default_model_dir, model_hash
 
 TERMS = ["liver", "spleen", "kidney_left", "kidney_right", "costal_cartilages"]
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = PromptSegConfig(
-        encoder="stunet_tiny",
-        # Total stride 32 x 32 x 8, so a 16-slice patch works.
-        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
-        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
-                            pixel_levels=[1, 2, 3, 4, 5]),
-        text_model_hash=model_hash(default_model_dir()),
-        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
-        patch_size=(64, 64, 16),
-        terms=TERMS,
-        modalities=["CT"],
-    )
-    return save_package(build_model(config), config, tmp_path_factory.mktemp("pkg") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
 
 
 def _nii(path: Path) -> tuple[np.ndarray, np.ndarray]:
