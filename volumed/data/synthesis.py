@@ -15,8 +15,9 @@ Two steps::
     per training patch (classes cropped with the patch, (1, px, py, pz)):
       -> CTSynthesizer: elastic deformation of the classes (TorchIO, nearest)
          -> targets from the deformed classes (term k = union of its classes)
-         -> TorchIO RandomLabelsToImage: one mean and one std per class, drawn from its tissue's
-            range in a phase drawn per patch (native / portal / arterial), in HU + 1000
+         -> TorchIO RandomLabelsToImage: one mean and one std per TISSUE, drawn from its range in
+            a phase drawn per patch (native / portal / arterial), each class within a few HU of
+            its tissue's (all lobes, all bones, all muscles alike, as in a CT), in HU + 1000
             (attenuation, 0 = air), so the bias field multiplies attenuation, not HU
          -> TorchIO RandomBlur, RandomBiasField, RandomNoise -> HU -> the model's window, [0, 1]
 
@@ -271,6 +272,8 @@ class CTSynthesizer:
         phases: contrast phases to draw from, uniformly.
         seed: seeds the generator (TorchIO draws from torch's global generator; this seeds it per
             call from our own generator so that a worker's samples are reproducible).
+        structure_jitter_hu: how far a structure's mean may stray from its tissue's, HU (each
+            tissue gets one mean per patch; see ``__call__``).
 
     Call: ``(classes (1, px, py, pz) int) -> (image (1, px, py, pz) float32 in [0, 1],
     deformed classes (1, px, py, pz) int16, phase)``.
@@ -284,6 +287,7 @@ class CTSynthesizer:
         deform_mm: float = 6.0,
         phases: Sequence[str] = PHASES,
         seed: int = 0,
+        structure_jitter_hu: float = 5.0,
     ):
         import torchio as tio
 
@@ -295,6 +299,7 @@ class CTSynthesizer:
         self.window = (float(ct_window[0]), float(ct_window[1]))
         self.phases = tuple(phases)
         self.rng = np.random.default_rng(seed)
+        self.structure_jitter_hu = float(structure_jitter_hu)
         self.deform = (
             tio.RandomElasticDeformation(num_control_points=6, max_displacement=float(deform_mm), locked_borders=2)
             if deform_mm > 0 else None
@@ -304,7 +309,7 @@ class CTSynthesizer:
         # smooth multiplicative field on attenuation of a few per cent (CT's cupping and
         # beam-hardening shading are tens of HU, not MR's bias fields).
         self.post = tio.Compose([
-            tio.RandomBlur(std=(0.3 * sp_min, 1.0 * sp_min)),
+            tio.RandomBlur(std=(0.2 * sp_min, 0.6 * sp_min)),
             tio.RandomBiasField(coefficients=0.02, order=3, p=0.5),
             tio.RandomNoise(std=(2.0, 25.0)),
         ])  # fmt: skip
@@ -334,14 +339,23 @@ class CTSynthesizer:
                 subject = self.deform(subject)
             deformed = subject["label"].data.to(torch.int16)
             phase = phase or str(self.rng.choice(self.phases))
-            # RandomLabelsToImage wants one range per label present, labels 0..n-1.
+            # One mean and one texture per TISSUE, drawn from its prior in this phase: in a CT the
+            # five lobes, all bones, all muscles, both kidneys look alike. Drawing each structure
+            # on its own (SynthSeg's brain setting) paints edges between lobes that no CT has, and
+            # a network trained on them did not find the lobes of a real CT.
+            # RandomLabelsToImage then draws each structure within +-structure_jitter_hu of it.
             present, contiguous = torch.unique(deformed.long(), return_inverse=True)
+            tissue_mean: dict[str, float] = {}
+            tissue_std: dict[str, float] = {}
+            for name in sorted({self.class_tissues[c] for c in present.tolist()}):
+                tissue_mean[name] = float(self.rng.uniform(*TISSUES[name].mean_range(phase)))
+                tissue_std[name] = float(self.rng.uniform(*TISSUES[name].std))
+            j = self.structure_jitter_hu
             means, stds = [], []
             for c in present.tolist():
-                tissue = TISSUES[self.class_tissues[c]]
-                lo, hi = tissue.mean_range(phase)
-                means.append((lo + 1000.0, hi + 1000.0))  # attenuation: HU + 1000
-                stds.append(tissue.std)
+                m, sd = tissue_mean[self.class_tissues[c]] + 1000.0, tissue_std[self.class_tissues[c]]  # attenuation: HU + 1000
+                means.append((m - j, m + j))
+                stds.append((0.9 * sd, 1.1 * sd))
             subject = tio.Subject(label=tio.LabelMap(tensor=contiguous.reshape(deformed.shape), affine=self._affine()))
             subject = tio.RandomLabelsToImage(label_key="label", image_key="image", mean=means, std=stds)(subject)
             subject = self.post(subject)

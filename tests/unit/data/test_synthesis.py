@@ -162,3 +162,21 @@ def test_real_label_map_in_model_space_is_ras(shared_data):
     # The body: air at the corner, the body classes around the organs.
     assert int(case.classes[0, 0, 0, 0]) == 0
     assert {1, 2, 3, 4} <= set(torch.unique(case.classes).tolist())
+
+
+def test_structures_of_one_tissue_share_their_intensity():
+    """Two lobes side by side look alike (no edge between them), as in a CT; a lobe and the liver
+    under it do not."""
+    classes = torch.zeros((1, 32, 32, 16), dtype=torch.int16)
+    classes[0, 2:30, 2:30, 1:15] = 4
+    classes[0, 4:16, 4:28, 8:14] = 5  # upper lobe
+    classes[0, 16:28, 4:28, 8:14] = 6  # lower lobe, touching it
+    classes[0, 4:28, 4:28, 2:7] = 7  # liver
+    tissues = [t for _, t in BODY_CLASSES] + ["lung", "lung", "liver"]
+    for seed in range(5):
+        image, _, _ = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed)(classes)
+        hu = image[0] * 2000 - 1000
+        upper, lower, liver = (float(hu[6:14, 6:26, 9:13].mean()), float(hu[18:26, 6:26, 9:13].mean()),
+                               float(hu[6:26, 6:26, 3:6].mean()))  # fmt: skip
+        assert abs(upper - lower) <= 2 * 5.0 + 10.0, (seed, upper, lower)  # jitter +-5 HU each, plus noise
+        assert liver - max(upper, lower) > 400
