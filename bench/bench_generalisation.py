@@ -270,6 +270,13 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
         "itself (optimistic). **Bold**: the issue's target met (liver >= 0.80; spleen, kidneys, aorta, lobes, heart >= 0.75).",
         "",
     ]  # fmt: skip
+    missing = [r.name for r in runs() if r.name not in results]
+    if missing:
+        lines += [
+            "Not run yet (each fold is a full training run, about 90 minutes on one CPU thread; results accumulate across "
+            f"sessions in runs/generalisation/{variant}/results.json): " + ", ".join(f"`{m}`" for m in missing) + ".",
+            "",
+        ]  # fmt: skip
     for title, scans_of in (("Leave one scan out", lambda n: n.startswith("loso_")), ("Synthetic data only", lambda n: n == "synthetic_only")):
         rows = {n: r for n, r in results.items() if scans_of(n)}
         if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -187,6 +188,23 @@ def test_absent_annotated_terms_are_negatives_and_capped():
     out = PartialLabelLoss()(logits, target, torch.tensor([[False, True, False, False, False]]))
     out.loss.backward()
     assert out.positives == 0 and out.dice.item() == 0.0 and torch.all(logits.grad[0, 1] > 0)
+
+
+def test_topk_bce_weighs_a_small_false_positive_blob_by_its_share_of_the_hard_voxels():
+    # A negative pair: 96 x 96 x 48 patch, a confident 8 x 8 x 8 false-positive blob (0.1 % of it).
+    logits = torch.full((1, 1, 96, 96, 48), -6.0)
+    logits[0, 0, :8, :8, :8] = 4.0
+    target = torch.zeros_like(logits, dtype=torch.uint8)
+    use = torch.tensor([[True]])
+    plain = PartialLabelLoss()(logits, target, use).bce.item()
+    topk = PartialLabelLoss(bce_topk=0.01)(logits, target, use).bce.item()
+    blob = torch.nn.functional.softplus(torch.tensor(4.0)).item()  # BCE of one blob voxel
+    k = math.ceil(0.01 * 96 * 96 * 48)
+    expected = (512 * blob + (k - 512) * torch.nn.functional.softplus(torch.tensor(-6.0)).item()) / k
+    assert topk == pytest.approx(expected, rel=1e-4)
+    assert topk > 9 * plain  # the plain voxel mean dilutes the blob
+    with pytest.raises(ConfigError, match="bce_topk"):
+        PartialLabelLoss(bce_topk=0.0)
 
 
 # ------------------------------------------------------------------------------------ sampling
