@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VOLUMED_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # Two cores: keep torch from oversubscribing them when several things run at once.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, wins (e.g. 1 while other jobs use the cores).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 def _need(path: Path) -> Path:
@@ -31,3 +33,30 @@ def shared_data() -> Path:
 def ts_dir(shared_data) -> Path:
     """TotalSegmentator example data: CTs, DICOM series, reference segmentations."""
     return _need(shared_data / "totalsegmentator_ct_sm")
+
+
+def tiny_package(folder: Path, terms: Sequence[str]) -> Path:
+    """STU-Net tiny, 6 mm model grid, 64 x 64 x 16 patch (total stride 32 x 32 x 8), untrained,
+    seeded: a package folder that ``volumed segment`` loads in a fraction of a second."""
+    from volumed.inference.package import PromptSegConfig, build_model, save_package
+    from volumed.text.encoder import default_model_dir, model_hash
+
+    torch.manual_seed(0)
+    config = PromptSegConfig(
+        encoder="stunet_tiny",
+        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
+        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
+                            pixel_levels=[1, 2, 3, 4, 5]),
+        text_model_hash=model_hash(default_model_dir()),
+        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
+        patch_size=(64, 64, 16),
+        terms=list(terms),
+        modalities=["CT"],
+    )
+    return save_package(build_model(config), config, folder / "model")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_package():
+    """``make_tiny_package(folder, terms) -> folder/model``: :func:`tiny_package` (inference and bundle tests)."""
+    return tiny_package

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 encoders_app = typer.Typer(help="Inspect the registered 3D encoders (STU-Net, CT-ViT, SwinUNETR).", no_args_is_help=True)
 app.add_typer(encoders_app, name="encoders")
+bundle_app = typer.Typer(help="MONAI bundles: record and check the weights' sha256.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
 
 
 @app.callback()
@@ -116,6 +118,62 @@ def segment_command(
                      device=device, progress=progress, postprocess=postprocess)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
+
+
+@app.command("run")
+def run_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder, e.g. bundles/volumed_promptseg_ct."),
+    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (what volumed segment writes)."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable; default: the bundle's prompt list."),
+    all_terms: bool = typer.Option(False, "--all", help="Segment every structure the model was trained on."),
+    free_text: bool = typer.Option(False, "--free-text", help="Accept prompts outside the anatomy vocabulary."),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Segment prompts the model was never trained on, flagged untrained."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device; default: the bundle's (cuda if available, else cpu)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Largest connected component of one-body structures."),
+    strict_monai: bool = typer.Option(False, "--strict-monai", help="Refuse any MONAI version other than the bundle's monai_version (default: warn)."),
+) -> None:
+    """Run a MONAI bundle's configs/inference.json on one image, after checking the bundle.
+
+    Same config, same overrides and same outputs as
+    `python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE
+    --input_image IMAGE --output_dir OUTPUT`; before it runs, the metadata is validated, the
+    installed MONAI is compared with monai_version and the weights' sha256 with large_files.yml.
+    """
+    from volumed.bundle.run import run_bundle
+
+    results = run_bundle(bundle, image, output, prompts=prompt or None, all_terms=all_terms, device=device,
+                         overwrite=overwrite, postprocess=postprocess, free_text=free_text,
+                         allow_untrained=allow_untrained, strict_monai=strict_monai)
+    for result in results:
+        for line in result.summary():
+            typer.echo(line, err=line.startswith("warning:"))
+
+
+@bundle_app.command("hash")
+def bundle_hash(bundle: Path = typer.Argument(..., help="Bundle folder whose models/ weights to record.")) -> None:
+    """Record the sha256 of every weight file under BUNDLE/models in BUNDLE/large_files.yml (after retraining)."""
+    from volumed.bundle.integrity import RECORD_NAME, record_hashes
+
+    for record in record_hashes(bundle):
+        typer.echo(f"{record.sha256}  {record.path}")
+    typer.echo(f"wrote {Path(bundle) / RECORD_NAME}")
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    strict_monai: bool = typer.Option(False, "--strict-monai", help="Refuse any MONAI version other than monai_version."),
+) -> None:
+    """Check a bundle without running it: layout, metadata against the schema, MONAI version, weights' sha256."""
+    from volumed.bundle.loader import check_bundle
+
+    root, metadata, notes, hashes = check_bundle(bundle, strict_monai=strict_monai)
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(f"{root}: version {metadata['version']}, metadata valid, "
+               + ", ".join(f"{path} sha256 ok" for path in hashes))
 
 
 @encoders_app.command("list")

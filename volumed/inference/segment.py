@@ -93,7 +93,7 @@ from monai.inferers import sliding_window_inference
 
 from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
-from volumed.errors import ConfigError, OutputExistsError, VolumedError
+from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.postprocess import (
@@ -293,6 +293,30 @@ def _box_above(
     return tuple((max(0, a0 + a - 1), min(n, a0 + b + 1)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
 
 
+def _windowing_of(inferer, config: PromptSegConfig) -> tuple[PromptSegConfig, int]:
+    """``config`` with the ``roi_size`` and ``overlap`` of a MONAI ``SlidingWindowInferer``, and its
+    ``sw_batch_size``. Refuses what the predictor cannot reproduce (another blending mode)."""
+    from dataclasses import replace
+
+    from monai.inferers import SlidingWindowInferer
+
+    if not isinstance(inferer, SlidingWindowInferer):
+        raise ConfigError(f"inferer must be a monai.inferers.SlidingWindowInferer, got {type(inferer).__name__}", "inferer")
+    if str(inferer.mode) not in ("gaussian", "BlendMode.GAUSSIAN") or inferer.sigma_scale not in (0.125, [0.125] * 3, (0.125,) * 3):
+        raise ConfigError(f"inferer: the predictor blends windows as mode='gaussian', sigma_scale=0.125; got mode={inferer.mode!r}, "
+                          f"sigma_scale={inferer.sigma_scale!r}", "inferer")
+    roi = tuple(int(r) for r in inferer.roi_size)
+    if len(roi) != 3 or min(roi) < 1:
+        raise ConfigError(f"inferer: roi_size must be three positive sizes, got {inferer.roi_size!r}", "inferer")
+    overlap = inferer.overlap
+    if not isinstance(overlap, (int, float)):
+        values = {float(v) for v in overlap}
+        if len(values) != 1:
+            raise ConfigError(f"inferer: one overlap for all axes, got {overlap!r}", "inferer")
+        overlap = values.pop()
+    return replace(config, patch_size=roi, overlap=float(overlap)), int(inferer.sw_batch_size)
+
+
 class PromptSegPredictor:
     """A loaded text-prompted segmenter, ready to segment images with any number of prompts.
 
@@ -307,6 +331,15 @@ class PromptSegPredictor:
         sw_batch_size: windows per forward pass.
         lazy_blending: False makes MONAI blend every term at full resolution in every window (the
             reference the lazy path is tested against; same masks, slower with many prompts).
+        preprocessing: a transform taking ``{"image": Volume}`` to ``{"image": MetaTensor (1, x, y,
+            z)}`` in model space, as a MONAI bundle's ``preprocessing`` does (its first step,
+            :class:`volumed.bundle.transforms.LoadVolumed`, passes a ``Volume`` through); default
+            :func:`volumed.data.transforms.build_preprocessing` of ``config.preprocessing``. Its
+            geometric steps must be MONAI invertible transforms: the inversion reads their trace.
+        inferer: a MONAI ``SlidingWindowInferer`` whose ``roi_size``, ``overlap`` and
+            ``sw_batch_size`` replace the package's ``patch_size``, ``overlap`` and
+            ``sw_batch_size`` (a bundle's ``inferer``). Its mode must be ``"gaussian"`` with the
+            default ``sigma_scale``, the blending that :class:`WindowLogits` reproduces exactly.
 
     Sliding-window blending: when the decoder predicts on a coarse grid (``pixel_levels``
     without the stride-1 map, as in the default model), the windows are blended exactly but
@@ -324,9 +357,14 @@ class PromptSegPredictor:
         device: str | torch.device = "cpu",
         sw_batch_size: int = 1,
         lazy_blending: bool = True,
+        preprocessing: Callable[[dict], dict] | None = None,
+        inferer: "SlidingWindowInferer | None" = None,
     ):
+        if inferer is not None:
+            config, sw_batch_size = _windowing_of(inferer, config)
         if sw_batch_size < 1:
             raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.preprocessing = preprocessing
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
@@ -396,9 +434,18 @@ class PromptSegPredictor:
     # -- inference -------------------------------------------------------------------------------
 
     def preprocess(self, volume: Volume) -> PreprocessedCase:
-        """The image in model space with the package's preprocessing (modality = the image's)."""
-        settings = {**self.config.preprocessing, "modality": volume.modality}
-        return preprocess(volume, None, PreprocessConfig(**settings))
+        """The image in model space with the package's preprocessing (modality = the image's), or
+        with the ``preprocessing`` transform given to the predictor."""
+        settings = PreprocessConfig(**{**self.config.preprocessing, "modality": volume.modality})
+        if self.preprocessing is None:
+            return preprocess(volume, None, settings)
+        if settings.crop_foreground and volume.modality == "CT" and not np.any(volume.data > settings.ct_foreground_hu):
+            # preprocess() refuses this too: a crop to nothing would fail inside MONAI with no file name.
+            raise InvalidVolumeError(
+                f"no voxel above {settings.ct_foreground_hu} HU to crop to; is this CT in Hounsfield units?", volume.source.path
+            )
+        image = self.preprocessing({settings.image_key: volume})[settings.image_key]
+        return PreprocessedCase(image=image, label=None, transform=self.preprocessing, config=settings, original=volume)
 
     def _decoder_stride(self, model_shape: Sequence[int]) -> tuple[int, int, int] | None:
         """Stride of the decoder's per-voxel embedding when windows can be blended lazily from
@@ -840,6 +887,7 @@ def segment(
     device: str = "cpu",
     progress: bool = True,
     postprocess: bool | Mapping[str, str | None] = True,
+    predictor: PromptSegPredictor | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in one image; write masks, label map,
     statistics, preview (and a DICOM SEG for DICOM input) into ``out_dir``.
@@ -866,6 +914,9 @@ def segment(
             ``{term: "largest_component" | None}`` overrides it further; False keeps every
             component of every term (the raw output, ``--no-postprocess``). Each term's rule is
             recorded in ``labels.json`` and ``statistics.json``.
+        predictor: an already loaded predictor of the package in ``model_dir`` (a MONAI bundle's
+            network, preprocessing and inferer: :mod:`volumed.bundle.promptseg`); by default the
+            package is loaded after the cheap checks. ``device`` is then the predictor's.
 
     Returns:
         A :class:`SegmentationResult`. Every output lies on the input's grid (shape and affine).
@@ -908,7 +959,8 @@ def segment(
     names = [mask_file_name(t.name) for t in terms]
     if len(set(names)) != len(names):
         raise ConfigError(f"two prompts map to the same mask file name: {names}", "prompts")
-    predictor = PromptSegPredictor.from_package(used_model, device=device)
+    if predictor is None:
+        predictor = PromptSegPredictor.from_package(used_model, device=device)
     t_read = time.perf_counter()
 
     warnings: list[str] = []
@@ -962,7 +1014,7 @@ def segment(
         dicom_seg=out / SEG_NAME if has_seg else None,
         warnings=tuple(warnings),
         seconds={"read": t_read - t0, "predict": t_pred - t_read, "write": t_end - t_pred, "total": t_end - t0},
-        threshold=float(config.threshold),
+        threshold=float(predictor.config.threshold),
     )
 
 

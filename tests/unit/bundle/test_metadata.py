@@ -1,0 +1,102 @@
+"""Every bundle has the MONAI layout, and its metadata satisfies the project's schema."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+from bundle_helpers import PROMPTSEG, all_bundles, default_prompts
+
+from volumed.bundle.metadata import SCHEMA_PATH, channel_names, metadata_problems, read_metadata, validate_metadata
+from volumed.errors import ConfigError
+from volumed.inference.package import read_config
+
+LAYOUT = ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md", "models", "large_files.yml")
+
+
+def test_the_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA_PATH.read_text()))
+
+
+def test_there_is_at_least_the_promptseg_bundle():
+    assert PROMPTSEG in all_bundles()
+
+
+@pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
+def test_bundle_layout(bundle):
+    missing = [name for name in LAYOUT if not (bundle / name).exists()]
+    assert not missing, f"{bundle.name} lacks {missing}"
+
+
+@pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
+def test_bundle_metadata_is_valid(bundle):
+    assert metadata_problems(read_metadata(bundle)) == []
+    metadata = validate_metadata(bundle)
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+                "task", "description", "authors", "copyright", "intended_use", "references"):
+        assert metadata[key], key
+    for spec in (*metadata["network_data_format"]["inputs"].values(), *metadata["network_data_format"]["outputs"].values()):
+        assert "channel_def" in spec and "spatial_shape" in spec
+
+
+def test_promptseg_labels_agree_everywhere():
+    """MONAI Label takes label names from the pred output's channel_def: they must be the default
+    prompts of inference.json, in order, and the terms the model was trained on."""
+    names = channel_names(read_metadata(PROMPTSEG))
+    assert names == default_prompts() == read_config(PROMPTSEG / "models").terms, (
+        "after retraining, make channel_def (configs/metadata.json) and displayable_configs#prompts "
+        "(configs/inference.json) list models/config.json's terms"
+    )
+    assert read_metadata(PROMPTSEG)["network_data_format"]["outputs"]["pred"]["num_channels"] == len(names)
+
+
+@pytest.fixture
+def metadata():
+    return copy.deepcopy(read_metadata(PROMPTSEG))
+
+
+@pytest.mark.parametrize("key", ["version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                                 "required_packages_version", "task", "description", "authors", "copyright",
+                                 "intended_use", "references", "network_data_format"])
+def test_a_missing_required_key_is_named(metadata, key):
+    del metadata[key]
+    problems = metadata_problems(metadata)
+    assert any(f"'{key}' is a required property" in p for p in problems), problems
+
+
+def test_problems_the_schema_alone_cannot_see(metadata):
+    metadata["version"] = "0.2.0"  # no changelog entry for it
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    pred["num_channels"] = 3  # channel_def names 15
+    metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = ["64*n", "64*m", "32*n"]
+    problems = metadata_problems(metadata)
+    assert "changelog: has no entry for version '0.2.0'" in problems
+    assert "network_data_format/outputs/pred: num_channels is 3 but channel_def names 15" in problems
+    assert any(p.startswith("network_data_format/inputs/image/spatial_shape") and "'64*m'" in p for p in problems), problems
+
+
+def test_wrong_types_and_shapes_are_refused(metadata):
+    metadata["monai_version"] = "latest"
+    metadata["references"] = "a string, not a list"
+    metadata["network_data_format"]["inputs"]["image"].pop("channel_def")
+    metadata["network_data_format"]["inputs"]["image"]["dtype"] = "float"
+    problems = "\n".join(metadata_problems(metadata))
+    assert "monai_version: 'latest' does not match" in problems
+    assert "references: 'a string, not a list' is not of type 'array'" in problems
+    assert "network_data_format/inputs/image: 'channel_def' is a required property" in problems
+    assert "network_data_format/inputs/image/dtype: 'float' is not one of" in problems
+
+
+def test_validate_metadata_names_the_file(tmp_path, metadata):
+    del metadata["intended_use"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(metadata))
+    with pytest.raises(ConfigError, match=r"metadata.json: 1 problem\(s\) with the bundle metadata: \(top level\): 'intended_use'"):
+        validate_metadata(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="metadata.json: unreadable bundle metadata"):
+        validate_metadata(bad)
+    with pytest.raises(ConfigError, match="not a MONAI bundle: configs/metadata.json is missing"):
+        validate_metadata(tmp_path)
