@@ -176,7 +176,30 @@ def test_structures_of_one_tissue_share_their_intensity():
     for seed in range(5):
         image, _, _ = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed)(classes)
         hu = image[0] * 2000 - 1000
-        upper, lower, liver = (float(hu[6:14, 6:26, 9:13].mean()), float(hu[18:26, 6:26, 9:13].mean()),
-                               float(hu[6:26, 6:26, 3:6].mean()))  # fmt: skip
+        # Medians: the lungs' vessel texture (a random 5-20 % of voxels raised) is drawn per voxel.
+        upper, lower, liver = (float(hu[6:14, 6:26, 9:13].median()), float(hu[18:26, 6:26, 9:13].median()),
+                               float(hu[6:26, 6:26, 3:6].median()))  # fmt: skip
         assert abs(upper - lower) <= 2 * 5.0 + 10.0, (seed, upper, lower)  # jitter +-5 HU each, plus noise
         assert liver - max(upper, lower) > 400
+
+
+def test_texture_gives_lungs_a_bright_vessel_tail_and_bones_a_cortex():
+    """Real lobes are skewed (a bright tail of vessels) and a femur's boundary is brighter than its
+    inside (tcia_ccth_a01, see ``add_texture``); the flat draw has neither."""
+    classes = torch.full((1, 40, 40, 24), 4, dtype=torch.int16)
+    classes[0, 4:36, 4:36, 2:12] = 5  # a lung
+    classes[0, 12:28, 12:28, 14:22] = 6  # a bone
+    tissues = [t for _, t in BODY_CLASSES] + ["lung", "bone"]
+    lung, bone = classes[0] == 5, classes[0] == 6
+    inner = torch.zeros_like(bone)
+    inner[13:27, 13:27, 15:21] = True
+    shell = bone & ~inner
+    for seed in range(3):
+        flat = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed, texture=False)(classes)[0][0] * 2000 - 1000
+        tex = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed)(classes)[0][0] * 2000 - 1000
+        tail = [float(torch.quantile(h[lung], 0.97) - h[lung].median()) for h in (flat, tex)]
+        assert tail[1] > tail[0] + 100, (seed, tail)
+        # Same seed, same draws but the texture's: the difference is the cortex, blurred.
+        added = tex - flat
+        assert float(added[shell].mean() - added[inner].mean()) > 100, seed
+        assert float(added[~lung & ~bone].abs().max()) < 200  # neither touches the rest but by blur
