@@ -652,6 +652,8 @@ class PromptSegPatchDataset(Dataset):
         spacing: model-space voxel size, mm (synthesis and slice thickness).
         ct_window: the HU window of the ``[0, 1]`` scale (synthesis, contrast phase).
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
+        synthetic_texture: lung vessels and bone cortex in synthetic patches
+            (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
 
     Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
     image from the labels, targets from the deformed labels); real CT: contrast phase -> field of
@@ -676,6 +678,7 @@ class PromptSegPatchDataset(Dataset):
         spacing: Sequence[float] = (3.0, 3.0, 3.0),
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         deform_mm: float = 6.0,
+        synthetic_texture: bool = True,
     ):
         if not 0.0 <= fg_rate <= 1.0:
             raise ConfigError(f"fg_rate must be a probability in [0, 1], got {fg_rate!r}", "fg_rate")
@@ -698,7 +701,7 @@ class PromptSegPatchDataset(Dataset):
         self.sampling = sampling
         self.augment = patch_augmentation() if augment else None
         self.synthesizers = [
-            CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm) if c.synthetic is not None else None
+            CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm, texture=synthetic_texture) if c.synthetic is not None else None
             for c in self.cases
         ]  # fmt: skip
         self.contrast = [
@@ -869,6 +872,8 @@ class PromptSegDataModule(L.LightningDataModule):
         contrast_phase, field_of_view, slice_thickness: probabilities of the CT augmentations
             (:class:`PromptSegPatchDataset`; 0: off).
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
+        synthetic_texture: lung vessels and bone cortex in synthetic patches
+            (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
     """
 
     def __init__(
@@ -901,6 +906,7 @@ class PromptSegDataModule(L.LightningDataModule):
         field_of_view: float = 0.0,
         slice_thickness: float = 0.0,
         deform_mm: float = 6.0,
+        synthetic_texture: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -946,6 +952,7 @@ class PromptSegDataModule(L.LightningDataModule):
             self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
+            synthetic_texture=hp.synthetic_texture,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         for c in self.cases:

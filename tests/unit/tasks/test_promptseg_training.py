@@ -383,3 +383,16 @@ def test_default_package_reproduces_its_liver_dice_on_example_ct(ts_dir):
     recorded = cfg.metrics["training scans"]["dice"]["example_ct_sm.nii.gz"]["liver"]
     assert dice == pytest.approx(recorded, abs=0.01)
     assert dice >= 0.9  # the issue's goal for the default model
+
+
+@pytest.mark.parametrize("recipe", ["train_promptseg-cpu.yaml", "train_promptseg.yaml"])
+def test_promptseg_recipes_parse_into_the_module_and_datamodule(recipe, capsys):
+    """Every key of the shipped recipes is an argument of PromptSegModule / PromptSegDataModule
+    (a renamed argument would otherwise stop the documented command before its first step)."""
+    from volumed.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "promptseg", "--config", str(REPO / "configs" / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "bce_topk: 0.02" in printed and "datalist: configs/datalists/promptseg_ct_all.json" in printed
