@@ -31,7 +31,14 @@ from volumed.bundle.transforms import LoadVolumed
 from volumed.errors import ConfigError
 from volumed.inference.package import CONFIG_NAME, WEIGHTS_NAME, PromptSegConfig, TextPromptedSegmenter, build_model, read_config
 
-__all__ = ["network_from_package", "load_bundle_weights", "PromptSegPostprocessing", "PromptSegRunner"]
+__all__ = [
+    "network_from_package",
+    "load_bundle_weights",
+    "prompt_embeddings",
+    "FixedPromptSegmenter",
+    "PromptSegPostprocessing",
+    "PromptSegRunner",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,37 @@ def network_from_package(model_dir: str | Path) -> TextPromptedSegmenter:
     gives logits ``(B, N, X, Y, Z)``, one channel per prompt.
     """
     return build_model(read_config(model_dir))
+
+
+def prompt_embeddings(model_dir: str | Path, prompts: Sequence[str]) -> torch.Tensor:
+    """``(N, D)`` text embeddings of ``prompts`` as the predictor makes them: each prompt resolved
+    to its canonical term (free text kept as written), embedded by the package's text model
+    (checked against its hash)."""
+    from volumed.inference.segment import PromptSegPredictor, resolve_prompts
+
+    config = read_config(model_dir)
+    terms = resolve_prompts(list(prompts), "CT", trained_terms=config.terms, allow_free_text=True)
+    encoder = PromptSegPredictor._load_text_encoder(config)
+    return encoder.encode_cached([t.name for t in terms]).float()
+
+
+class FixedPromptSegmenter(TextPromptedSegmenter):
+    """The network with its prompts frozen in: ``forward(image (B, 1, X, Y, Z)) -> (B, N, X, Y, Z)``.
+
+    For exports that take the image only (``monai.bundle ckpt_export`` traces ``net(image)``). It
+    shares the wrapped network's modules, so its state dict has the same keys; the text
+    embeddings are a non-persistent buffer (not in the state dict) and the modality is fixed.
+    """
+
+    def __init__(self, network: TextPromptedSegmenter, text: torch.Tensor, modality: str = "CT"):
+        torch.nn.Module.__init__(self)  # not TextPromptedSegmenter's: the modules are the network's
+        self.text_condition = network.text_condition
+        self.segmenter = network.segmenter
+        self.modality = modality
+        self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(image, self.text, self.modality)
 
 
 def load_bundle_weights(
