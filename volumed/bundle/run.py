@@ -74,7 +74,12 @@ def run_bundle(bundle: str | Path, image: str | Path, output_dir: str | Path, *,
     from volumed.bundle.loader import INFERENCE_CONFIG, check_bundle
     from volumed.errors import VolumedError
 
+    from volumed.errors import VolumeReadError
+
     root, _, notes, _ = check_bundle(bundle, strict_monai=strict_monai)
+    # Cheap before expensive: parsing the config loads the network before the image is read.
+    if str(image) and not Path(image).exists():
+        raise VolumeReadError("no such file or folder", image)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     with warnings.catch_warnings():

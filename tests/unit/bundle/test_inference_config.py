@@ -227,3 +227,25 @@ def test_volumed_run_on_the_real_dicom_series(ts_dir, tmp_path, capsys):
     assert label.shape == volume.shape == (512, 512, 20)
     assert np.allclose(label.affine, volume.affine, atol=1e-4)
     assert (tmp_path / "run" / "segmentation.dcm").is_file()
+
+
+def test_volumed_run_errors_are_one_line(tiny_bundle, ts_dir, tmp_path, capsys):
+    """Input errors raised inside MONAI's workflow reach the user as volumed's one-line message."""
+    from volumed.cli import main
+
+    def cli(args):
+        try:
+            main(args)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return 0
+
+    missing = tmp_path / "nope.nii.gz"
+    assert cli(["run", str(tiny_bundle), str(missing), "-o", str(tmp_path / "out"), "-p", "liver"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"volumed: error: {missing}: no such file or folder\n"  # refused before the network is loaded
+    image = ts_dir / "example_ct_sm.nii.gz"
+    assert cli(["run", str(tiny_bundle), str(image), "-o", str(tmp_path / "out"), "-p", "brian"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("volumed: error: ") and "brian" in last
+    assert not (tmp_path / "out").exists()
