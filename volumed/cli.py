@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 encoders_app = typer.Typer(help="Inspect the registered 3D encoders (STU-Net, CT-ViT, SwinUNETR).", no_args_is_help=True)
 app.add_typer(encoders_app, name="encoders")
-bundle_app = typer.Typer(help="MONAI bundles: record and check the weights' sha256.", no_args_is_help=True)
+bundle_app = typer.Typer(help="MONAI bundles: make one from a checkpoint, record and check the weights' sha256.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 
 
@@ -174,6 +174,25 @@ def bundle_verify(
         typer.echo(f"warning: {note}", err=True)
     typer.echo(f"{root}: version {metadata['version']}, metadata valid, "
                + ", ".join(f"{path} sha256 ok" for path in hashes))
+
+
+@bundle_app.command("new")
+def bundle_new(
+    name: str = typer.Argument(..., help="Folder name of the new bundle (under --bundles-dir)."),
+    from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors), or a weights file (.safetensors/.pt/.ckpt) with --config."),
+    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg."),
+    bundles_dir: Path = typer.Option(Path("bundles"), "--bundles-dir", help="Where bundles live."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Bundle whose LICENSE, configs and docs to start from (default: the task's bundle)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Package config.json of a weights-file checkpoint's network."),
+    changelog: Optional[str] = typer.Option(None, "--changelog", help="Changelog line of the new version."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle NAME (its version is bumped)."),
+) -> None:
+    """Write a complete bundle from a training checkpoint: configs, docs, LICENSE, models, sha256 record; version and changelog bumped."""
+    from volumed.bundle.new import new_bundle
+
+    made = new_bundle(from_checkpoint, name, task=task, bundles_dir=bundles_dir, base=base, config=config,
+                      changelog=changelog, overwrite=overwrite)
+    typer.echo(f"wrote {made.path}: version {made.version}, {len(made.terms)} term(s), models/model.safetensors sha256 {made.sha256}")
 
 
 @encoders_app.command("list")

@@ -13,7 +13,8 @@ from volumed.bundle.metadata import SCHEMA_PATH, channel_names, metadata_problem
 from volumed.errors import ConfigError
 from volumed.inference.package import read_config
 
-LAYOUT = ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md", "models", "large_files.yml")
+LAYOUT = ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json", "docs/README.md", "models",
+          "large_files.yml")
 
 
 def test_the_schema_is_a_valid_json_schema():

@@ -1,0 +1,185 @@
+"""``volumed bundle new --from-checkpoint CKPT --task promptseg NAME``: a complete bundle from a
+training result, so that fine-tuning ends in a bundle in one command.
+
+The new bundle is the base bundle (``bundles/volumed_promptseg_ct`` by default: LICENSE, configs,
+docs) with ``models/`` replaced by the checkpoint's package, and everything that depends on the
+weights made to agree with them: the label names (``channel_def`` and ``num_channels`` of the
+``pred`` output, ``displayable_configs#prompts``) become the package's terms, the version is
+bumped (minor) with a changelog entry, the MONAI / PyTorch / NumPy versions become the installed
+ones, and ``large_files.yml`` records the new weights' sha256. The result is validated against the
+schema before it is published; it is staged next to the destination and moved in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from volumed.errors import ConfigError, OutputExistsError
+
+__all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version"]
+
+TASKS = {"promptseg": "volumed_promptseg_ct"}  # task -> the bundle whose configs a new bundle starts from
+
+
+@dataclass(frozen=True)
+class NewBundle:
+    """What :func:`new_bundle` wrote: the folder, its version and terms, the weights' sha256."""
+
+    path: Path
+    version: str
+    terms: tuple[str, ...]
+    sha256: str
+
+
+def bump_version(version: str) -> str:
+    """``"0.1.3"`` -> ``"0.2.0"``: new weights are a new minor version of the bundle."""
+    try:
+        major, minor, _ = (int(v) for v in str(version).split("+")[0].split("-")[0].split("."))
+    except ValueError as err:
+        raise ConfigError(f"bundle version {version!r} is not MAJOR.MINOR.PATCH", "configs/metadata.json") from err
+    return f"{major}.{minor + 1}.0"
+
+
+def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
+    """Write ``staging_models`` (config.json + model.safetensors) from a package folder, or from a
+    weights file (.safetensors / .pt / .pth / .ckpt, read without unpickling code) and a package
+    ``config.json`` describing its network (``config``, default: the one beside the file)."""
+    from volumed.encoders.weights import load_encoder_weights, read_state_dict
+    from volumed.inference.package import CONFIG_NAME, build_model, load_package, read_config, save_package
+
+    if checkpoint.is_dir():
+        if config is not None:
+            raise ConfigError("--config is for a weights file; a package folder brings its own config.json", config)
+        model, package = load_package(checkpoint)  # strict: every key, every shape
+        save_package(model, package, staging_models)
+        return
+    if not checkpoint.is_file():
+        raise ConfigError("no such checkpoint (a package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
+    config_path = config or checkpoint.parent / CONFIG_NAME
+    if not Path(config_path).is_file():
+        raise ConfigError(f"a weights file needs the package config.json of its network (--config); none at {config_path}", checkpoint)
+    if Path(config_path).name != CONFIG_NAME:
+        raise ConfigError(f"--config must be a package's {CONFIG_NAME}", config_path)
+    package = read_config(Path(config_path).parent)
+    model = build_model(package)
+    state = read_state_dict(checkpoint).state_dict
+    if any(k.startswith("net.") for k in state):  # a PromptSegModule (Lightning) checkpoint
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    load_encoder_weights(model, state, key_map=None, strict=True)
+    save_package(model, package, staging_models)
+
+
+def new_bundle(
+    checkpoint: str | Path,
+    name: str,
+    *,
+    task: str = "promptseg",
+    bundles_dir: str | Path = "bundles",
+    base: str | Path | None = None,
+    config: str | Path | None = None,
+    changelog: str | None = None,
+    overwrite: bool = False,
+) -> NewBundle:
+    """Write ``bundles_dir/name`` from ``checkpoint`` (see the module docstring).
+
+    Args:
+        checkpoint: a package folder (``config.json`` + ``model.safetensors``, what
+            ``volumed train promptseg --package_dir`` writes) or a weights file with ``config``.
+        name: the bundle's folder name (letters, digits, ``_``, ``-``).
+        task: ``"promptseg"``.
+        bundles_dir: where bundles live.
+        base: the bundle whose LICENSE, configs and docs are copied; default ``bundles_dir/<task's bundle>``.
+            When ``name`` already exists (an update, with ``overwrite``), that bundle is the base.
+        config: the package ``config.json`` of a weights-file checkpoint.
+        changelog: the new version's changelog line (default: names the checkpoint).
+        overwrite: replace an existing bundle ``name`` (its version is bumped).
+
+    Raises:
+        ConfigError: unknown task, bad name, missing base, a checkpoint that does not fit its config.
+        OutputExistsError: ``name`` exists and not ``overwrite``.
+    """
+    from volumed.bundle.integrity import record_hashes
+    from volumed.bundle.metadata import validate_metadata
+    from volumed.inference.package import read_config
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown bundle task {task!r}; available: {', '.join(sorted(TASKS))}", "--task")
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ConfigError(f"bundle name must be letters, digits, '_' or '-', got {name!r}", "NAME")
+    root = Path(bundles_dir)
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise OutputExistsError("bundle exists already; pass --overwrite to replace its weights (the version is bumped)", dest)
+    base_dir = dest if dest.exists() else Path(base) if base is not None else root / TASKS[task]
+    if not (base_dir / "configs" / "metadata.json").is_file():
+        raise ConfigError("base bundle has no configs/metadata.json", base_dir)
+    checkpoint = Path(checkpoint)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.new-", dir=root))
+    try:
+        for item in ("LICENSE", "configs", "docs"):
+            src = base_dir / item
+            if src.is_dir():
+                shutil.copytree(src, staging / item)
+            elif src.is_file():
+                shutil.copy2(src, staging / item)
+        _package_from_checkpoint(checkpoint, Path(config) if config else None, staging / "models")
+        package = read_config(staging / "models")
+        terms = list(package.terms)
+        if not terms:
+            raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
+        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}")
+        (sha,) = [r.sha256 for r in record_hashes(staging)]
+        metadata = validate_metadata(staging)
+        _publish(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return NewBundle(dest, str(metadata["version"]), tuple(terms), sha)
+
+
+def _update_configs(staging: Path, terms: list[str], changelog: str) -> None:
+    import monai
+    import numpy
+    import torch
+
+    from volumed.io.atomic import atomic_write_text
+
+    meta_path = staging / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    version = bump_version(meta["version"])
+    meta["version"] = version
+    meta["changelog"] = {version: changelog, **meta.get("changelog", {})}
+    meta["monai_version"] = monai.__version__.split("+")[0]
+    meta["pytorch_version"] = torch.__version__.split("+")[0]
+    meta["numpy_version"] = numpy.__version__
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    pred["num_channels"] = len(terms)
+    pred["channel_def"] = {str(k): t for k, t in enumerate(terms)}
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n", overwrite=True)
+    infer_path = staging / "configs" / "inference.json"
+    if infer_path.is_file():
+        infer = json.loads(infer_path.read_text(encoding="utf-8"))
+        infer.setdefault("displayable_configs", {})["prompts"] = terms
+        atomic_write_text(infer_path, json.dumps(infer, indent=2) + "\n", overwrite=True)
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Move the staged bundle to ``dest``; an existing ``dest`` is swapped out whole."""
+    if not dest.exists():
+        os.replace(staging, dest)
+        staging.mkdir()  # the caller's cleanup expects it
+        return
+    trash = staging.parent / f"{staging.name}.old"
+    os.replace(dest, trash)
+    try:
+        os.replace(staging, dest)
+    except OSError:
+        os.replace(trash, dest)
+        raise
+    staging.mkdir()
+    shutil.rmtree(trash, ignore_errors=True)
