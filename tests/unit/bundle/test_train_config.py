@@ -124,3 +124,16 @@ def test_cli_bundle_new(tiny_bundle, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'copy'}: version 0.2.0" in out
     assert sha256_file(tmp_path / "copy" / "models" / "model.safetensors") in out
+
+
+def test_bundle_new_updates_a_bundle_in_place_after_retraining(tiny_bundle):
+    """Retraining writes models/ of the bundle itself; one command then records the new weights,
+    bumps the version and makes the labels the package's terms."""
+    (tiny_bundle / "models" / "model.safetensors").write_bytes(
+        (tiny_bundle / "models" / "model.safetensors").read_bytes())  # same weights, as a retrain would rewrite them
+    made = new_bundle(tiny_bundle / "models", tiny_bundle.name, bundles_dir=tiny_bundle.parent, overwrite=True,
+                      changelog="retrained")
+    assert made.path == tiny_bundle and made.version == "0.2.0"
+    assert read_metadata(tiny_bundle)["changelog"]["0.2.0"] == "retrained"
+    assert [r.sha256 for r in verify_hashes(tiny_bundle)] == [made.sha256]
+    assert load(tiny_bundle).version == "0.2.0"
