@@ -150,16 +150,28 @@ def test_run_bundle_refuses_changed_weights_and_missing_input(tiny_bundle, ts_di
     assert not (tmp_path / "o").exists()
 
 
-def test_verify_net_in_out_with_text(tiny_bundle):
-    config, meta = (str(tiny_bundle / "configs" / n) for n in ("inference.json", "metadata.json"))
-    text = prompt_embeddings(tiny_bundle / "models", default_prompts())
+def test_verify_net_in_out_with_text():
+    """On the real bundle's network (architecture from models/config.json) and metadata."""
+    config, meta = (str(PROMPTSEG / "configs" / n) for n in ("inference.json", "metadata.json"))
+    text = prompt_embeddings(PROMPTSEG / "models", default_prompts())
     assert text.shape == (15, 384)
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=1,
-                      extra_forward_args={"text": text}, bundle_root=str(tiny_bundle))
+                      extra_forward_args={"text": text}, bundle_root=str(PROMPTSEG))
     # The check is real: 3 prompts give 3 channels where the metadata promises 15.
     with pytest.raises(ValueError, match="output channel number `3` doesn't match: `15`"):
         verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu",
-                          extra_forward_args={"text": text[:3]}, bundle_root=str(tiny_bundle))
+                          extra_forward_args={"text": text[:3]}, bundle_root=str(PROMPTSEG))
+
+
+def test_config_workflow_infer_check_properties_on_the_real_bundle():
+    """The real bundle's workflow instantiates (its weights pass the sha256 check) and has every property."""
+    workflow = _workflow(PROMPTSEG, input_image="unused.nii.gz")
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert tuple(workflow.inferer.roi_size) == tuple(read_config(PROMPTSEG / "models").patch_size)
+    reference, _ = load_package(PROMPTSEG / "models")
+    loaded = workflow.evaluator.network.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
 
 
 def test_ckpt_export_torchscript_of_the_default_prompts(tiny_bundle, tmp_path):
