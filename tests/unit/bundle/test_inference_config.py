@@ -261,3 +261,16 @@ def test_volumed_run_errors_are_one_line(tiny_bundle, ts_dir, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("volumed: error: ") and "brian" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_default_prompts_and_all_terms(tiny_bundle, ts_dir, tmp_path):
+    """Without prompts the bundle segments its default list (channel_def order: label value k + 1 is
+    channel k); --all segments every trained term, as volumed segment --all does."""
+    image = ts_dir / "example_ct_sm.nii.gz"
+    (default,) = run_bundle(tiny_bundle, image, tmp_path / "default", device="cpu")
+    assert [t.name for t in default.terms] == channel_names(read_metadata(tiny_bundle))
+    assert [t.value for t in default.terms] == list(range(1, 16))
+    (everything,) = run_bundle(tiny_bundle, image, tmp_path / "all", all_terms=True, device="cpu")
+    reference = segment(image, [], all_terms=True, model_dir=tiny_bundle / "models", out_dir=tmp_path / "segment", progress=False)
+    assert [t.name for t in everything.terms] == [t.name for t in reference.terms]
+    _same_outputs(tmp_path / "all", tmp_path / "segment", [t.name.replace(" ", "_") for t in reference.terms])
