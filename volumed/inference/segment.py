@@ -43,6 +43,8 @@ Outputs in ``out_dir``:
   dropped on the model grid). All measured on the post-processed masks.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
   (present terms, ``(untrained)`` where so), and a line listing the absent terms.
+* ``report.txt``: the findings in words (image, model, then the summary's found / absent lines,
+  :func:`findings_lines`). Plain text: not a radiology report and not a DICOM SR.
 * ``segmentation.dcm``: a DICOM SEG of the label map, when the input is a DICOM series with
   Study/Series/Frame-of-Reference UIDs, one segment per term in the label map; its
   SegmentDescription gives the prompt and the confidence, and an untrained term's SegmentLabel
@@ -115,6 +117,7 @@ __all__ = [
     "STATISTICS_NAME",
     "PREVIEW_NAME",
     "SEG_NAME",
+    "REPORT_NAME",
     "MASKS_DIR",
     "PRIORITY_RULE",
     "Prediction",
@@ -122,6 +125,7 @@ __all__ = [
     "SegmentedTerm",
     "SegmentationResult",
     "default_model_dir",
+    "findings_lines",
     "is_trained",
     "mask_file_name",
     "refuse_untrained",
@@ -137,8 +141,9 @@ TABLE_NAME = "labels.json"
 STATISTICS_NAME = "statistics.json"
 PREVIEW_NAME = "preview.png"
 SEG_NAME = "segmentation.dcm"
+REPORT_NAME = "report.txt"
 MASKS_DIR = "masks"
-_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, SEG_NAME)
+_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, REPORT_NAME, SEG_NAME)
 #: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
 _CHUNK_CELLS = 1 << 24
 #: At most this many coarse cells are blended to find the peak of an absent term (a few ms).
@@ -808,29 +813,38 @@ class SegmentationResult:
         """Human-readable lines: how many structures were found, one line per found structure
         (volume, confidence, intensity, components, flags), one line listing the absent ones with
         the bound of their probability, then the outputs and warnings."""
-        found = [t for t in self.terms if t.present]
-        absent = [t for t in self.terms if not t.present]
-        threshold = self.threshold if self.threshold is not None else math.nan
-        lines = [f"found {len(found)} of {len(self.terms)} structure(s) (probability above {threshold:g}):"]
-        for t in found:
-            s = t.statistics
-            flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained)) if on)
-            hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
-            volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
-            removed = t.postprocessing.removed_components
-            lines.append(
-                f"{t.value:3d} {t.name:<28s} {volume} mL, confidence {t.evidence.confidence:.2f}{hu}, "
-                f"{s.components} component(s)" + (f", {removed} fragment(s) removed" if removed else "")
-                + (f" [{flags}]" if flags else "")
-            )
-        # An absent structure's evidence: an upper bound of its probability anywhere in the image.
-        lines.append(f"absent ({len(absent)}): " + (", ".join(
-            f"{t.name} (p <= {t.evidence.max_probability_bound:.2f}" + ("" if t.trained else ", untrained") + ")"
-            for t in absent) if absent else "none"))
-        lines.append(f"wrote {self.out_dir} ({len(self.terms)} masks, labels, statistics, preview"
+        lines = findings_lines(self.terms, self.threshold)
+        lines.append(f"wrote {self.out_dir} ({len(self.terms)} masks, labels, statistics, preview, report"
                      + (", DICOM SEG" if self.dicom_seg else "") + f") in {self.seconds.get('total', 0):.1f} s")
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
+
+
+def findings_lines(terms: Sequence[SegmentedTerm], threshold: float | None) -> list[str]:
+    """The findings in words, one line each: how many structures were found, one line per found
+    structure (volume in mL, confidence, mean intensity, components, flags), then one line listing
+    the absent ones with the upper bound of their probability. The summary printed by ``volumed
+    segment`` / ``volumed run`` and ``report.txt`` both start with these lines."""
+    found = [t for t in terms if t.present]
+    absent = [t for t in terms if not t.present]
+    threshold = threshold if threshold is not None else math.nan
+    lines = [f"found {len(found)} of {len(terms)} structure(s) (probability above {threshold:g}):"]
+    for t in found:
+        s = t.statistics
+        flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained)) if on)
+        hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
+        volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
+        removed = t.postprocessing.removed_components
+        lines.append(
+            f"{t.value:3d} {t.name:<28s} {volume} mL, confidence {t.evidence.confidence:.2f}{hu}, "
+            f"{s.components} component(s)" + (f", {removed} fragment(s) removed" if removed else "")
+            + (f" [{flags}]" if flags else "")
+        )
+    # An absent structure's evidence: an upper bound of its probability anywhere in the image.
+    lines.append(f"absent ({len(absent)}): " + (", ".join(
+        f"{t.name} (p <= {t.evidence.max_probability_bound:.2f}" + ("" if t.trained else ", untrained") + ")"
+        for t in absent) if absent else "none"))
+    return lines
 
 
 def _existing_outputs(out_dir: Path) -> list[Path]:
@@ -1027,7 +1041,7 @@ def _write_outputs(
     model_dir: Path,
     warnings: list[str],
 ) -> None:
-    """Label map, table, statistics, preview and (DICOM input) SEG into ``staging``."""
+    """Label map, table, statistics, report, preview and (DICOM input) SEG into ``staging``."""
     from volumed.inference.preview import render_preview
     from volumed.io.writer import SegmentSpec, write_dicom_seg, write_label_map
 
@@ -1054,6 +1068,7 @@ def _write_outputs(
         "terms": {t.name: _term_statistics(t) for t in terms},
     }
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
+    atomic_write_text(staging / REPORT_NAME, _report_text(volume, terms, config, model_dir))
     found = [t for t in terms if t.present]
     absent = [f"{t.display_name} (p <= {t.evidence.max_probability_bound:.2f})" for t in terms if not t.present]
     render_preview(
@@ -1081,6 +1096,24 @@ def _write_outputs(
         write_dicom_seg(label_map, volume, segments, staging / SEG_NAME)
     except VolumedError as err:
         warnings.append(f"DICOM SEG skipped: {err}")
+
+
+def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: PromptSegConfig, model_dir: Path) -> str:
+    """``report.txt``: the findings in words (:func:`findings_lines`) under a header naming the
+    image and the model. A plain-text findings list, not a radiology report and not a DICOM SR."""
+    source = volume.source.path.name if volume.source.path else "image"
+    spacing = " x ".join(f"{s:.3g}" for s in volume.spacing)
+    lines = [
+        "volumed segmentation findings (research use only; not a medical device, not for diagnosis)",
+        f"image: {source} ({volume.modality}, {' x '.join(map(str, volume.shape))} voxels of {spacing} mm)",
+        f"model: {model_dir} (version {config.version}, encoder {config.encoder})",
+        "",
+        *findings_lines(terms, float(config.threshold)),
+        "",
+        "confidence is the model's mean probability inside the mask, not a measured accuracy;",
+        f"volumes and intensities per structure are in {STATISTICS_NAME}, masks in {MASKS_DIR}/, the label map in {LABELS_NAME}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _term_statistics(term: SegmentedTerm) -> dict:

@@ -70,7 +70,8 @@ def test_nifti_outputs_lie_on_the_input_grid(package, ts_dir, tmp_path):
     assert [t.prompt for t in result.terms] == ["liver", "left kidney"]
     assert all(t.trained and not t.free_text for t in result.terms)
     assert result.dicom_seg is None and result.warnings == ()
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "labels.nii.gz", "masks", "preview.png", "statistics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "labels.nii.gz", "masks", "preview.png", "report.txt",
+                                                     "statistics.json"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["kidney_left.nii.gz", "liver.nii.gz"]
     assert not list(tmp_path.glob(".out.volumed-*")), "staging folder left behind"
 
@@ -96,6 +97,13 @@ def test_nifti_outputs_lie_on_the_input_grid(package, ts_dir, tmp_path):
                                     "postprocess": "largest_component"}
     assert table["priority"] == PRIORITY_RULE and table["threshold"] == 0.5
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # report.txt: the findings in words, the same lines the summary prints, under the image and model.
+    report = (out / "report.txt").read_text().splitlines()
+    assert report[0].startswith("volumed segmentation findings (research use only; not a medical device")
+    assert report[1] == "image: example_ct_sm.nii.gz (CT, 122 x 101 x 30 voxels of 3 x 3 x 3 mm)"
+    findings = result.summary()[: sum(t.present for t in result.terms) + 2]  # header, found lines, absent line
+    assert findings[0].startswith("found ") and findings[-1].startswith("absent (")
+    assert report[4:4 + len(findings)] == findings
 
 
 def test_dicom_series_outputs_overlay_in_physical_space_and_seg_round_trips(package, ts_dir, tmp_path):
