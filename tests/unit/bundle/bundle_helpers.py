@@ -19,3 +19,7 @@ def all_bundles() -> list[Path]:
 def default_prompts() -> list[str]:
     """The promptseg bundle's default prompt list (inference.json's displayable_configs#prompts)."""
     return json.loads((PROMPTSEG / "configs" / "inference.json").read_text())["displayable_configs"]["prompts"]
+
+VOCO = BUNDLES / "volumed_voco_pretrain"
+#: Bundles with no inference: they train an encoder, they predict nothing (no configs/inference.json).
+TRAIN_ONLY = {"volumed_voco_pretrain"}

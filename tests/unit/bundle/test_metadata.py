@@ -7,14 +7,15 @@ import json
 
 import jsonschema
 import pytest
-from bundle_helpers import PROMPTSEG, all_bundles, default_prompts
+from bundle_helpers import PROMPTSEG, TRAIN_ONLY, all_bundles, default_prompts
 
 from volumed.bundle.metadata import SCHEMA_PATH, channel_names, metadata_problems, read_metadata, validate_metadata
 from volumed.errors import ConfigError
 from volumed.inference.package import read_config
 
-LAYOUT = ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json", "docs/README.md", "models",
-          "large_files.yml")
+LAYOUT = ("LICENSE", "configs/metadata.json", "configs/train.json", "docs/README.md", "models")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".onnx", ".ckpt", ".bin")
+MAX_COMMITTED_BYTES = 25 * 1024 * 1024
 
 
 def test_the_schema_is_a_valid_json_schema():
@@ -27,8 +28,37 @@ def test_there_is_at_least_the_promptseg_bundle():
 
 @pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
 def test_bundle_layout(bundle):
-    missing = [name for name in LAYOUT if not (bundle / name).exists()]
+    """MONAI's layout; configs/inference.json in every bundle that predicts (all but TRAIN_ONLY);
+    large_files.yml wherever models/ holds weights (bundles that ship configs only have none)."""
+    required = LAYOUT + (() if bundle.name in TRAIN_ONLY else ("configs/inference.json",))
+    weights = [p for p in (bundle / "models").rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    required += ("large_files.yml",) if weights else ()
+    missing = [name for name in required if not (bundle / name).exists()]
     assert not missing, f"{bundle.name} lacks {missing}"
+    if bundle.name in TRAIN_ONLY:
+        assert not (bundle / "configs" / "inference.json").exists()
+
+
+@pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
+def test_no_committed_weight_file_over_25_mb(bundle):
+    """Weights over 25 MB are listed in large_files.yml with a url and are not tracked by git."""
+    import subprocess
+
+    import yaml
+
+    root = bundle.parents[1]
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", bundle.relative_to(root).as_posix()], cwd=root,
+                             capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in filter(None, tracked.stdout.split("\0")):
+        path = root / name
+        assert not (path.suffix in WEIGHT_SUFFIXES and path.stat().st_size > MAX_COMMITTED_BYTES), f"{name} is tracked"
+    if (bundle / "large_files.yml").is_file():
+        for entry in yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]:
+            path = bundle / entry["path"]
+            if path.is_file() and path.stat().st_size > MAX_COMMITTED_BYTES:
+                assert entry["url"], f"{entry['path']} is over 25 MB: large_files.yml must give its url"
 
 
 @pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
