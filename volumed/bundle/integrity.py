@@ -26,6 +26,7 @@ __all__ = [
     "RECORD_NAME",
     "WEIGHT_SUFFIXES",
     "HashRecord",
+    "weight_files",
     "sha256_file",
     "read_hash_records",
     "record_hashes",
@@ -92,7 +93,8 @@ def read_hash_records(bundle: str | Path) -> list[HashRecord]:
     return records
 
 
-def _weight_files(root: Path) -> list[Path]:
+def weight_files(root: Path) -> list[Path]:
+    """The weight files (by suffix) under ``root/models``, sorted."""
     models = root / "models"
     return sorted(p for p in models.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if models.is_dir() else []
 
@@ -105,7 +107,7 @@ def record_hashes(bundle: str | Path) -> list[HashRecord]:
         ConfigError: the bundle has no weight file under ``models/``.
     """
     root = Path(bundle)
-    files = _weight_files(root)
+    files = weight_files(root)
     if not files:
         raise ConfigError(f"no weight file ({', '.join(WEIGHT_SUFFIXES)}) under models/", root)
     urls = {}
@@ -144,7 +146,7 @@ def verify_hashes(bundle: str | Path) -> list[HashRecord]:
                 f"weights that are not the bundle's. If you replaced them on purpose, run `volumed bundle hash {root}`",
                 path,
             )
-    extra = [p.relative_to(root).as_posix() for p in _weight_files(root) if p.relative_to(root).as_posix() not in recorded]
+    extra = [p.relative_to(root).as_posix() for p in weight_files(root) if p.relative_to(root).as_posix() not in recorded]
     if extra:
         raise WeightsLoadError(f"weight file(s) with no sha256 in {RECORD_NAME}: {', '.join(extra)} (volumed bundle hash {root})", root)
     return records

@@ -56,7 +56,7 @@ def check_bundle(path: str | Path, *, strict_monai: bool = False) -> tuple[Path,
     Returns ``(root, metadata, warnings, hashes)``. Raises ``ConfigError`` / ``WeightsLoadError``
     naming the file and the problem.
     """
-    from volumed.bundle.integrity import check_monai_version, verify_hashes
+    from volumed.bundle.integrity import RECORD_NAME, weight_files, check_monai_version, verify_hashes
     from volumed.bundle.metadata import validate_metadata
 
     root = Path(path)
@@ -66,6 +66,12 @@ def check_bundle(path: str | Path, *, strict_monai: bool = False) -> tuple[Path,
         raise ConfigError(f"not a runnable bundle: {INFERENCE_CONFIG} is missing", root)
     metadata = validate_metadata(root)
     warning = check_monai_version(metadata, strict=strict_monai)
+    if not (root / RECORD_NAME).exists() and not weight_files(root):
+        raise ConfigError(
+            f"this bundle ships configs only: no trained weights under models/ and no {RECORD_NAME}. Train it with "
+            f"its configs/train.json, put the weights in models/ and record them with `volumed bundle hash {root}`",
+            root,
+        )
     records = verify_hashes(root)
     return root, metadata, [warning] if warning else [], {r.path: r.sha256 for r in records}
 

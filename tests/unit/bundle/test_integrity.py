@@ -65,8 +65,13 @@ def test_unrecorded_missing_and_absent_records(tiny_bundle):
     with pytest.raises(WeightsLoadError, match=r"model.safetensors: recorded weight file is missing"):
         verify_hashes(tiny_bundle)
     (tiny_bundle / RECORD_NAME).unlink()
+    # Neither weights nor a record: a bundle that ships configs only, refused as such.
+    with pytest.raises(ConfigError, match="this bundle ships configs only: no trained weights under models/"):
+        load(tiny_bundle)
+    extra.write_bytes(b"x")  # weights with no record
     with pytest.raises(ConfigError, match="no large_files.yml: the bundle records no sha256"):
         load(tiny_bundle)
+    extra.unlink()
     (tiny_bundle / RECORD_NAME).write_text("large_files:\n- path: models/model.safetensors\n  hash_val: abc\n")
     with pytest.raises(ConfigError, match=r"large_files.yml: entry 0 \(models/model.safetensors\): needs hash_type sha256"):
         read_hash_records(tiny_bundle)
