@@ -43,7 +43,8 @@ def class_lookup(classes: Sequence[str], modality: str = "CT") -> np.ndarray:
     """``table[id] = class index`` (1-based, 0 = background) for label maps of TotalSegmentator ids.
 
     Raises:
-        ConfigError: an unknown class name, a repeated one, or two classes sharing an id.
+        UnknownTermError: a class name that is not a vocabulary term (with suggestions).
+        ConfigError: a class with no label id in ``modality``, a repeated one, or two classes sharing an id.
     """
     from volumed.data.vocab import default_vocabulary
 

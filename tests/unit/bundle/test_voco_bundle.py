@@ -17,7 +17,12 @@ from volumed.bundle.train import LightningBundleTrainer
 from volumed.data.phantoms import make_cohort, write_cohort
 from volumed.encoders import create_encoder
 from volumed.encoders.weights import load_encoder_weights
-from volumed.tasks.pretrain_voco import EncoderExport, VoCoDataModule, VoCoNet, VoCoPretrainModule
+from volumed.tasks.pretrain_voco import (
+    EncoderExport,
+    VoCoDataModule,
+    VoCoNet,
+    VoCoPretrainModule,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
