@@ -177,3 +177,40 @@ def test_stunet_s_one_epoch_on_phantoms_then_inference_on_the_real_ct(ts_dir, tm
     table = json.loads(result.label_table.read_text())
     assert table["labels"]["5"] == "liver" and sum(table["voxels"].values()) == int((np.asarray(labels.dataobj) > 0).sum())
     assert not list(tmp_path.glob(".seg.volumed-*"))
+
+
+def test_the_four_sizes_differ_only_in_their_preset():
+    """Four self-contained bundles (MONAI's layout has no inheritance): the copies must not drift."""
+    for name in ("inference.json", "train.json"):
+        configs = {size: json.loads((_bundle(size) / "configs" / name).read_text()) for size in SIZES}
+        for size, config in configs.items():
+            assert config.pop("preset") == f"stunet_{size}"
+        assert all(config == configs["s"] for config in configs.values()), name
+    for name in ("LICENSE",):
+        assert len({(_bundle(size) / name).read_text() for size in SIZES}) == 1
+
+
+def test_ckpt_export_torchscript_by_tracing(tmp_path):
+    """torch.jit.script fails on STU-Net (its encoder's feature_info is a Python list of records),
+    so MONAI's ckpt_export traces network_def; the trace has no shape-dependent branch, so it
+    answers other window sizes too. Random weights of S stand in for trained ones."""
+    from monai.bundle import ckpt_export
+
+    from volumed.encoders.stunet import create_stunet
+
+    bundle = _bundle("s")
+    torch.manual_seed(0)
+    network = create_stunet("stunet_s", num_classes=16, deep_supervision=False).eval()
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+                    meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(bundle / "configs" / "inference.json"),
+                    bundle_root=str(bundle), use_trace=True)
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    for shape in ((1, 1, 64, 64, 64), (1, 1, 128, 64, 96)):
+        image = torch.rand(shape)
+        with torch.no_grad():
+            got, want = exported(image), network(image)
+        assert got.shape == (1, 16, *shape[2:])
+        assert torch.allclose(got, want, atol=1e-5)
