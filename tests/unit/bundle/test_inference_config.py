@@ -74,7 +74,8 @@ def test_config_workflow_infer_check_properties(tiny_bundle):
     assert isinstance(workflow.inferer, SlidingWindowInferer)
     assert workflow.evaluator.postprocessing is workflow.postprocessing
     assert workflow.dataset.transform is workflow.preprocessing
-    assert workflow.version == "0.1.0" and workflow.monai_version == read_metadata(tiny_bundle)["monai_version"]
+    meta = read_metadata(tiny_bundle)
+    assert workflow.version == meta["version"] and workflow.monai_version == meta["monai_version"]
     # The inferer's window is the package's (the tiny one's, not the real bundle's).
     assert tuple(workflow.inferer.roi_size) == (64, 64, 16) and workflow.inferer.overlap == 0.25
     # Label names for MONAI Label: the channel_def of the pred output.
@@ -154,11 +155,12 @@ def test_verify_net_in_out_with_text():
     """On the real bundle's network (architecture from models/config.json) and metadata."""
     config, meta = (str(PROMPTSEG / "configs" / n) for n in ("inference.json", "metadata.json"))
     text = prompt_embeddings(PROMPTSEG / "models", default_prompts())
-    assert text.shape == (15, 384)
+    n = len(default_prompts())
+    assert text.shape == (n, 384)
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=1,
                       extra_forward_args={"text": text}, bundle_root=str(PROMPTSEG))
-    # The check is real: 3 prompts give 3 channels where the metadata promises 15.
-    with pytest.raises(ValueError, match="output channel number `3` doesn't match: `15`"):
+    # The check is real: 3 prompts give 3 channels where the metadata promises n.
+    with pytest.raises(ValueError, match=f"output channel number `3` doesn't match: `{n}`"):
         verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu",
                           extra_forward_args={"text": text[:3]}, bundle_root=str(PROMPTSEG))
 
@@ -188,13 +190,15 @@ def test_ckpt_export_torchscript_of_the_default_prompts(tiny_bundle, tmp_path):
                     use_trace=True)
     extra = {"metadata.json": "", "inference.json": ""}
     exported = torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == "0.1.0"
-    image = torch.rand(1, 1, 64, 64, 32)
+    assert json.loads(extra["metadata.json"])["version"] == read_metadata(tiny_bundle)["version"]
+    # The window of the metadata's spatial_shape ("96*n", ...) at n = 1.
+    window = [int(str(e).split("*")[0]) for e in read_metadata(tiny_bundle)["network_data_format"]["inputs"]["image"]["spatial_shape"]]
+    image = torch.rand(1, 1, *window)
     text = prompt_embeddings(tiny_bundle / "models", default_prompts())
     with torch.no_grad():
         want = network(image, text)
         got = exported(image)
-    assert got.shape == (1, 15, 64, 64, 32)
+    assert got.shape == (1, len(default_prompts()), *window)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -269,7 +273,7 @@ def test_default_prompts_and_all_terms(tiny_bundle, ts_dir, tmp_path):
     image = ts_dir / "example_ct_sm.nii.gz"
     (default,) = run_bundle(tiny_bundle, image, tmp_path / "default", device="cpu")
     assert [t.name for t in default.terms] == channel_names(read_metadata(tiny_bundle))
-    assert [t.value for t in default.terms] == list(range(1, 16))
+    assert [t.value for t in default.terms] == list(range(1, len(default.terms) + 1))
     (everything,) = run_bundle(tiny_bundle, image, tmp_path / "all", all_terms=True, device="cpu")
     reference = segment(image, [], all_terms=True, model_dir=tiny_bundle / "models", out_dir=tmp_path / "segment", progress=False)
     assert [t.name for t in everything.terms] == [t.name for t in reference.terms]

@@ -10,6 +10,7 @@ import yaml
 from bundle_helpers import PROMPTSEG
 
 from volumed.bundle import load, record_hashes, sha256_file, verify_hashes
+from volumed.bundle.metadata import channel_names, read_metadata
 from volumed.bundle.integrity import RECORD_NAME, check_monai_version, read_hash_records
 from volumed.cli import main
 from volumed.errors import ConfigError, WeightsLoadError
@@ -117,8 +118,9 @@ def test_load_gives_the_package_network_and_reads_no_pickle(tiny_bundle, monkeyp
     monkeypatch.setattr(torch, "load", no_pickle)
     bundle = load(tiny_bundle)
     reference, _ = load_package(tiny_bundle / "models")
-    assert bundle.version == "0.1.0"
-    assert bundle.labels[:2] == ["aorta", "gallbladder"]
+    metadata = read_metadata(tiny_bundle)
+    assert bundle.version == metadata["version"]
+    assert bundle.labels == channel_names(metadata) and bundle.labels[0] == "aorta"
     assert bundle.hashes == {"models/model.safetensors": sha256_file(tiny_bundle / "models" / "model.safetensors")}
     assert not bundle.network.training
     got, want = bundle.network.state_dict(), reference.state_dict()
@@ -143,7 +145,8 @@ def _cli(args: list[str]) -> int:
 
 def test_cli_bundle_hash_and_verify(tiny_bundle, capsys):
     assert _cli(["bundle", "verify", str(tiny_bundle)]) == 0
-    assert "version 0.1.0, metadata valid, models/model.safetensors sha256 ok" in capsys.readouterr().out
+    version = read_metadata(tiny_bundle)["version"]
+    assert f"version {version}, metadata valid, models/model.safetensors sha256 ok" in capsys.readouterr().out
     weights = tiny_bundle / "models" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF

@@ -72,11 +72,13 @@ def test_one_epoch_on_phantoms_then_bundle_new(tiny_bundle, tmp_path):
     assert changed, "one epoch changed no weight"
 
     # A complete bundle from the package, in one call.
+    base = read_metadata(tiny_bundle)["version"]
+    v1, v2 = bump_version(base), bump_version(bump_version(base))
     made = new_bundle(package, "phantom_seg", bundles_dir=tmp_path / "bundles", base=tiny_bundle, changelog="phantom epoch")
     root = tmp_path / "bundles" / "phantom_seg"
-    assert made.path == root and made.version == "0.2.0" and made.terms == ("liver", "spleen")
+    assert made.path == root and made.version == v1 and made.terms == ("liver", "spleen")
     metadata = validate_metadata(root)
-    assert metadata["changelog"]["0.2.0"] == "phantom epoch" and "0.1.0" in metadata["changelog"]
+    assert metadata["changelog"][v1] == "phantom epoch" and base in metadata["changelog"]
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "liver", "1": "spleen"}
     assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
     infer = json.loads((root / "configs" / "inference.json").read_text())
@@ -95,7 +97,7 @@ def test_one_epoch_on_phantoms_then_bundle_new(tiny_bundle, tmp_path):
     with pytest.raises(OutputExistsError, match="bundle exists already"):
         new_bundle(package, "phantom_seg", bundles_dir=tmp_path / "bundles", base=tiny_bundle)
     updated = new_bundle(package, "phantom_seg", bundles_dir=tmp_path / "bundles", overwrite=True)
-    assert updated.version == "0.3.0" and list(read_metadata(root)["changelog"])[:2] == ["0.3.0", "0.2.0"]
+    assert updated.version == v2 and list(read_metadata(root)["changelog"])[:2] == [v2, v1]
 
 
 def test_bundle_new_refuses_bad_requests(tiny_bundle, tmp_path):
@@ -122,7 +124,7 @@ def test_cli_bundle_new(tiny_bundle, tmp_path, capsys):
     except SystemExit as exit_:
         assert not exit_.code, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'copy'}: version 0.2.0" in out
+    assert f"wrote {tmp_path / 'copy'}: version {bump_version(read_metadata(tiny_bundle)['version'])}" in out
     assert sha256_file(tmp_path / "copy" / "models" / "model.safetensors") in out
 
 
@@ -131,9 +133,10 @@ def test_bundle_new_updates_a_bundle_in_place_after_retraining(tiny_bundle):
     bumps the version and makes the labels the package's terms."""
     (tiny_bundle / "models" / "model.safetensors").write_bytes(
         (tiny_bundle / "models" / "model.safetensors").read_bytes())  # same weights, as a retrain would rewrite them
+    bumped = bump_version(read_metadata(tiny_bundle)["version"])
     made = new_bundle(tiny_bundle / "models", tiny_bundle.name, bundles_dir=tiny_bundle.parent, overwrite=True,
                       changelog="retrained")
-    assert made.path == tiny_bundle and made.version == "0.2.0"
-    assert read_metadata(tiny_bundle)["changelog"]["0.2.0"] == "retrained"
+    assert made.path == tiny_bundle and made.version == bumped
+    assert read_metadata(tiny_bundle)["changelog"][bumped] == "retrained"
     assert [r.sha256 for r in verify_hashes(tiny_bundle)] == [made.sha256]
-    assert load(tiny_bundle).version == "0.2.0"
+    assert load(tiny_bundle).version == bumped
