@@ -12,9 +12,10 @@ What a new hospital's CT differs in, beyond what rotation, scaling and intensity
   its HU.
 * **Field of view** (:class:`FieldOfView`, every patch). Clinical scans show the chest only, the
   abdomen only or the pelvis only. A region is drawn among those the case covers, its axial
-  extent (from the case's masks, plus a random margin) kept, and everything above and below made
-  air (0 after scaling, what inference pads with), targets included: a structure outside the
-  field of view is then absent, and one cut by it is cut in its mask too.
+  extent (from the case's masks, plus a random margin) kept, and the slices above and below
+  filled as inference pads a scan thinner than the patch: by default the kept slab mirrored at
+  its ends, image and targets alike (``fill="mirror"``, :func:`volumed.data.transforms.pad_spatial`),
+  or air with empty targets (``fill="air"``, for packages that pad with air).
 * **Slice thickness** (:func:`slice_thickness`, every patch). Slices from 1 to 5 mm: TorchIO's
   ``RandomAnisotropy`` down-samples the slice axis by a random factor and resamples back, as
   thick slices lose through-plane detail. At a 4 mm model spacing only thicknesses above 4 mm
@@ -132,7 +133,7 @@ class ContrastPhase:
 
 
 class FieldOfView:
-    """Keep one body region's slices of a patch, make the rest air (module docstring).
+    """Keep one body region's slices of a patch; fill the rest (module docstring).
 
     Args:
         regions: ``{region: (first, last)}`` 1-based slice indices of the case that the region
@@ -140,10 +141,16 @@ class FieldOfView:
         margin_slices: ``(low, high)`` random margin added above and below, in slices.
         prob: probability that a patch is cut at all.
         seed: the generator's seed.
+        fill: what replaces the other slices: ``"mirror"`` (the kept slab reflected at its ends,
+            image and masks alike, as inference pads a scan thinner than the patch,
+            :func:`volumed.data.transforms.pad_spatial`) or ``"air"`` (image 0, masks empty).
     """
 
     def __init__(self, regions: Mapping[str, tuple[int, int]], margin_slices: tuple[int, int] = (0, 10), prob: float = 0.25,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, fill: str = "mirror"):  # fmt: skip
+        if fill not in ("mirror", "air"):
+            raise ValueError(f"FieldOfView fill must be 'mirror' or 'air', got {fill!r}")
+        self.fill = fill
         self.regions = {k: (int(a), int(b)) for k, (a, b) in regions.items()}
         self.margin = (int(margin_slices[0]), int(margin_slices[1]))
         self.prob = float(prob)
@@ -173,6 +180,17 @@ class FieldOfView:
         last += int(self.rng.integers(self.margin[0], self.margin[1] + 1))
         keep = ((z >= first) & (z <= last))[None]
         out["fov"] = region
+        if self.fill == "mirror":
+            slices = keep[0].any(0).any(0).nonzero().flatten()
+            if slices.numel() == 0:
+                return out
+            a, n = int(slices[0]), int(slices[-1]) - int(slices[0]) + 1
+            r = (torch.arange(keep.shape[-1]) - a) % (2 * n)
+            src = a + torch.where(r >= n, 2 * n - 1 - r, r)
+            for key in ("image", "masks", "fg", "zindex", "pools"):
+                if key in data:
+                    out[key] = torch.as_tensor(data[key]).index_select(-1, src)
+            return out
         out["image"] = torch.where(keep, torch.as_tensor(data["image"]), torch.zeros((), dtype=torch.as_tensor(data["image"]).dtype))
         for key in ("masks", "fg"):
             if key in data:

@@ -729,7 +729,41 @@ def label_to_model_probabilities(label: Volume, case: PreprocessedCase, class_id
     return MetaTensor(torch.cat(parts).clamp_(0.0, 1.0), affine=dst_affine.clone())
 
 
+#: How an image smaller than the network's patch is padded (training and sliding-window
+#: inference must agree): ``"constant"`` with 0 (air for CT after scaling), or ``"symmetric"``,
+#: mirrored at its edges (repeatedly where the pad is wider than the image).
+PAD_MODES: tuple[str, ...] = ("constant", "symmetric")
+
+
+def pad_spatial(x: torch.Tensor, pads: Sequence[int], mode: str = "constant") -> torch.Tensor:
+    """Pad the last three axes of ``x`` by ``pads`` (``torch.nn.functional.pad`` order: last axis
+    first, ``(before, after)`` each).
+
+    ``"symmetric"`` mirrors the image at its edges, as ``numpy.pad(mode="symmetric")``. A thin
+    slab (a 4 cm DICOM series: 10 slices at 4 mm) padded with air to a 48-slice patch shows
+    bands of air above and below the body that no whole-body scan has; a network trained on such
+    slabs next to full-length synthetic volumes learned "real CT = slab in air" and found nothing
+    on a real full-length scan (docs/synthesis.md). Mirroring keeps every patch a plausible CT.
+    """
+    if mode not in PAD_MODES:
+        raise ConfigError(f"pad mode must be one of {list(PAD_MODES)}, got {mode!r}", "pad_mode")
+    pads = [int(v) for v in pads]
+    if not any(pads):
+        return x
+    if mode == "constant":
+        return torch.nn.functional.pad(x, pads)
+    widths = [(0, 0)] * (x.ndim - len(pads) // 2) + [(pads[2 * k], pads[2 * k + 1]) for k in reversed(range(len(pads) // 2))]
+    idx = [torch.as_tensor(np.pad(np.arange(n), w, mode="symmetric")) for n, w in zip(x.shape, widths)]
+    out = x
+    for axis, (w, ix) in enumerate(zip(widths, idx)):
+        if w != (0, 0):
+            out = out.index_select(axis, ix.to(out.device))
+    return out
+
+
 __all__: Sequence[str] = (
+    "PAD_MODES",
+    "pad_spatial",
     "PreprocessConfig",
     "ForegroundThreshold",
     "PreprocessedCase",

@@ -72,6 +72,10 @@ class PromptSegConfig:
         for colon, small_bowel, duodenum, portal_vein_and_splenic_vein, costal_cartilages, group
         terms such as ``kidney`` or ``lung_left`` and free text). Packages written before the field
         existed get the default.
+    pad_mode: how sliding-window inference pads a model-space image smaller than ``patch_size``,
+        as the training patches were padded (:func:`volumed.data.transforms.pad_spatial`):
+        ``"symmetric"`` (mirrored; what training writes) or ``"constant"`` (air; packages written
+        before the field existed).
     """
 
     encoder: str
@@ -88,6 +92,7 @@ class PromptSegConfig:
     modalities: list[str] = field(default_factory=lambda: ["CT"])
     threshold: float = 0.5
     postprocess: dict = field(default_factory=dict)
+    pad_mode: str = "constant"
     version: str = "0.1.0"
     volumed_version: str = __version__
     training: dict = field(default_factory=dict)  # recipe, data, steps, seed: for reproducibility
@@ -104,6 +109,8 @@ class PromptSegConfig:
             raise ConfigError(f"bad model config: unknown keys {unknown}" if unknown else "bad model config: no 'encoder'", where)
         data = dict(data)
         data["patch_size"] = tuple(data.get("patch_size", (96, 96, 64)))
+        if data.get("pad_mode", "constant") not in ("constant", "symmetric"):
+            raise ConfigError(f"bad model config: pad_mode must be 'constant' or 'symmetric', got {data['pad_mode']!r}", where)
         if "postprocess" in data:
             from volumed.inference.postprocess import check_rules
 

@@ -70,9 +70,10 @@ are refused (``OutputExistsError``) before any computation unless ``overwrite=Tr
 outputs of an earlier run that this run does not produce (masks of other terms, an old SEG) are
 removed so the folder stays consistent.
 
-Small images: a model-space image smaller than ``patch_size`` is padded by
-``sliding_window_inference`` (with 0, i.e. the window minimum, air for CT) and the prediction is
-cropped back, so outputs are still on the input grid.
+Small images: a model-space image smaller than ``patch_size`` is padded to it as the package's
+training patches were (``config.pad_mode``: mirrored at its edges, or 0, air for CT, in packages
+written before the field existed) and the prediction is cropped back, so outputs are still on
+the input grid.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, preprocess
+from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, pad_spatial, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
@@ -472,7 +473,7 @@ class PromptSegPredictor:
         """Sigmoid probabilities of ``N`` terms on the model grid.
 
         MONAI's ``sliding_window_inference`` places windows of ``config.patch_size`` (the image is
-        padded to at least one patch with 0, the window minimum, air for CT) and runs the network;
+        first padded to at least one patch as ``config.pad_mode`` says) and runs the network;
         per window the encoder runs once and the decoder answers all ``N`` terms.
 
         Returns:
@@ -490,23 +491,30 @@ class PromptSegPredictor:
         stride = self._decoder_stride(model_shape)
         common = dict(roi_size=roi, sw_batch_size=self.sw_batch_size, overlap=float(self.config.overlap),
                       mode="gaussian", progress=progress, sw_device=self.device, device=torch.device("cpu"))
+        pad_mode = getattr(self.config, "pad_mode", "constant")
         if stride is None:
 
             def full_resolution(window: torch.Tensor) -> torch.Tensor:
                 # One encoder pass per window answers every term: the decoder is term-independent.
                 return torch.sigmoid(segmenter(window, queries))
 
+            # Pad to at least the patch ourselves, as training did (MONAI would pad with 0), then
+            # keep the model grid only.
+            padded = [max(r, n) for n, r in zip(model_shape, roi)]
+            offset = tuple((p - n) // 2 for n, p in zip(model_shape, padded))
+            pads = [v for n, p, o in reversed(list(zip(model_shape, padded, offset))) for v in (o, p - n - o)]
             with torch.inference_mode():
-                probs = sliding_window_inference(image, predictor=full_resolution, **common)
-            return torch.as_tensor(probs)[0].float()
+                probs = sliding_window_inference(pad_spatial(image, pads, pad_mode), predictor=full_resolution, **common)
+            probs = torch.as_tensor(probs)[0].float()
+            return probs[(slice(None), *(slice(o, o + n) for o, n in zip(offset, model_shape)))].contiguous()
 
-        # Pad (0: the window minimum, air for CT) to at least the patch and to a multiple of the
-        # stride, half before as MONAI would; MONAI then pads nothing, and every window starts on a
-        # whole coarse cell of the padded image.
+        # Pad (as the package's training did: mirrored, or 0, air for CT) to at least the patch and
+        # to a multiple of the stride, half before as MONAI would; MONAI then pads nothing, and
+        # every window starts on a whole coarse cell of the padded image.
         padded = [max(r, -(-n // s) * s) for n, r, s in zip(model_shape, roi, stride)]
         offset = tuple((p - n) // 2 for n, p in zip(model_shape, padded))
         pads = [v for n, p, o in reversed(list(zip(model_shape, padded, offset))) for v in (o, p - n - o)]
-        image = torch.nn.functional.pad(image, pads)
+        image = pad_spatial(image, pads, pad_mode)
         coarse = [r // s for r, s in zip(roi, stride)]
         logits: list[torch.Tensor] = []
         origins: list[tuple[int, ...]] = []

@@ -268,6 +268,7 @@ class PromptSegModule(L.LightningModule):
                 self.set_terms(dm.terms)
             self.model_config.preprocessing = _preprocessing_dict(dm.preprocess_config)
             self.model_config.modalities = sorted({c.modality for c in dm.cases})
+            self.model_config.pad_mode = str(getattr(dm.hparams, "pad_mode", "constant"))
 
     def forward(self, image: torch.Tensor, term_index: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, N, X, Y, Z)`` of the terms ``term_index`` ``(N,)`` for images ``(B, 1, X, Y, Z)``

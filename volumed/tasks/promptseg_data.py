@@ -79,7 +79,7 @@ from volumed.data.ct_augment import slice_thickness as slice_thickness_transform
 from volumed.data.datalist import DatalistEntry, load_datalist, split_terms
 from volumed.data.hu_priors import tissue_of
 from volumed.data.synthesis import BODY_CLASSES, CTSynthesizer, LabelMapCase, load_label_map_case
-from volumed.data.transforms import PreprocessConfig, build_preprocessing
+from volumed.data.transforms import PAD_MODES, PreprocessConfig, build_preprocessing, pad_spatial
 from volumed.data.vocab import Vocabulary, default_vocabulary
 from volumed.errors import ConfigError, DatalistError, UnknownTermError
 from volumed.io import read_label, read_volume
@@ -633,7 +633,7 @@ class PromptSegPatchDataset(Dataset):
     Args:
         cases: the preprocessed cases (real images, or label maps with ``synthetic`` set).
         terms: the data set's term list ``T`` (every case's terms must be in it).
-        patch_size: ``(px, py, pz)`` voxels; smaller images are padded with 0 (air after scaling).
+        patch_size: ``(px, py, pz)`` voxels; smaller images are padded (``pad_mode``).
         fg_rate: probability that a patch is centred on a foreground voxel; otherwise on a
             background voxel.
         length: samples per epoch (cases are drawn round robin, ``index % len(cases)``).
@@ -654,6 +654,10 @@ class PromptSegPatchDataset(Dataset):
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
+        pad_mode: how a real image smaller than the patch is padded, with its masks
+            (:func:`volumed.data.transforms.pad_spatial`): ``"symmetric"`` (mirrored, the default)
+            or ``"constant"`` (air). Inference pads the same way (the package records it).
+            Synthetic label maps are always padded with air (outside the body).
 
     Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
     image from the labels, targets from the deformed labels); real CT: contrast phase -> field of
@@ -679,7 +683,11 @@ class PromptSegPatchDataset(Dataset):
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
+        pad_mode: str = "symmetric",
     ):
+        if pad_mode not in PAD_MODES:
+            raise ConfigError(f"pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}", "pad_mode")
+        self.pad_mode = pad_mode
         if not 0.0 <= fg_rate <= 1.0:
             raise ConfigError(f"fg_rate must be a probability in [0, 1], got {fg_rate!r}", "fg_rate")
         if sampling not in ("class", "union"):
@@ -709,7 +717,8 @@ class PromptSegPatchDataset(Dataset):
             if contrast_phase > 0 and c.pools is not None and c.synthetic is None else None
             for c in self.cases
         ]  # fmt: skip
-        self.fov = [FieldOfView(c.regions, prob=field_of_view) if field_of_view > 0 and c.regions else None for c in self.cases]
+        fill = "mirror" if pad_mode == "symmetric" else "air"
+        self.fov = [FieldOfView(c.regions, prob=field_of_view, fill=fill) if field_of_view > 0 and c.regions else None for c in self.cases]
         self.thickness = slice_thickness_transform(float(spacing[2]), prob=slice_thickness) if slice_thickness > 0 else None
         self._torch_rng = np.random.default_rng(0)
         # Per case, once: the tensors padded to at least one patch (0: air, no structure, no
@@ -744,13 +753,16 @@ class PromptSegPatchDataset(Dataset):
 
     def _padded(self, case: PromptSegCase) -> dict[str, Any]:
         """The case's tensors padded to at least the patch (half before, half after, as MONAI's
-        ``SpatialPad``), with the crop-centre indices of :attr:`sampling`."""
+        ``SpatialPad``; a real image and its masks as :attr:`pad_mode`, slice indices and synthetic
+        label maps with 0), with the crop-centre indices of :attr:`sampling` (never in the padding)."""
         shape = case.shape
         target = [max(s, p) for s, p in zip(shape, self.patch_size)]
         pads = [v for s, t in reversed(list(zip(shape, target))) for v in ((t - s) // 2, t - s - (t - s) // 2)]
 
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(x, pads) if any(pads) else x
+        mode = self.pad_mode if case.synthetic is None else "constant"
+
+        def pad(x: torch.Tensor, how: str = mode) -> torch.Tensor:
+            return pad_spatial(x, pads, how)
 
         z = shape[2]
         fg = case.masks.amax(0, keepdim=True) if len(case.masks) else torch.zeros((1, *shape), dtype=torch.uint8)
@@ -758,7 +770,7 @@ class PromptSegPatchDataset(Dataset):
             "masks": pad(case.masks),
             "fg": pad(fg),
             # 1-based slice index of every voxel: 0 marks padding (field-of-view augmentation).
-            "zindex": pad(torch.arange(1, z + 1, dtype=torch.int16).view(1, 1, 1, z).expand(1, *shape).contiguous()),
+            "zindex": pad(torch.arange(1, z + 1, dtype=torch.int16).view(1, 1, 1, z).expand(1, *shape).contiguous(), "constant"),
         }
         if case.synthetic is not None:
             out["classes"] = pad(case.synthetic.classes)
@@ -768,14 +780,15 @@ class PromptSegPatchDataset(Dataset):
             out["pools"] = pad(case.pools)
         inside = torch.zeros((1, *target), dtype=torch.bool)
         inside[(0, *[slice(pads[2 * (2 - a)], pads[2 * (2 - a)] + shape[a]) for a in range(3)])] = True
-        flat_fg = out["fg"][0].flatten() > 0
+        flat_in = inside.flatten()
+        flat_fg = (out["fg"][0].flatten() > 0) & flat_in
         if self.sampling == "union":
             out["fg_indices"] = flat_fg.nonzero().flatten()
-            out["bg_indices"] = (~flat_fg & inside.flatten()).nonzero().flatten()
+            out["bg_indices"] = (~flat_fg & flat_in).nonzero().flatten()
         else:
             # Padding is neither background nor a structure: no centre there.
-            out["crop_indices"] = [(~flat_fg & inside.flatten()).nonzero().flatten()] + [
-                (m.flatten() > 0).nonzero().flatten() for m in out["masks"]
+            out["crop_indices"] = [(~flat_fg & flat_in).nonzero().flatten()] + [
+                ((m.flatten() > 0) & flat_in).nonzero().flatten() for m in out["masks"]
             ]
         return out
 
@@ -874,6 +887,8 @@ class PromptSegDataModule(L.LightningDataModule):
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
+        pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
+            recorded in the trained package, whose inference pads the same way.
     """
 
     def __init__(
@@ -907,6 +922,7 @@ class PromptSegDataModule(L.LightningDataModule):
         slice_thickness: float = 0.0,
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
+        pad_mode: str = "symmetric",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -952,7 +968,7 @@ class PromptSegDataModule(L.LightningDataModule):
             self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
-            synthetic_texture=hp.synthetic_texture,
+            synthetic_texture=hp.synthetic_texture, pad_mode=hp.pad_mode,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         for c in self.cases:

@@ -80,7 +80,7 @@ def test_field_of_view_keeps_one_region_and_blanks_the_rest():
     zindex[..., :2] = 0  # two slices of padding
     masks = torch.ones((2, *shape), dtype=torch.uint8)
     data = {"image": torch.full((1, *shape), 0.5), "masks": masks, "fg": masks[:1].clone(), "zindex": zindex}
-    fov = FieldOfView({"chest": (20, 25), "pelvis": (100, 120)}, margin_slices=(0, 0), prob=1.0, seed=0)
+    fov = FieldOfView({"chest": (20, 25), "pelvis": (100, 120)}, margin_slices=(0, 0), prob=1.0, seed=0, fill="air")
     out = fov(data)
     # The pelvis is far from this patch: the chest is the region kept.
     assert out["fov"] == "chest"
@@ -111,3 +111,27 @@ def test_slice_thickness_blurs_along_the_slice_axis_only():
     # In-plane nothing changes; along z the stripes lose contrast.
     assert torch.allclose(out[0, :, :, 5], out[0, 0:1, 0:1, 5].expand(16, 16))
     assert float(out[0, 8, 8].std()) < float(image[0, 8, 8].std())
+
+
+def test_field_of_view_mirrors_the_kept_slab_into_the_rest():
+    """Default fill: what inference does to a scan thinner than the patch (symmetric padding), so
+    a cut patch never shows bands of air that no real input at inference has."""
+    shape = (4, 4, 20)
+    zindex = torch.arange(11, 31, dtype=torch.int16).view(1, 1, 1, 20).expand(1, *shape).clone()  # case slices 11..30
+    zindex[..., :2] = 0
+    image = zindex.float() / 100.0  # each slice's value tells where it came from
+    masks = torch.zeros((1, *shape), dtype=torch.uint8)
+    masks[..., 12] = 1  # case slice 23: inside the chest
+    data = {"image": image, "masks": masks, "fg": masks.clone(), "zindex": zindex}
+    out = FieldOfView({"chest": (20, 25), "pelvis": (100, 120)}, margin_slices=(0, 0), prob=1.0, seed=0)(data)
+    assert out["fov"] == "chest"
+    src = [int(v) for v in (out["image"][0, 0, 0] * 100).round()]
+    # Slices 20..25 (patch positions 9..14) kept, mirrored at both ends, repeatedly.
+    assert src[9:15] == [20, 21, 22, 23, 24, 25]
+    assert src[3:9] == [25, 24, 23, 22, 21, 20] and src[15:20] == [25, 24, 23, 22, 21]
+    assert src[:3] == [23, 24, 25]
+    # Targets follow the image: the labelled slice 23 appears wherever its mirror copy does.
+    assert [z for z in range(20) if out["masks"][0, 0, 0, z]] == [z for z in range(20) if src[z] == 23]
+    assert torch.equal(out["fg"], out["masks"])
+    with pytest.raises(ValueError, match="fill"):
+        FieldOfView({"chest": (1, 2)}, fill="noise")
