@@ -38,8 +38,8 @@ demo: venv
 	$(if $(TCIA),$(BIN)/volumed -q run $(BUNDLE) $(TCIA) -o $(OUT)/segment_tcia --overwrite)
 	@echo "demo outputs are in $(OUT)/: preview.png (the image$(if $(LABEL), with the reference segmentation)),"
 	@echo "  segment/$(if $(TCIA), and segment_tcia/): masks/*.nii.gz, labels.nii.gz + labels.json, statistics.json,"
-	@echo "  preview.png, report.txt, and segmentation.dcm (DICOM SEG) for a DICOM series input (no DICOM SR:"
-	@echo "  volumed has no SR writer yet)"
+	@echo "  preview.png, report.txt, and for a DICOM series input segmentation.dcm (DICOM SEG) and"
+	@echo "  report_sr.dcm (DICOM SR: TID 1500 measurement report of the SEG, absent structures included)"
 
 test: venv
 	$(BIN)/pytest -q

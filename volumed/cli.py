@@ -86,7 +86,7 @@ def segment_command(
     allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Segment prompts the model was never trained on (see --list-terms), flagged untrained in every output."),
     list_terms: bool = typer.Option(False, "--list-terms", help="Print the structures the model was trained on, and exit."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (config.json + model.safetensors); default: bundles/volumed_promptseg_ct/models."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: masks/, labels.nii.gz, labels.json, statistics.json, preview.png (+ segmentation.dcm)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: masks/, labels.nii.gz, labels.json, statistics.json, preview.png (+ segmentation.dcm, report_sr.dcm for DICOM)."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
     modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell (it recognises CT by air at -1000 HU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),

@@ -44,12 +44,17 @@ Outputs in ``out_dir``:
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
   (present terms, ``(untrained)`` where so), and a line listing the absent terms.
 * ``report.txt``: the findings in words (image, model, then the summary's found / absent lines,
-  :func:`findings_lines`). Plain text: not a radiology report and not a DICOM SR.
+  :func:`findings_lines`). Plain text, not a radiology report (``report_sr.dcm`` is the DICOM SR).
 * ``segmentation.dcm``: a DICOM SEG of the label map, when the input is a DICOM series with
   Study/Series/Frame-of-Reference UIDs, one segment per term in the label map; its
   SegmentDescription gives the prompt and the confidence, and an untrained term's SegmentLabel
   and SegmentDescription say "untrained". A series without the UIDs (anonymised) gets no SEG: a
   warning is recorded in the result (and printed by the CLI); every other output is still written.
+* ``report_sr.dcm``: with every SEG, a DICOM SR (Comprehensive 3D SR, TID 1500 Measurement Report,
+  :mod:`volumed.io.sr`) in the same study: per present term a measurement group referencing its
+  SEG segment with the volume (mL), mean intensity (HU), confidence and peak probability of
+  ``statistics.json``; per absent term a group saying "Absent" with the bound of its probability.
+  No SEG (a series without UIDs, or nothing found), no SR. Codes: docs/coding.md.
 
 Post-processing (:mod:`volumed.inference.postprocess`): a structure that is one connected body
 keeps only its largest 26-connected component, found on the model grid before inversion, so
@@ -118,6 +123,7 @@ __all__ = [
     "STATISTICS_NAME",
     "PREVIEW_NAME",
     "SEG_NAME",
+    "SR_NAME",
     "REPORT_NAME",
     "MASKS_DIR",
     "PRIORITY_RULE",
@@ -142,9 +148,10 @@ TABLE_NAME = "labels.json"
 STATISTICS_NAME = "statistics.json"
 PREVIEW_NAME = "preview.png"
 SEG_NAME = "segmentation.dcm"
+SR_NAME = "report_sr.dcm"
 REPORT_NAME = "report.txt"
 MASKS_DIR = "masks"
-_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, REPORT_NAME, SEG_NAME)
+_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, REPORT_NAME, SEG_NAME, SR_NAME)
 #: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
 _CHUNK_CELLS = 1 << 24
 #: At most this many coarse cells are blended to find the peak of an absent term (a few ms).
@@ -798,6 +805,7 @@ class SegmentationResult:
         terms: the structures in label-value order (value 1 first).
         label_map, label_table, statistics, preview: paths of those outputs.
         dicom_seg: the DICOM SEG path, or ``None`` (input not DICOM, or SEG skipped: see warnings).
+        dicom_sr: the DICOM SR path (written with every SEG), or ``None``.
         warnings: problems that did not stop the run (e.g. SEG skipped for a series without UIDs).
         seconds: wall time per stage (``read``, ``predict``, ``write``, ``total``).
         threshold: the probability above which a voxel is in a mask (the package's).
@@ -816,6 +824,7 @@ class SegmentationResult:
     warnings: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
     threshold: float | None = None
+    dicom_sr: Path | None = None
 
     def summary(self) -> list[str]:
         """Human-readable lines: how many structures were found, one line per found structure
@@ -823,7 +832,8 @@ class SegmentationResult:
         the bound of their probability, then the outputs and warnings."""
         lines = findings_lines(self.terms, self.threshold)
         lines.append(f"wrote {self.out_dir} ({len(self.terms)} masks, labels, statistics, preview, report"
-                     + (", DICOM SEG" if self.dicom_seg else "") + f") in {self.seconds.get('total', 0):.1f} s")
+                     + (", DICOM SEG" if self.dicom_seg else "") + (", DICOM SR" if self.dicom_sr else "")
+                     + f") in {self.seconds.get('total', 0):.1f} s")
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
 
@@ -912,7 +922,7 @@ def segment(
     predictor: PromptSegPredictor | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in one image; write masks, label map,
-    statistics, preview (and a DICOM SEG for DICOM input) into ``out_dir``.
+    statistics, preview (and a DICOM SEG and SR for DICOM input) into ``out_dir``.
 
     Args:
         image_path: NIfTI / NRRD / MHA file or DICOM series folder.
@@ -1019,6 +1029,7 @@ def segment(
         )
         _write_outputs(staging, volume, prediction.label_map, segmented, predictor.config, used_model, warnings)
         has_seg = (staging / SEG_NAME).exists()
+        has_sr = (staging / SR_NAME).exists()
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1037,6 +1048,7 @@ def segment(
         warnings=tuple(warnings),
         seconds={"read": t_read - t0, "predict": t_pred - t_read, "write": t_end - t_pred, "total": t_end - t0},
         threshold=float(predictor.config.threshold),
+        dicom_sr=out / SR_NAME if has_sr else None,
     )
 
 
@@ -1049,7 +1061,7 @@ def _write_outputs(
     model_dir: Path,
     warnings: list[str],
 ) -> None:
-    """Label map, table, statistics, report, preview and (DICOM input) SEG into ``staging``."""
+    """Label map, table, statistics, report, preview and (DICOM input) SEG and SR into ``staging``."""
     from volumed.inference.preview import render_preview
     from volumed.io.writer import SegmentSpec, write_dicom_seg, write_label_map
 
@@ -1095,8 +1107,8 @@ def _write_outputs(
         warnings.append(f"DICOM SEG skipped: the source series has no {', '.join(missing)} (anonymised?); "
                         "the NIfTI outputs were written")
         return
-    present = set(np.unique(label_map).tolist())
-    segments = [_segment_spec(t) for t in terms if t.value in present]
+    in_map = np.bincount(np.asarray(label_map).ravel(), minlength=len(terms) + 1)  # voxels per label value
+    segments = [_segment_spec(t) for t in terms if in_map[t.value]]
     if not segments:
         warnings.append("DICOM SEG skipped: no structure was found above threshold")
         return
@@ -1104,11 +1116,27 @@ def _write_outputs(
         write_dicom_seg(label_map, volume, segments, staging / SEG_NAME)
     except VolumedError as err:
         warnings.append(f"DICOM SEG skipped: {err}")
+        return
+    # The SR reports every term, present or absent, with the numbers of statistics.json; segment
+    # k of the SEG is the k-th term in the label map (the order of ``segments``).
+    from volumed.io.sr import StructureFinding, write_dicom_sr
+
+    numbers = {spec.value: k for k, spec in enumerate(segments, start=1)}
+    findings = [
+        StructureFinding.from_statistics(statistics["terms"][t.name], segment_number=numbers.get(t.value),
+                                         segment_voxels=int(in_map[t.value]) if t.value in numbers else None)
+        for t in terms
+    ]
+    try:
+        write_dicom_sr(findings, volume, staging / SEG_NAME, staging / SR_NAME, threshold=float(config.threshold))
+    except VolumedError as err:
+        warnings.append(f"DICOM SR skipped: {err}")
 
 
 def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: PromptSegConfig, model_dir: Path) -> str:
     """``report.txt``: the findings in words (:func:`findings_lines`) under a header naming the
-    image and the model. A plain-text findings list, not a radiology report and not a DICOM SR."""
+    image and the model. A plain-text findings list, not a radiology report (the DICOM SR is
+    ``report_sr.dcm``, written for DICOM input)."""
     source = volume.source.path.name if volume.source.path else "image"
     spacing = " x ".join(f"{s:.3g}" for s in volume.spacing)
     lines = [

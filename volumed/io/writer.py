@@ -1,4 +1,5 @@
-"""The one writer: NIfTI volumes and masks on the input's grid, and DICOM SEG via highdicom.
+"""The one writer: NIfTI volumes and masks on the input's grid, and DICOM SEG via highdicom
+(the DICOM SR that reports on a SEG is :mod:`volumed.io.sr`).
 
 Every write is atomic (:mod:`volumed.io.atomic`) and refuses to replace an existing file unless
 ``overwrite=True``.
@@ -85,13 +86,14 @@ class SegmentSpec:
     description: str | None = None
 
 
-def _load_source_datasets(source: Volume) -> list:
-    """The source slices as pydicom datasets, in the volume's ``k`` order, with UIDs checked."""
+def _load_source_datasets(source: Volume, what: str = "DICOM SEG") -> list:
+    """The source slices as pydicom datasets, in the volume's ``k`` order, with UIDs checked
+    (``what``: the object that needs them, named in the errors)."""
     import pydicom
 
     if source.source.format != "dicom" or not source.source.files:
         raise DicomSeriesError(
-            "a DICOM SEG needs a DICOM source series; this volume was read from "
+            f"a {what} needs a DICOM source series; this volume was read from "
             f"{source.source.format} (write NIfTI instead)",
             source.source.path,
         )
@@ -99,7 +101,7 @@ def _load_source_datasets(source: Volume) -> list:
                                ("FrameOfReferenceUID", source.source.frame_of_reference_uid)) if not v]
     if missing:
         raise DicomSeriesError(
-            f"source series has empty {', '.join(missing)} (anonymised?); a DICOM SEG must reference them, "
+            f"source series has empty {', '.join(missing)} (anonymised?); a {what} must reference them, "
             "so it cannot be written for this series. Restore the UIDs, or use the NIfTI outputs",
             source.source.path,
         )
@@ -114,7 +116,7 @@ def _load_source_datasets(source: Volume) -> list:
         if not getattr(ds, "SOPInstanceUID", None) and meta is not None and getattr(meta, "MediaStorageSOPInstanceUID", None):
             ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         if not getattr(ds, "SOPInstanceUID", None) or not getattr(ds, "SOPClassUID", None):
-            raise DicomSeriesError("slice has no SOPInstanceUID/SOPClassUID; a DICOM SEG cannot reference it", f)
+            raise DicomSeriesError(f"slice has no SOPInstanceUID/SOPClassUID; a {what} cannot reference it", f)
         datasets.append(ds)
     return datasets
 

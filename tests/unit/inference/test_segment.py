@@ -69,7 +69,7 @@ def test_nifti_outputs_lie_on_the_input_grid(package, ts_dir, tmp_path):
     assert [t.name for t in result.terms] == ["liver", "kidney_left"]
     assert [t.prompt for t in result.terms] == ["liver", "left kidney"]
     assert all(t.trained and not t.free_text for t in result.terms)
-    assert result.dicom_seg is None and result.warnings == ()
+    assert result.dicom_seg is None and result.dicom_sr is None and result.warnings == ()
     assert sorted(p.name for p in out.iterdir()) == ["labels.json", "labels.nii.gz", "masks", "preview.png", "report.txt",
                                                      "statistics.json"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["kidney_left.nii.gz", "liver.nii.gz"]
@@ -116,6 +116,7 @@ def test_dicom_series_outputs_overlay_in_physical_space_and_seg_round_trips(pack
     for term in result.terms:
         _assert_on_grid(term.mask_path, volume)
     assert result.dicom_seg == out / "segmentation.dcm" and result.warnings == ()
+    assert result.dicom_sr == out / "report_sr.dcm" and result.dicom_sr.is_file()
     seg = read_dicom_seg(result.dicom_seg, volume)
     assert seg.referenced_series_uid == volume.source.series_uid
     assert seg.frame_of_reference_uid == volume.source.frame_of_reference_uid
@@ -133,12 +134,62 @@ def test_dicom_series_without_uids_skips_the_seg_with_a_warning(package, ts_dir,
     out = tmp_path / "out"
     result = segment(series, ["liver"], model_dir=package, out_dir=out, progress=False)
     assert result.dicom_seg is None and not (out / "segmentation.dcm").exists()
+    assert result.dicom_sr is None and not (out / "report_sr.dcm").exists()
     assert len(result.warnings) == 1 and "DICOM SEG skipped" in result.warnings[0]
     assert "StudyInstanceUID" in result.warnings[0]
     assert any(line.startswith("warning: DICOM SEG skipped") for line in result.summary())
     _assert_on_grid(out / "labels.nii.gz", volume)
     _assert_on_grid(out / "masks" / "liver.nii.gz", volume)
     assert (out / "statistics.json").is_file() and (out / "preview.png").is_file()
+
+
+def test_dicom_series_gets_an_sr_with_the_numbers_of_statistics_json(package, ts_dir, tmp_path, monkeypatch):
+    """report_sr.dcm next to the SEG: one group per term, present ones referencing their SEG
+    segment with statistics.json's volume and HU, the absent one reported absent."""
+    import highdicom as hd
+    import pydicom
+
+    def two_present_one_absent(self, case, queries, *, progress=False):
+        probs = fake_probabilities(self, case, queries[:2])  # liver: HU above 300, spleen: above 100
+        return torch.cat([probs, 0.4 * probs[:1]])
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", two_present_one_absent)
+    series = ts_dir / "example_ct_dicom_with_uids"
+    volume = read_volume(series)
+    out = tmp_path / "out"
+    result = segment(series, ["liver", "spleen", "left kidney"], model_dir=package, out_dir=out, progress=False)
+    assert result.warnings == () and result.dicom_sr == out / "report_sr.dcm"
+    assert ", DICOM SEG, DICOM SR) in " in result.summary()[-1]
+    stats = json.loads((out / "statistics.json").read_text())["terms"]
+    assert [stats[n]["present"] for n in ("liver", "spleen", "kidney_left")] == [True, True, False]
+    label = _assert_on_grid(out / "labels.nii.gz", volume)
+    seg = pydicom.dcmread(out / "segmentation.dcm", stop_before_pixels=True)
+    sr = hd.sr.srread(out / "report_sr.dcm")
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert (sr.PatientID, sr.StudyInstanceUID) == (seg.PatientID, volume.source.study_uid)
+
+    groups = {g.tracking_identifier: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    others = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
+    assert sorted([*groups, *others]) == ["kidney_left", "liver", "spleen"]  # nobody dropped
+    numbers = {s.TrackingID: s.SegmentNumber for s in seg.SegmentSequence}
+    for term in result.terms[:2]:
+        group = groups.get(term.name) or others[term.name]
+        volume_ml = [m.value for m in group.get_measurements() if m.name.meaning == "Volume"]
+        assert volume_ml == [pytest.approx(stats[term.name]["volume_ml"], rel=1e-9)]
+        hu = [m.value for m in group.get_measurements() if m.name.meaning == "Attenuation Coefficient"]
+        assert hu == [pytest.approx(stats[term.name]["intensity"]["mean"], rel=1e-9)]
+        if np.any(label == term.value):  # in the label map: a SEG segment, referenced
+            ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+            assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+            assert ref.ReferencedSegmentNumber == numbers[term.name]
+        else:  # every voxel went to the more probable spleen: no segment, still reported
+            assert term.name in others
+    absent = others["kidney_left"]
+    assert not absent.get_measurements()
+    assert [q.value.meaning for q in absent.get_qualitative_evaluations() if q.name.meaning == "Presence of property"] == ["Absent"]
+    bound = stats["kidney_left"]["max_probability_bound"]
+    assert any(f"at most {bound:.3f} everywhere" in item.TextValue for item in absent[0].ContentSequence
+               if item.ValueType == "TEXT")
 
 
 def _write_itk(volume: Volume, path: Path) -> Path:
