@@ -20,6 +20,10 @@ LOCAL_SCHEME_VERSION = "1"
 _ORDINALS = {"1": "first", "2": "second", "3": "third", "4": "fourth", "5": "fifth", "6": "sixth", "7": "seventh",
              "8": "eighth", "9": "ninth", "10": "tenth", "11": "eleventh", "12": "twelfth"}
 _LESION_WORDS = ("lesion", "nodule", "tumor", "tumour", "mass", "cyst", "metastasis", "finding")
+# TotalSegmentator words for a concept that pydicom's dictionary names otherwise: the SNOMED CT
+# code keeps these structures out of the local scheme (and out of dciodvfy's warnings).
+_SYNONYMS = {"small bowel": "small intestine", "urinary bladder": "bladder", "clavicula": "clavicle",
+             "atrial appendage": "auricular appendage"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ def _candidates(tokens: list[str], side: str | None) -> list[tuple[str, bool]]:
     """Meaning phrases to look up, each with whether it already includes the side."""
     out: list[tuple[str, bool]] = []
     words = " ".join(tokens)
+    words = _SYNONYMS.get(words, words)
     if tokens[:1] == ["lung"] and "lobe" in tokens:
         pos = next((t for t in tokens if t in ("upper", "middle", "lower")), "")
         if side:
@@ -93,6 +98,20 @@ def structure_code(name: str) -> StructureCode:
                 return StructureCode(category, (hit[0], "SCT", hit[1]), lat, local=False)
     meaning = readable_name(name)
     return StructureCode(category, (name[:16] if len(name) <= 16 else _short_code(name), LOCAL_SCHEME, meaning), None, local=True)
+
+
+def local_scheme_identification():
+    """The Coding Scheme Identification Sequence item that declares ``99VOLUMED``.
+
+    Every SEG or SR holding a local code carries it (SOP Common module), so a receiver learns
+    what the private designator is and where it is documented.
+    """
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME, name="volumed local structure codes", version=LOCAL_SCHEME_VERSION,
+        responsible_organization="volumed (docs/coding.md)",
+    )
 
 
 def _short_code(name: str) -> str:

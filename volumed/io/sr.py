@@ -48,7 +48,7 @@ from pathlib import Path
 from volumed import __version__
 from volumed.errors import VolumedError
 from volumed.io.atomic import atomic_output, check_writable
-from volumed.io.coding import LOCAL_SCHEME, LOCAL_SCHEME_VERSION
+from volumed.io.coding import local_scheme_identification
 from volumed.io.volume import Volume
 
 __all__ = ["SR_SERIES_DESCRIPTION", "StructureFinding", "write_dicom_sr"]
@@ -207,7 +207,6 @@ def write_dicom_sr(
             number for an absent structure.
     """
     import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.uid import generate_uid
 
     from volumed.io.coding import structure_code
@@ -280,10 +279,7 @@ def write_dicom_sr(
         procedure_reported=_cc(_PROCEDURE.get(source.modality, _IMAGING_PROCEDURE)),
         imaging_measurements=groups,
     )
-    coding_schemes = [CodingSchemeIdentificationItem(
-        designator=LOCAL_SCHEME, name="volumed local structure codes", version=LOCAL_SCHEME_VERSION,
-        responsible_organization="volumed (docs/coding.md)",
-    )] if local_codes else None
+    coding_schemes = [local_scheme_identification()] if local_codes else None
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*datasets, seg_ds],
         content=report[0],

@@ -18,7 +18,7 @@ import numpy as np
 from volumed import __version__
 from volumed.errors import DicomSeriesError, VolumedError
 from volumed.io.atomic import atomic_output, check_writable
-from volumed.io.coding import readable_name, structure_code
+from volumed.io.coding import local_scheme_identification, readable_name, structure_code
 from volumed.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def write_dicom_seg(
     Segments are numbered 1..N in the order given; each carries its ``label`` (default: its
     readable name) as SegmentLabel, its ``description`` as SegmentDescription when given, a
     SNOMED CT property type where one is known (else the local ``99VOLUMED`` scheme, see
-    :mod:`volumed.io.coding`), and a laterality modifier for left/right structures.
+    :mod:`volumed.io.coding`, then declared in the CodingSchemeIdentificationSequence), and a
+    laterality modifier for left/right structures.
     """
     import highdicom as hd
 
@@ -171,8 +172,10 @@ def write_dicom_seg(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence
     )
     descriptions = []
+    local_codes = False
     for number, spec in enumerate(segments, start=1):
         code = structure_code(spec.name)
+        local_codes |= code.local
         category, prop_type, laterality = code.as_highdicom()
         desc = hd.seg.SegmentDescription(
             segment_number=number,
@@ -210,6 +213,8 @@ def write_dicom_seg(
         series_description=series_description[:64],
         omit_empty_frames=True,
     )
+    if local_codes:  # declare the private designator, as the SR does (docs/coding.md)
+        seg.CodingSchemeIdentificationSequence = [local_scheme_identification()]
     with atomic_output(path, overwrite=overwrite) as tmp:
         seg.save_as(str(tmp))
     return path
