@@ -120,6 +120,26 @@ def segment_command(
         typer.echo(line, err=line.startswith("warning:"))
 
 
+@app.command("view")
+def view_command(
+    out_dir: Path = typer.Argument(..., help="Output folder of `volumed segment` / `volumed run` (labels.nii.gz, labels.json, statistics.json, report.txt)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write; default: OUT_DIR/view.html."),
+    image: Optional[Path] = typer.Option(None, "--image", help="The segmented image, when the path statistics.json records is not there (moved, another machine)."),
+    window: str = typer.Option("soft", "--window", help="CT window: soft (W 400 / L 40 HU, organs), lung (W 1500 / L -600), bone (W 1800 / L 400)."),
+    max_voxels: int = typer.Option(16_000_000, "--max-voxels", help="Subsample the volume to at most this many voxels (the page stays under 15 MB)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the page if it exists."),
+) -> None:
+    """Write one self-contained HTML page (no network at view time): axial, coronal and sagittal
+    slices with the masks, a slider per view, a checkbox per structure, the statistics table, and
+    the report, where hovering a sentence shows the mask of the structure it names."""
+    from volumed.inference.view import render_view
+
+    page = render_view(out_dir, output, image=image, window=window, max_voxels=max_voxels, overwrite=overwrite)
+    found = sum(s.present for s in page.structures)
+    typer.echo(f"wrote {page.path} ({page.size_bytes / 1e6:.1f} MB; {found} of {len(page.structures)} structure(s) found; "
+               f"{' x '.join(map(str, page.shape))} voxels of {' x '.join(f'{s:.3g}' for s in page.spacing_mm)} mm)")
+
+
 @app.command("run")
 def run_command(
     bundle: Path = typer.Argument(..., help="Bundle folder, e.g. bundles/volumed_promptseg_ct."),
