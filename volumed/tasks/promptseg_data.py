@@ -655,9 +655,10 @@ class PromptSegPatchDataset(Dataset):
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         pad_mode: how a real image smaller than the patch is padded, with its masks
-            (:func:`volumed.data.transforms.pad_spatial`): ``"symmetric"`` (mirrored, the default)
-            or ``"constant"`` (air). Inference pads the same way (the package records it).
-            Synthetic label maps are always padded with air (outside the body).
+            (:func:`volumed.data.transforms.pad_spatial`): ``"constant"`` (air, the default: what
+            the committed model was trained with) or ``"symmetric"`` (mirrored; removes the air
+            bands above and below thin slabs, docs/synthesis.md round 4). Inference pads the same
+            way (the package records it). Synthetic label maps are always padded with air.
 
     Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
     image from the labels, targets from the deformed labels); real CT: contrast phase -> field of
@@ -683,7 +684,7 @@ class PromptSegPatchDataset(Dataset):
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
-        pad_mode: str = "symmetric",
+        pad_mode: str = "constant",
     ):
         if pad_mode not in PAD_MODES:
             raise ConfigError(f"pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}", "pad_mode")
@@ -922,7 +923,7 @@ class PromptSegDataModule(L.LightningDataModule):
         slice_thickness: float = 0.0,
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
-        pad_mode: str = "symmetric",
+        pad_mode: str = "constant",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

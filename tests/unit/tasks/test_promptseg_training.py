@@ -266,14 +266,15 @@ def test_augmentation_moves_image_and_masks_together_and_keeps_the_masks_binary(
 
 def test_small_images_are_padded_to_the_patch():
     case = PromptSegCase(torch.rand(1, 20, 20, 6), torch.ones(1, 20, 20, 6, dtype=torch.uint8), ("liver",), "CT")
-    # Air padding: the image's voxels and nothing else are the structure.
-    item = PromptSegPatchDataset([case], ["liver"], (32, 32, 8), fg_rate=1.0, pad_mode="constant")[0]
+    # Air padding (the default): the image's voxels and nothing else are the structure.
+    item = PromptSegPatchDataset([case], ["liver"], (32, 32, 8), fg_rate=1.0)[0]
     assert item["image"].shape == (1, 32, 32, 8) and int(item["target"].sum()) == 20 * 20 * 6
-    # Mirrored (the default, as inference pads): image and target alike, no band of air.
+    # Mirrored (as a symmetric package's inference pads): image and target alike, no band of air.
     image = torch.rand(1, 20, 20, 6) * 0.5 + 0.25
     masks = torch.zeros(1, 20, 20, 6, dtype=torch.uint8)
     masks[..., 0] = 1  # the first slice only
-    ds = PromptSegPatchDataset([PromptSegCase(image, masks, ("liver",), "CT")], ["liver"], (20, 20, 10), fg_rate=1.0)
+    ds = PromptSegPatchDataset([PromptSegCase(image, masks, ("liver",), "CT")], ["liver"], (20, 20, 10), fg_rate=1.0,
+                               pad_mode="symmetric")
     item = ds[0]
     assert item["image"].shape == (1, 20, 20, 10) and float(item["image"].min()) >= 0.25
     # z padded 2 before, 2 after: slices [1, 0 | 0 1 2 3 4 5 | 5 4] -> the labelled slice 0 at 1, 2.
