@@ -36,10 +36,13 @@ demo: venv
 	$(BIN)/volumed preview $(IMAGE) $(if $(LABEL),--label $(LABEL)) -o $(OUT)/preview.png --overwrite
 	$(BIN)/volumed run $(BUNDLE) $(IMAGE) -o $(OUT)/segment --overwrite
 	$(if $(TCIA),$(BIN)/volumed -q run $(BUNDLE) $(TCIA) -o $(OUT)/segment_tcia --overwrite)
+	$(BIN)/volumed view $(OUT)/segment --overwrite
+	$(if $(TCIA),$(BIN)/volumed view $(OUT)/segment_tcia --overwrite)
 	@echo "demo outputs are in $(OUT)/: preview.png (the image$(if $(LABEL), with the reference segmentation)),"
 	@echo "  segment/$(if $(TCIA), and segment_tcia/): masks/*.nii.gz, labels.nii.gz + labels.json, statistics.json,"
 	@echo "  preview.png, report.txt, and for a DICOM series input segmentation.dcm (DICOM SEG) and"
-	@echo "  report_sr.dcm (DICOM SR: TID 1500 measurement report of the SEG, absent structures included)"
+	@echo "  report_sr.dcm (DICOM SR: TID 1500 measurement report of the SEG, absent structures included);"
+	@echo "  open segment/view.html$(if $(TCIA), and segment_tcia/view.html) in a browser: slices, masks, statistics, report"
 
 test: venv
 	$(BIN)/pytest -q
