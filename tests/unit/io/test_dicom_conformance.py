@@ -10,22 +10,17 @@ dependency. Without it these tests skip, except where ``VOLUMED_REQUIRE_DICOM3TO
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
-from volumed.inference.stats import compute_statistics
-from volumed.io import read_label, read_volume
 from volumed.io.coding import LOCAL_SCHEME, structure_code
-from volumed.io.sr import StructureFinding, write_dicom_sr
-from volumed.io.writer import SegmentSpec, write_dicom_seg
+from volumed.io.sr import write_dicom_sr
 
 # Present (liver), absent (kidney_left), a local 99VOLUMED code (portal_vein_and_splenic_vein)
 # and a laterality modifier (rib_left_7): every kind of segment and SR group the writers make.
@@ -55,32 +50,13 @@ def _errors(lines: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def written(ts_dir, tmp_path_factory):
+def written(reference_seg_and_findings, tmp_path_factory):
     """A SEG and an SR of the real series, from its reference label map (no model needed),
     written as ``volumed segment`` writes them (a SegmentDescription on every segment)."""
-    vol = read_volume(ts_dir / "example_ct_dicom_with_uids")
-    ref = read_label(ts_dir / "example_seg_dicom.nii.gz", vol)
-    classes = {v: int(k) for k, v in
-               json.loads((ts_dir / "totalsegmentator_class_map_all_tasks.json").read_text())["total"].items()}
-    label = np.zeros(vol.shape, np.uint8)
-    entries = {}
-    for value, name in enumerate(NAMES, start=1):
-        mask = ref.data == classes[name]
-        label[mask] = value
-        present = bool(mask.any())
-        entries[name] = {**compute_statistics(mask, vol, name).to_dict(), "value": value, "prompt": name.replace("_", " "),
-                         "trained": True, "present": present, "confidence": 0.9 if present else None,
-                         "max_probability": 0.99 if present else None, "max_probability_bound": None if present else 0.2}
-    present = [n for n in NAMES if entries[n]["present"]]
-    assert present == ["liver", "portal_vein_and_splenic_vein", "rib_left_7"]
-    assert structure_code("portal_vein_and_splenic_vein").local
     out = tmp_path_factory.mktemp("conformance")
-    seg = write_dicom_seg(label, vol, [SegmentSpec(entries[n]["value"], n, description=f"prompt '{entries[n]['prompt']}'")
-                                       for n in present], out / "segmentation.dcm")
-    numbers = {n: k for k, n in enumerate(present, start=1)}
-    findings = [StructureFinding.from_statistics(entries[n], segment_number=numbers.get(n),
-                                                 segment_voxels=entries[n]["voxels"] if n in numbers else None)
-                for n in NAMES]
+    vol, entries, seg, findings = reference_seg_and_findings(NAMES, out, describe=True)
+    assert [n for n in NAMES if entries[n]["present"]] == ["liver", "portal_vein_and_splenic_vein", "rib_left_7"]
+    assert structure_code("portal_vein_and_splenic_vein").local
     sr = write_dicom_sr(findings, vol, seg, out / "report_sr.dcm", threshold=0.5)
     source = pydicom.dcmread(vol.source.files[0], stop_before_pixels=True)
     # Study attributes are copied from the source, codes included (e.g. its Procedure Code Sequence).

@@ -1,17 +1,13 @@
 """DICOM SR (volumed.io.sr): a TID 1500 report of a SEG of the real DICOM series, read back with
 pydicom and highdicom; absent structures reported, SEG references checked, no silent overwrite."""
 
-import json
 
-import numpy as np
 import pydicom
 import pytest
 
 from volumed.errors import DicomSeriesError, OutputExistsError, VolumedError
-from volumed.inference.stats import compute_statistics
-from volumed.io import read_label, read_volume
-from volumed.io.sr import SR_SERIES_DESCRIPTION, StructureFinding, write_dicom_sr
-from volumed.io.writer import SegmentSpec, write_dicom_seg
+from volumed.io import read_volume
+from volumed.io.sr import SR_SERIES_DESCRIPTION, write_dicom_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 # kidney_left is not in the 20-slice slab: absent. portal_vein_and_splenic_vein has a local code.
@@ -19,29 +15,10 @@ NAMES = ["liver", "spleen", "kidney_left", "portal_vein_and_splenic_vein", "rib_
 
 
 @pytest.fixture(scope="module")
-def sr_case(ts_dir, tmp_path_factory):
-    """The real series, a label map of NAMES from its reference segmentation, statistics.json-like
-    entries (made-up probabilities) and a SEG of the present structures."""
-    vol = read_volume(ts_dir / "example_ct_dicom_with_uids")
-    ref = read_label(ts_dir / "example_seg_dicom.nii.gz", vol)
-    classes = {v: int(k) for k, v in json.loads((ts_dir / "totalsegmentator_class_map_all_tasks.json").read_text())["total"].items()}
-    label = np.zeros(vol.shape, np.uint8)
-    entries = {}
-    for value, name in enumerate(NAMES, start=1):
-        mask = ref.data == classes[name]
-        label[mask] = value
-        present = bool(mask.any())
-        entries[name] = {**compute_statistics(mask, vol, name).to_dict(), "value": value, "prompt": name.replace("_", " "),
-                         "trained": True, "present": present, "confidence": 0.8 + 0.01 * value if present else None,
-                         "max_probability": 0.99 if present else None, "max_probability_bound": None if present else 0.23}
+def sr_case(reference_seg_and_findings, tmp_path_factory):
+    """The real series, statistics.json-like entries of NAMES and a SEG of the present ones."""
+    vol, entries, seg_path, findings = reference_seg_and_findings(NAMES, tmp_path_factory.mktemp("seg"))
     assert [e["present"] for e in entries.values()] == [True, True, False, True, True]
-    present = [n for n in NAMES if entries[n]["present"]]
-    seg_path = write_dicom_seg(label, vol, [SegmentSpec(entries[n]["value"], n) for n in present],
-                               tmp_path_factory.mktemp("seg") / "segmentation.dcm")
-    numbers = {n: k for k, n in enumerate(present, start=1)}
-    findings = [StructureFinding.from_statistics(entries[n], segment_number=numbers.get(n),
-                                                 segment_voxels=entries[n]["voxels"] if n in numbers else None)
-                for n in NAMES]
     return vol, entries, seg_path, findings
 
 
