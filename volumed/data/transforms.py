@@ -732,7 +732,7 @@ def label_to_model_probabilities(label: Volume, case: PreprocessedCase, class_id
 #: How an image smaller than the network's patch is padded (training and sliding-window
 #: inference must agree): ``"constant"`` with 0 (air for CT after scaling), or ``"symmetric"``,
 #: mirrored at its edges (repeatedly where the pad is wider than the image).
-PAD_MODES: tuple[str, ...] = ("constant", "symmetric")
+PAD_MODES: tuple[str, ...] = ("constant", "symmetric", "symmetric_z")
 
 
 def pad_spatial(x: torch.Tensor, pads: Sequence[int], mode: str = "constant") -> torch.Tensor:
@@ -744,6 +744,10 @@ def pad_spatial(x: torch.Tensor, pads: Sequence[int], mode: str = "constant") ->
     bands of air above and below the body that no whole-body scan has; a network trained on such
     slabs next to full-length synthetic volumes learned "real CT = slab in air" and found nothing
     on a real full-length scan (docs/synthesis.md). Mirroring keeps every patch a plausible CT.
+
+    ``"symmetric_z"`` mirrors only along the last (slice) axis and pads in-plane with 0 (air):
+    a small in-plane crop (a 10 cm heart crop) mirrored in-plane becomes a kaleidoscope of hearts
+    that no scan shows, while air beside a cropped body is what a reconstruction FOV does.
     """
     if mode not in PAD_MODES:
         raise ConfigError(f"pad mode must be one of {list(PAD_MODES)}, got {mode!r}", "pad_mode")
@@ -752,6 +756,12 @@ def pad_spatial(x: torch.Tensor, pads: Sequence[int], mode: str = "constant") ->
         return x
     if mode == "constant":
         return torch.nn.functional.pad(x, pads)
+    if mode == "symmetric_z":
+        inplane = [0, 0] + pads[2:]
+        x = torch.nn.functional.pad(x, inplane) if any(inplane) else x
+        pads = pads[:2] + [0] * (len(pads) - 2)
+        if not any(pads):
+            return x
     widths = [(0, 0)] * (x.ndim - len(pads) // 2) + [(pads[2 * k], pads[2 * k + 1]) for k in reversed(range(len(pads) // 2))]
     idx = [torch.as_tensor(np.pad(np.arange(n), w, mode="symmetric")) for n, w in zip(x.shape, widths)]
     out = x

@@ -74,8 +74,8 @@ class PromptSegConfig:
         existed get the default.
     pad_mode: how sliding-window inference pads a model-space image smaller than ``patch_size``,
         as the training patches were padded (:func:`volumed.data.transforms.pad_spatial`):
-        ``"symmetric"`` (mirrored; what training writes) or ``"constant"`` (air; packages written
-        before the field existed).
+        ``"symmetric"`` / ``"symmetric_z"`` (mirrored, in all axes or along slices only) or
+        ``"constant"`` (air; also packages written before the field existed).
     """
 
     encoder: str
@@ -109,8 +109,10 @@ class PromptSegConfig:
             raise ConfigError(f"bad model config: unknown keys {unknown}" if unknown else "bad model config: no 'encoder'", where)
         data = dict(data)
         data["patch_size"] = tuple(data.get("patch_size", (96, 96, 64)))
-        if data.get("pad_mode", "constant") not in ("constant", "symmetric"):
-            raise ConfigError(f"bad model config: pad_mode must be 'constant' or 'symmetric', got {data['pad_mode']!r}", where)
+        from volumed.data.transforms import PAD_MODES
+
+        if data.get("pad_mode", "constant") not in PAD_MODES:
+            raise ConfigError(f"bad model config: pad_mode must be one of {list(PAD_MODES)}, got {data['pad_mode']!r}", where)
         if "postprocess" in data:
             from volumed.inference.postprocess import check_rules
 

@@ -656,8 +656,9 @@ class PromptSegPatchDataset(Dataset):
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         pad_mode: how a real image smaller than the patch is padded, with its masks
             (:func:`volumed.data.transforms.pad_spatial`): ``"constant"`` (air, the default: what
-            the committed model was trained with) or ``"symmetric"`` (mirrored; removes the air
-            bands above and below thin slabs, docs/synthesis.md round 4). Inference pads the same
+            the committed model was trained with), ``"symmetric"`` (mirrored; removes the air
+            bands above and below thin slabs, docs/synthesis.md round 4) or ``"symmetric_z"``
+            (mirrored along slices only, air in-plane, round 5). Inference pads the same
             way (the package records it). Synthetic label maps are always padded with air.
 
     Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
@@ -718,7 +719,7 @@ class PromptSegPatchDataset(Dataset):
             if contrast_phase > 0 and c.pools is not None and c.synthetic is None else None
             for c in self.cases
         ]  # fmt: skip
-        fill = "mirror" if pad_mode == "symmetric" else "air"
+        fill = "mirror" if pad_mode.startswith("symmetric") else "air"
         self.fov = [FieldOfView(c.regions, prob=field_of_view, fill=fill) if field_of_view > 0 and c.regions else None for c in self.cases]
         self.thickness = slice_thickness_transform(float(spacing[2]), prob=slice_thickness) if slice_thickness > 0 else None
         self._torch_rng = np.random.default_rng(0)

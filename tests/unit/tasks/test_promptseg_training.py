@@ -280,6 +280,16 @@ def test_small_images_are_padded_to_the_patch():
     # z padded 2 before, 2 after: slices [1, 0 | 0 1 2 3 4 5 | 5 4] -> the labelled slice 0 at 1, 2.
     assert [int(v) for v in item["target"][0].amax((0, 1))] == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert torch.equal(item["image"][0, ..., 1], image[0, ..., 0]) and torch.equal(item["image"][0, ..., 0], image[0, ..., 1])
+    # Mirrored along slices only: in-plane the padding is air, the slices mirror as above.
+    ds = PromptSegPatchDataset([PromptSegCase(image, masks, ("liver",), "CT")], ["liver"], (24, 24, 10), fg_rate=1.0,
+                               pad_mode="symmetric_z")
+    item = ds[0]
+    assert item["image"].shape == (1, 24, 24, 10)
+    inside = item["image"][0, 2:22, 2:22]
+    assert float(inside.min()) >= 0.25 and float(item["image"][0, :2].abs().max()) == 0.0
+    assert float(item["image"][0, :, :2].abs().max()) == 0.0
+    assert [int(v) for v in item["target"][0].amax((0, 1))] == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert torch.equal(inside[..., 1], image[0, ..., 0]) and int(item["target"].sum()) == 2 * 20 * 20
     with pytest.raises(ConfigError, match="pad_mode"):
         PromptSegPatchDataset([case], ["liver"], (32, 32, 8), pad_mode="wrap")
 
