@@ -247,6 +247,50 @@ def train(
     importlib.import_module(tasks[task]).main(list(ctx.args))
 
 
+@app.command("label-reports")
+def label_reports_command(
+    reports: Path = typer.Argument(..., help="CSV of reports (UTF-8, a header row)."),
+    output: Path = typer.Option(..., "--output", "-o", help="CSV to write: the id column(s) plus one 0/1 column per CT-RATE finding."),
+    column: str = typer.Option("report_text", "--column", help="Column that holds the report text."),
+    id_column: List[str] = typer.Option([], "--id-column", help="Identifying column to copy, repeatable; default: every column that is neither the text nor a CT-RATE label."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the reports."),
+) -> None:
+    """Label the 18 CT-RATE abnormalities in free-text reports (rules with negation; volumed.text.labels)."""
+    from volumed.text.label_csv import label_report_csv
+
+    n, positives = label_report_csv(reports, output, text_column=column, id_columns=id_column or None,
+                                    overwrite=overwrite, progress=progress)
+    typer.echo(f"wrote {output}: {n} report(s), {positives} positive finding(s)")
+
+
+@app.command("evaluate-reports")
+def evaluate_reports_command(
+    pred: Path = typer.Option(..., "--pred", help="CSV of generated reports."),
+    ref: Path = typer.Option(..., "--ref", help="CSV of reference reports (paired by a shared id column, else by row order)."),
+    column: str = typer.Option("report_text", "--column", help="Text column in both files."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file for the scores."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L and clinical-efficacy P/R/F1 (micro, macro) of generated reports."""
+    from volumed.io.atomic import atomic_write_text, check_writable
+    from volumed.metrics.report import evaluate_reports
+    from volumed.text.report_table import pair_tables, read_report_table
+
+    if output is not None:
+        check_writable(output, overwrite)
+    predictions, references, _ = pair_tables(read_report_table(pred, text_column=column),
+                                             read_report_table(ref, text_column=column))
+    metrics = evaluate_reports(predictions, references)
+    typer.echo(metrics.to_table())
+    if metrics.meteor_wordnet is None:
+        typer.echo("warning: no WordNet found (apt-get install wordnet-base, or set VOLUMED_WORDNET_DIR): "
+                   "METEOR counts exact and stem matches only", err=True)
+    if output is not None:
+        atomic_write_text(output, json.dumps(metrics.to_dict(), indent=2) + "\n", overwrite=overwrite)
+        typer.echo(f"wrote {output}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

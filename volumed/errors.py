@@ -58,3 +58,8 @@ class UnknownTermError(VolumedError):
     def __init__(self, message: str, suggestions: tuple[str, ...] = (), path: str | Path | None = None):
         self.suggestions = tuple(suggestions)
         super().__init__(message, path)
+
+
+class ReportTableError(DatalistError):
+    """A CSV of reports cannot be used: not UTF-8, a missing column, empty reports, or a
+    prediction file that does not pair with its reference (different lengths or ids)."""
