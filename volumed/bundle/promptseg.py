@@ -151,6 +151,8 @@ class PromptSegRunner:
         device: torch device of the network.
         progress: a progress bar over the sliding windows.
         print_summary: print each image's summary (what was found, where the outputs are) on stdout.
+        dicom_uids: Series and SOP Instance UIDs of the DICOM SEG and SR
+            (:class:`volumed.io.writer.DicomOutputUids` fields as a mapping); one image only.
         val_handlers: MONAI's evaluator handler slot (the ``handlers`` property); unused.
     """
 
@@ -172,6 +174,7 @@ class PromptSegRunner:
         progress: bool = False,
         print_summary: bool = True,
         val_handlers: Sequence | None = None,
+        dicom_uids: Mapping[str, str] | None = None,
     ) -> None:
         self.bundle_root = Path(bundle_root)
         self.model_dir = self.bundle_root / "models"
@@ -189,6 +192,7 @@ class PromptSegRunner:
         self.progress = bool(progress)
         self.print_summary = bool(print_summary)
         self.val_handlers = list(val_handlers or [])
+        self.dicom_uids = dict(dicom_uids) if dicom_uids else None
         self.results: list = []
 
     def _config(self) -> PromptSegConfig:
@@ -227,6 +231,8 @@ class PromptSegRunner:
         if (self.bundle_root / "models" / CONFIG_NAME).is_file() is False:
             raise ConfigError(f"bundle has no models/{CONFIG_NAME}", self.bundle_root)
         images = self._items()
+        if self.dicom_uids and len(images) > 1:
+            raise ConfigError(f"dicom_uids name one SEG and one SR: give one image, not {len(images)}", "dicom_uids")
         config = self._config()
         predictor = PromptSegPredictor(self.network, config, device=self.device, preprocessing=self.dataset.transform,
                                        inferer=self.inferer)
@@ -239,7 +245,8 @@ class PromptSegRunner:
             result = segment(image, self.prompts, model_dir=self.model_dir, out_dir=out, all_terms=self.all_terms,
                              allow_free_text=self._allow_free_text(config), allow_untrained=self.allow_untrained,
                              overwrite=self.overwrite, progress=self.progress,
-                             postprocess=self.postprocessing.segment_argument, predictor=predictor, **read_options)
+                             postprocess=self.postprocessing.segment_argument, predictor=predictor,
+                             dicom_uids=self.dicom_uids, **read_options)
             if self.print_summary:
                 for line in result.summary():
                     print(line)

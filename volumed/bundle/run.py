@@ -35,12 +35,15 @@ def bundle_overrides(
     free_text: bool = False,
     allow_untrained: bool = False,
     progress: bool = False,
+    dicom_uids=None,
 ) -> dict:
     """The config-id overrides that ``volumed run`` passes, the same ids a user passes to
     ``python -m monai.bundle run`` (``--input_image``, ``--output_dir``, ``--prompts``, ...).
 
     ``prompts`` ``None`` keeps the bundle's default prompt list (``displayable_configs#prompts``)
-    unless ``all_terms``, which then segments every trained term.
+    unless ``all_terms``, which then segments every trained term. ``dicom_uids`` (a
+    :class:`volumed.io.writer.DicomOutputUids`) fixes the UIDs of the DICOM SEG and SR
+    (``evaluator#dicom_uids``, a bundle-runner argument, not a top-level config id).
     """
     overrides: dict = {"bundle_root": str(bundle), "input_image": str(image), "output_dir": str(output_dir),
                        "overwrite": bool(overwrite), "free_text": bool(free_text),
@@ -56,6 +59,10 @@ def bundle_overrides(
         overrides["device"] = f"$torch.device({device!r})"
     if not postprocess:
         overrides["displayable_configs#connected_components"] = False
+    if dicom_uids is not None:
+        from dataclasses import asdict
+
+        overrides["evaluator#dicom_uids"] = asdict(dicom_uids)
     return overrides
 
 

@@ -94,6 +94,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -116,6 +117,9 @@ from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
 from volumed.io.volume import Volume
 from volumed.text.encoder import TextEncoder
+
+if TYPE_CHECKING:  # the writer is imported where it is used
+    from volumed.io.writer import DicomOutputUids
 
 __all__ = [
     "LABELS_NAME",
@@ -920,6 +924,7 @@ def segment(
     progress: bool = True,
     postprocess: bool | Mapping[str, str | None] = True,
     predictor: PromptSegPredictor | None = None,
+    dicom_uids: "DicomOutputUids | Mapping[str, str] | None" = None,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in one image; write masks, label map,
     statistics, preview (and a DICOM SEG and SR for DICOM input) into ``out_dir``.
@@ -949,6 +954,10 @@ def segment(
         predictor: an already loaded predictor of the package in ``model_dir`` (a MONAI bundle's
             network, preprocessing and inferer: :mod:`volumed.bundle.promptseg`); by default the
             package is loaded after the cheap checks. ``device`` is then the predictor's.
+        dicom_uids: Series and SOP Instance UIDs of the DICOM SEG and SR
+            (:class:`volumed.io.writer.DicomOutputUids`, or its fields as a mapping), e.g.
+            derived from the inputs so that a PACS upload can be recognised when repeated
+            (``volumed dicomweb run``); fresh UIDs when ``None``.
 
     Returns:
         A :class:`SegmentationResult`. Every output lies on the input's grid (shape and affine).
@@ -961,7 +970,10 @@ def segment(
         OutputExistsError: ``out_dir`` holds outputs and not ``overwrite`` (checked first).
         VolumeReadError, InvalidVolumeError, DicomSeriesError: unreadable input.
     """
+    from volumed.io.writer import DicomOutputUids
+
     t0 = time.perf_counter()
+    uids = DicomOutputUids.from_mapping(dicom_uids)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts and not all_terms:
         raise ConfigError("give at least one anatomy prompt (--prompt liver) or --all", "prompts")
@@ -1027,7 +1039,7 @@ def segment(
             )
             for k, t in enumerate(terms)
         )
-        _write_outputs(staging, volume, prediction.label_map, segmented, predictor.config, used_model, warnings)
+        _write_outputs(staging, volume, prediction.label_map, segmented, predictor.config, used_model, warnings, uids)
         has_seg = (staging / SEG_NAME).exists()
         has_sr = (staging / SR_NAME).exists()
         _publish(staging, out)
@@ -1060,8 +1072,10 @@ def _write_outputs(
     config: PromptSegConfig,
     model_dir: Path,
     warnings: list[str],
+    uids: "DicomOutputUids | None" = None,
 ) -> None:
-    """Label map, table, statistics, report, preview and (DICOM input) SEG and SR into ``staging``."""
+    """Label map, table, statistics, report, preview and (DICOM input) SEG and SR into ``staging``
+    (with ``uids`` as their Series and SOP Instance UIDs; fresh ones when ``None``)."""
     from volumed.inference.preview import render_preview
     from volumed.io.writer import SegmentSpec, write_dicom_seg, write_label_map
 
@@ -1113,7 +1127,9 @@ def _write_outputs(
         warnings.append("DICOM SEG skipped: no structure was found above threshold")
         return
     try:
-        write_dicom_seg(label_map, volume, segments, staging / SEG_NAME)
+        write_dicom_seg(label_map, volume, segments, staging / SEG_NAME,
+                        series_instance_uid=uids.seg_series if uids else None,
+                        sop_instance_uid=uids.seg_instance if uids else None)
     except VolumedError as err:
         warnings.append(f"DICOM SEG skipped: {err}")
         return
@@ -1128,7 +1144,9 @@ def _write_outputs(
         for t in terms
     ]
     try:
-        write_dicom_sr(findings, volume, staging / SEG_NAME, staging / SR_NAME, threshold=float(config.threshold))
+        write_dicom_sr(findings, volume, staging / SEG_NAME, staging / SR_NAME, threshold=float(config.threshold),
+                       series_instance_uid=uids.sr_series if uids else None,
+                       sop_instance_uid=uids.sr_instance if uids else None)
     except VolumedError as err:
         warnings.append(f"DICOM SR skipped: {err}")
 

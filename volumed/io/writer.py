@@ -8,6 +8,7 @@ Every write is atomic (:mod:`volumed.io.atomic`) and refuses to replace an exist
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,6 +23,57 @@ from volumed.io.coding import local_scheme_identification, readable_name, struct
 from volumed.io.volume import Volume
 
 log = logging.getLogger(__name__)
+
+
+# The namespace of volumed's name-based UUIDs (a fixed random UUID: changing it changes every derived UID).
+_UID_NAMESPACE = uuid.UUID("5f0c9a52-3d1e-4b8e-9a57-6c1f2b7d9e41")
+
+
+def derived_uid(*parts: str) -> str:
+    """``2.25.<n>`` with ``n`` the integer of the name-based (version 5) UUID of ``parts``: the same
+    parts always give the same valid UID (at most 44 characters)."""
+    # A separator that cannot occur in a UID or a prompt keeps ("a", "bc") apart from ("ab", "c").
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0x1E).join(parts)).int}"
+
+
+@dataclass(frozen=True)
+class DicomOutputUids:
+    """The SeriesInstanceUID and SOPInstanceUID of the DICOM SEG and of the DICOM SR of one run.
+
+    Fresh UIDs each run are the default; :meth:`derive` makes them a function of the run's inputs,
+    so that storing the same run's outputs twice (a PACS round trip re-run) reuses the same UIDs
+    and can be recognised as already stored.
+    """
+
+    seg_series: str
+    seg_instance: str
+    sr_series: str
+    sr_instance: str
+
+    @classmethod
+    def derive(cls, *inputs: str) -> "DicomOutputUids":
+        """Deterministic ``2.25.<n>`` UIDs, one per role: ``n`` is the integer of a name-based
+        (SHA-1, version 5) UUID of the role and the ``inputs`` (PS3.5 B.2: UUID-derived UIDs under
+        2.25), so the same ``inputs`` (e.g. source series UID, bundle name and version, prompts)
+        always give the same four UIDs. (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)``
+        would not do: without a prefix it ignores the entropy and returns a random UUID.)"""
+        if not inputs or any(not isinstance(part, str) or not part for part in inputs):
+            raise VolumedError(f"deterministic DICOM UIDs need non-empty text inputs, got {inputs!r}")
+
+        def uid(role: str) -> str:
+            return derived_uid("volumed output uid", role, *inputs)
+
+        return cls(uid("seg series"), uid("seg instance"), uid("sr series"), uid("sr instance"))
+
+    @classmethod
+    def from_mapping(cls, value: "DicomOutputUids | Mapping[str, str] | None") -> "DicomOutputUids | None":
+        """``None``, an instance, or its fields as a mapping (how a bundle config passes them)."""
+        if value is None or isinstance(value, cls):
+            return value
+        names = ("seg_series", "seg_instance", "sr_series", "sr_instance")
+        if not isinstance(value, Mapping) or sorted(value) != sorted(names):
+            raise VolumedError(f"dicom_uids must map exactly {', '.join(names)}; got {value!r}")
+        return cls(**{n: str(value[n]) for n in names})
 
 
 def write_nifti(volume: Volume, path: str | Path, *, overwrite: bool = False, dtype=None) -> Path:
@@ -184,7 +236,9 @@ def write_dicom_seg(
             segmented_property_type=prop_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=hd.UID(),
+            # Derived from a given SOP Instance UID, so that a re-written SEG (and the SR that
+            # quotes these Tracking UIDs) is the same object again; fresh otherwise.
+            tracking_uid=derived_uid(sop_instance_uid, "tracking", str(number)) if sop_instance_uid else hd.UID(),
             tracking_id=spec.name[:64],
         )
         if spec.description:
