@@ -28,6 +28,12 @@ encoders_app = typer.Typer(help="Inspect the registered 3D encoders (STU-Net, CT
 app.add_typer(encoders_app, name="encoders")
 bundle_app = typer.Typer(help="MONAI bundles: make one from a checkpoint, record and check the weights' sha256.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
+dicomweb_app = typer.Typer(help="DICOMweb PACS round trip: QIDO-RS/WADO-RS a series, run a bundle, STOW-RS the DICOM SEG and SR into its study.", no_args_is_help=True)
+app.add_typer(dicomweb_app, name="dicomweb")
+
+_CREDENTIALS_HELP = ("File with the PACS credentials: JSON {\"user\": ..., \"password\": ...} or {\"token\": ...}, or one line "
+                     "user:password. Default: VOLUMED_DICOMWEB_TOKEN, or VOLUMED_DICOMWEB_USER and VOLUMED_DICOMWEB_PASSWORD, "
+                     "from the environment. Never on the command line.")
 
 
 @app.callback()
@@ -169,6 +175,56 @@ def run_command(
     for result in results:
         for line in result.summary():
             typer.echo(line, err=line.startswith("warning:"))
+
+
+@dicomweb_app.command("run")
+def dicomweb_run(
+    url: str = typer.Option(..., "--url", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web (no user:password@ in it)."),
+    study: str = typer.Option(..., "--study", help="StudyInstanceUID to segment."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder, e.g. bundles/volumed_promptseg_ct."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID; default: the study's one series of the bundle's modality (CT)."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable; default: the bundle's prompt list."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also keep the local outputs here (what volumed run writes); default: a temporary folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the local outputs of an earlier run in --output (the PACS is never overwritten)."),
+    credentials_file: Optional[Path] = typer.Option(None, "--credentials-file", help=_CREDENTIALS_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device; default: the bundle's (cuda if available, else cpu)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for each PACS request."),
+) -> None:
+    """Segment a study's series from a PACS and store the DICOM SEG and SR into the same study.
+
+    QIDO-RS finds the series, WADO-RS retrieves it, the bundle runs (as `volumed run`), and only
+    then STOW-RS stores the SEG and SR. Their UIDs derive from the source series, the bundle's name
+    and version and the prompts: running again stores nothing twice ("already stored"). A failed
+    step names itself (QIDO, WADO, inference, STOW) and leaves the PACS unchanged.
+    """
+    from volumed.serve.dicomweb import check_url, load_credentials, run_round_trip
+
+    url = check_url(url)
+    outcome = run_round_trip(url, study, bundle, series_uid=series, prompts=prompt,
+                             credentials=load_credentials(credentials_file), output_dir=output, overwrite=overwrite,
+                             device=device, timeout_s=timeout)
+    typer.echo(outcome.summary())
+
+
+@dicomweb_app.command("watch")
+def dicomweb_watch(
+    url: str = typer.Option(..., "--url", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder, e.g. bundles/volumed_promptseg_ct."),
+    interval: float = typer.Option(60.0, "--interval", help="Seconds between polls, 5 to 3600."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable; default: the bundle's prompt list."),
+    credentials_file: Optional[Path] = typer.Option(None, "--credentials-file", help=_CREDENTIALS_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device; default: the bundle's."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for each PACS request."),
+    once: bool = typer.Option(False, "--once", help="Poll once, process what is new, and exit."),
+) -> None:
+    """Poll the PACS for series of the bundle's modality without this bundle's SEG, and run the
+    round trip on each. SIGINT/SIGTERM: the series in progress is finished, then exit 0."""
+    from volumed.serve.dicomweb import check_url, load_credentials, watch
+
+    url = check_url(url)
+    outcomes = watch(url, bundle, interval_s=interval, prompts=prompt, credentials=load_credentials(credentials_file),
+                     device=device, timeout_s=timeout, once=once, on_outcome=lambda o: typer.echo(o.summary()))
+    typer.echo(f"watch stopped: {sum(o.status == 'stored' for o in outcomes)} series processed")
 
 
 @bundle_app.command("hash")
