@@ -266,7 +266,8 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
         "Every number is Dice on a scan the model **never trained on**, on the scan's original grid, through the path of "
         "`volumed segment`. Each run is the default recipe (`configs/train_promptseg-cpu.yaml`: the same data mix as the "
         "default model, four real CTs plus label-map synthesis, with contrast-phase, field-of-view and slice-thickness "
-        f"augmentation) with one scan left out; model size `{variant}`. The threshold baseline is tuned on the test scan "
+        f"augmentation) with one scan left out, and the recipe overrides listed with the run (`training.command` of its "
+        f"package); model size `{variant}`. The threshold baseline is tuned on the test scan "
         "itself (optimistic). **Bold**: the issue's target met (liver >= 0.80; spleen, kidneys, aorta, lobes, heart >= 0.75).",
         "",
     ]  # fmt: skip
@@ -352,7 +353,25 @@ def _run_info(package: Path) -> str:
         return ""
     cfg = json.loads(cfg_path.read_text())
     tr = cfg.get("training", {})
-    return f", {tr.get('steps', '?')} steps, {tr.get('fit_wall_minutes', '?')} min"
+    extra = _overrides(str(tr.get("command", "")))
+    return f", {tr.get('steps', '?')} steps, {tr.get('fit_wall_minutes', '?')} min" + (f"; recipe overrides `{extra}`" if extra else "")
+
+
+def _overrides(command: str) -> str:
+    """The recipe overrides of a ``volumed train promptseg --config ...`` command: what the run
+    changed beyond the recipe file (paths and thread counts left out)."""
+    import shlex
+
+    words = shlex.split(command)[3:] if command.startswith("volumed train") else []
+    skip = {"--config", "--out", "--package_dir", "--num_threads"}
+    kept, i = [], 0
+    while i < len(words):
+        if words[i] in skip:
+            i += 2
+            continue
+        kept.append(words[i])
+        i += 1
+    return " ".join(shlex.quote(w) for w in kept)
 
 
 def main(argv: list[str] | None = None) -> None:
