@@ -76,6 +76,10 @@ class PromptSegConfig:
         as the training patches were padded (:func:`volumed.data.transforms.pad_spatial`):
         ``"symmetric"`` / ``"symmetric_z"`` (mirrored, in all axes or along slices only) or
         ``"constant"`` (air; also packages written before the field existed).
+    presence: ``{"min_ml": V, "min_confidence": C}``: a mask smaller than V mL whose mean
+        probability is below C is reported absent, with what was seen recorded as its evidence
+        (:func:`volumed.inference.stats.presence_rejects`). ``{}`` (the default, and packages
+        written before the field existed): every non-empty mask is present.
     """
 
     encoder: str
@@ -93,6 +97,7 @@ class PromptSegConfig:
     threshold: float = 0.5
     postprocess: dict = field(default_factory=dict)
     pad_mode: str = "constant"
+    presence: dict = field(default_factory=dict)
     version: str = "0.1.0"
     volumed_version: str = __version__
     training: dict = field(default_factory=dict)  # recipe, data, steps, seed: for reproducibility
@@ -113,6 +118,10 @@ class PromptSegConfig:
 
         if data.get("pad_mode", "constant") not in PAD_MODES:
             raise ConfigError(f"bad model config: pad_mode must be one of {list(PAD_MODES)}, got {data['pad_mode']!r}", where)
+        presence = data.get("presence") or {}
+        if presence and (set(presence) != {"min_ml", "min_confidence"}
+                         or not all(isinstance(v, (int, float)) and v >= 0 for v in presence.values())):
+            raise ConfigError(f"bad model config: presence must be {{'min_ml': >= 0, 'min_confidence': >= 0}} or {{}}, got {presence!r}", where)
         if "postprocess" in data:
             from volumed.inference.postprocess import check_rules
 

@@ -112,7 +112,14 @@ from volumed.inference.postprocess import (
     check_rules,
     postprocess_rules,
 )
-from volumed.inference.stats import MaskEvidence, TermStatistics, compute_statistics, mask_evidence
+from volumed.inference.stats import (
+    MaskEvidence,
+    TermStatistics,
+    compute_statistics,
+    mask_evidence,
+    presence_rejects,
+    rejected_evidence,
+)
 from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
 from volumed.io.volume import Volume
@@ -714,6 +721,9 @@ class PromptSegPredictor:
         masks: list[np.ndarray] | None = [] if on_mask is None else None
         kept: dict[int, np.ndarray] = {}
         found: dict[int, tuple[int, float, float | None]] = {}  # voxels, their summed probability, the peak
+        presence = dict(getattr(self.config, "presence", None) or {})
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        rejected: dict[int, MaskEvidence] = {}
         for k, pieces in self.iter_original(probs, case, components):
             mask = np.zeros(volume.shape, dtype=bool)
             # The mask's voxels are counted and their probabilities summed as they are set: pieces
@@ -747,6 +757,13 @@ class PromptSegPredictor:
                     best[winners] = prob[win]
                     label[winners] = k + 1
             found[k] = (voxels, total, peak)
+            if voxels and presence_rejects(presence, voxels * voxel_ml, total / voxels):
+                # Small and unsure: reported absent (the evidence keeps what was seen). Its voxels
+                # leave the label map; another term's lower probability there is not restored.
+                rejected[k] = rejected_evidence(presence, voxels, total, peak, voxel_ml)
+                label[mask & (label == k + 1)] = 0
+                mask[:] = False
+                found[k] = (0, 0.0, None)
             if on_mask is not None:
                 on_mask(k, mask)
             else:
@@ -755,14 +772,25 @@ class PromptSegPredictor:
             masks.extend(kept[k] for k in range(len(terms)))
         # Absent terms: the evidence is a bound of their probability (exact values were computed
         # only where they could exceed the threshold).
-        absent = [k for k in range(len(terms)) if found[k][0] == 0]
+        absent = [k for k in range(len(terms)) if found[k][0] == 0 and k not in rejected]
         bounds = dict(zip(absent, self.max_probability_bounds(probs, absent)))
-        evidence = [mask_evidence(*found[k], bounds.get(k), threshold) for k in range(len(terms))]
+        evidence = [rejected[k] if k in rejected else mask_evidence(*found[k], bounds.get(k), threshold)
+                    for k in range(len(terms))]
         clock.append(time.perf_counter())
         stages = ("queries", "preprocess", "sliding_window", "invert")
         seconds = {s: b - a for s, a, b in zip(stages, clock, clock[1:])}
         seconds["postprocess"] = components.seconds  # part of "invert"
         return Prediction(label, masks, evidence, seconds, [components.postprocessing(k) for k in range(len(terms))])
+
+
+def _absent_why(evidence: MaskEvidence) -> str:
+    """Why a term is absent, for the summary and the report: the bound of its probability, or
+    what the presence rule turned away."""
+    r = evidence.rejected
+    if r:
+        return (f"rejected: {r['volume_ml']:.1f} mL at mean p {r['confidence']:.2f}, "
+                f"under {r['min_ml']:g} mL and p {r['min_confidence']:.2f}")
+    return f"p <= {evidence.max_probability_bound:.2f}"
 
 
 # ------------------------------------------------------------------------------------- pipeline
@@ -864,7 +892,7 @@ def findings_lines(terms: Sequence[SegmentedTerm], threshold: float | None) -> l
         )
     # An absent structure's evidence: an upper bound of its probability anywhere in the image.
     lines.append(f"absent ({len(absent)}): " + (", ".join(
-        f"{t.name} (p <= {t.evidence.max_probability_bound:.2f}" + ("" if t.trained else ", untrained") + ")"
+        f"{t.name} ({_absent_why(t.evidence)}" + ("" if t.trained else ", untrained") + ")"
         for t in absent) if absent else "none"))
     return lines
 
@@ -1104,7 +1132,7 @@ def _write_outputs(
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
     atomic_write_text(staging / REPORT_NAME, _report_text(volume, terms, config, model_dir))
     found = [t for t in terms if t.present]
-    absent = [f"{t.display_name} (p <= {t.evidence.max_probability_bound:.2f})" for t in terms if not t.present]
+    absent = [f"{t.display_name} ({_absent_why(t.evidence)})" for t in terms if not t.present]
     render_preview(
         volume,
         staging / PREVIEW_NAME,

@@ -150,13 +150,17 @@ class MaskEvidence:
         confidence: mean probability inside the mask (exact); ``None`` when absent.
         max_probability: exact peak probability (inside the mask); ``None`` when absent.
         max_probability_bound: upper bound of the probability at every voxel, at most the
-            threshold; ``None`` when present.
+            threshold; ``None`` when present. For a rejected mask: its exact peak.
+        rejected: a mask the package's presence rule turned away (small and unsure, see
+            :func:`presence_rejects`): ``{"volume_ml", "confidence", "max_probability",
+            "min_ml", "min_confidence"}``; ``None`` otherwise. Its mask is empty.
     """
 
     present: bool
     confidence: float | None
     max_probability: float | None
     max_probability_bound: float | None
+    rejected: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,3 +191,21 @@ def mask_evidence(
     if peak is not None and peak > limit + 1e-5:
         raise ValueError(f"empty mask, but a probability {peak} was computed above its bound {limit}")
     return MaskEvidence(False, None, None, limit)
+
+
+def presence_rejects(rule: dict | None, volume_ml: float, confidence: float) -> bool:
+    """Whether a non-empty mask is reported absent by a package's presence rule ``{"min_ml",
+    "min_confidence"}``: both smaller than ``min_ml`` and less sure than ``min_confidence`` (mean
+    probability inside it). A large mask, or a small one the network is sure of, stays. No rule
+    (``{}``/``None``): every non-empty mask is present."""
+    if not rule:
+        return False
+    return volume_ml < float(rule["min_ml"]) and confidence < float(rule["min_confidence"])
+
+
+def rejected_evidence(rule: dict, voxels: int, probability_sum: float, peak: float, voxel_ml: float) -> MaskEvidence:
+    """The :class:`MaskEvidence` of a mask :func:`presence_rejects` turned away: absent, with what
+    was seen (volume, mean and peak probability) and the rule that decided."""
+    info = {"volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
+            "max_probability": float(peak), "min_ml": float(rule["min_ml"]), "min_confidence": float(rule["min_confidence"])}
+    return MaskEvidence(False, None, None, float(peak), info)

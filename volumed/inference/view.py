@@ -107,6 +107,7 @@ class ViewStructure:
     max_probability_bound: float | None
     centroid: tuple[int, int, int] | None
     on_page: bool
+    rejected: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,7 @@ def _structures(table: dict, statistics: dict, present_on_page: Mapping[int, tup
             unit=str(intensity.get("unit") or ("HU" if statistics.get("modality") == "CT" else "intensity")),
             confidence=stats.get("confidence"),
             max_probability_bound=stats.get("max_probability_bound"),
+            rejected=stats.get("rejected"),
             centroid=centroid,
             on_page=on_page,
         ))
@@ -486,6 +488,8 @@ def _page_html(template: str, out_dir: Path, volume: Volume, seg: _SegmentOutput
             evidence = _fmt(s.confidence, 2)
         else:
             evidence = "" if s.max_probability_bound is None else f"p &le; {s.max_probability_bound:.2f}"
+            if s.rejected:
+                evidence = f"rejected: {s.rejected['volume_ml']:.1f} mL at mean p {s.rejected['confidence']:.2f}"
         volume_ml = "" if s.volume_ml is None else (f"{s.volume_ml:.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:.2f}")
         rows.append(
             f'<tr class="{"present" if s.present else "absent"}" data-values="{s.value}">'

@@ -107,6 +107,7 @@ class StructureFinding:
     trained: bool = True
     voxels: int = 0
     segment_voxels: int | None = None
+    rejected: dict | None = None
 
     @classmethod
     def from_statistics(
@@ -128,6 +129,7 @@ class StructureFinding:
             prompt=entry.get("prompt"),
             trained=bool(entry.get("trained", True)),
             voxels=int(entry.get("voxels", 0)),
+            rejected=entry.get("rejected"),
             segment_voxels=segment_voxels,
         )
 
@@ -339,6 +341,11 @@ def _comments(f: StructureFinding, threshold: float | None) -> list[str]:
         elif f.segment_voxels is not None and f.segment_voxels != f.voxels:
             out.append(f"the SEG segment holds {f.segment_voxels} of the mask's {f.voxels} voxels (overlaps go to the "
                        "more probable structure); the measurements are of the whole mask")
+    elif f.rejected:
+        r = f.rejected
+        out.append(f"not reported: a {r['volume_ml']:.1f} mL region at mean probability {r['confidence']:.2f} (peak "
+                   f"{r['max_probability']:.2f}), under the model's presence rule ({r['min_ml']:g} mL, "
+                   f"{r['min_confidence']:.2f})")
     else:
         bound = "unknown" if f.max_probability_bound is None else f"{f.max_probability_bound:.3f}"
         limit = f" (threshold {threshold:g})" if threshold is not None else ""

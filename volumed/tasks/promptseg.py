@@ -195,6 +195,8 @@ class PromptSegModule(L.LightningModule):
         num_negatives: annotated-absent terms per patch used as negatives (``None``: all).
         dice_weight, bce_weight, bce_topk: :class:`PartialLabelLoss` weights and top-k fraction.
         patch_size, overlap, threshold: recorded in the package for sliding-window inference.
+        presence: the package's presence rule (``{"min_ml", "min_confidence"}``, :class:`PromptSegConfig`):
+            a mask both smaller and less sure is reported absent. ``None``: none.
         seed: seeds the negative sampling.
 
     Batch: see :class:`PromptSegPatchDataset`. The term list and its embeddings come from the
@@ -219,6 +221,7 @@ class PromptSegModule(L.LightningModule):
         patch_size: Sequence[int] = (64, 64, 32),
         overlap: float = 0.25,
         threshold: float = 0.5,
+        presence: dict | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -231,6 +234,7 @@ class PromptSegModule(L.LightningModule):
             patch_size=tuple(int(p) for p in patch_size),
             overlap=float(overlap),
             threshold=float(threshold),
+            presence=dict(presence or {}),
         )
         self.net: TextPromptedSegmenter = build_model(self.model_config)
         self.loss_fn = PartialLabelLoss(dice_weight, bce_weight, bce_topk)

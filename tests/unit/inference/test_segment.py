@@ -773,3 +773,47 @@ def test_overlapping_pieces_count_each_mask_voxel_once_in_the_confidence(package
     assert pred.evidence[0].max_probability == pytest.approx(0.9)
     assert pred.masks[1].sum() == 2 and pred.evidence[1].confidence == pytest.approx(0.925)
     assert pred.evidence[1].max_probability == pytest.approx(0.95)  # in the first piece
+
+
+def test_presence_rule_reports_a_small_unsure_mask_absent_with_what_was_seen(package, ts_dir, tmp_path, monkeypatch):
+    """A package's ``presence`` rule: a mask both smaller than min_ml and less sure than
+    min_confidence comes back empty and absent, statistics.json keeping its volume and mean
+    probability; without the rule the same probabilities give a present mask."""
+    import shutil
+
+    def liver_and_an_unsure_blob(self, case, queries, *, progress=False):
+        probs = fake_probabilities(self, case, queries[:1])  # liver: HU above 300 (bone), sure
+        blob = torch.zeros_like(probs)
+        c = [s // 2 for s in blob.shape[1:]]
+        blob[0, c[0] - 3:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 2:c[2] + 2] = 0.6  # kidney: small, unsure
+        return torch.cat([probs, blob])
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", liver_and_an_unsure_blob)
+    image = ts_dir / "example_ct_sm.nii.gz"
+    plain = segment(image, ["liver", "left kidney"], model_dir=package, out_dir=tmp_path / "plain", progress=False)
+    seen = json.loads((tmp_path / "plain" / "statistics.json").read_text())["terms"]["kidney_left"]
+    assert seen["present"] is True and 0.5 < seen["confidence"] <= 0.6 + 1e-6 and seen.get("rejected") is None
+    assert plain.terms[1].present
+
+    ruled = tmp_path / "pkg"
+    shutil.copytree(package, ruled)
+    cfg = json.loads((ruled / "config.json").read_text())
+    cfg["presence"] = {"min_ml": seen["volume_ml"] + 1.0, "min_confidence": 0.7}
+    (ruled / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "ruled"
+    result = segment(image, ["liver", "left kidney"], model_dir=ruled, out_dir=out, progress=False)
+    stats = json.loads((out / "statistics.json").read_text())["terms"]
+    kidney = stats["kidney_left"]
+    assert kidney["present"] is False and kidney["volume_ml"] == 0.0 and kidney["confidence"] is None
+    assert kidney["rejected"]["volume_ml"] == pytest.approx(seen["volume_ml"], rel=1e-3)
+    assert kidney["rejected"]["confidence"] == pytest.approx(seen["confidence"], rel=1e-6)
+    assert kidney["rejected"]["min_confidence"] == 0.7
+    assert stats["liver"]["present"] is True and stats["liver"].get("rejected") is None  # large and sure: kept
+    assert not np.asarray(nib.load(out / "masks" / "kidney_left.nii.gz").dataobj).any()
+    assert not np.any(np.asarray(nib.load(out / "labels.nii.gz").dataobj) == result.terms[1].value)
+    assert any("kidney_left (rejected: " in line for line in result.summary())
+
+    cfg["presence"] = {"min_ml": 5}
+    (ruled / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="presence"):
+        segment(image, ["liver"], model_dir=ruled, out_dir=tmp_path / "bad", progress=False)

@@ -72,7 +72,7 @@ def test_mask_evidence_of_present_and_absent_masks():
     present = mask_evidence(4, 0.6 + 0.7 + 0.8 + 0.9, 0.9, None, 0.5)
     assert present == MaskEvidence(True, pytest.approx(0.75), 0.9, None)
     assert present.to_dict() == {"present": True, "confidence": pytest.approx(0.75), "max_probability": 0.9,
-                                 "max_probability_bound": None}
+                                 "max_probability_bound": None, "rejected": None}
     # Absent: the bound, capped at the threshold (an empty mask is at most the threshold everywhere).
     assert mask_evidence(0, 0.0, None, 0.12, 0.5) == MaskEvidence(False, None, None, 0.12)
     assert mask_evidence(0, 0.0, 0.3, 0.97, 0.5) == MaskEvidence(False, None, None, 0.5)
@@ -81,3 +81,17 @@ def test_mask_evidence_of_present_and_absent_masks():
         mask_evidence(2, 0.8, 0.45, None, 0.5)  # a mask voxel at or below the threshold
     with pytest.raises(ValueError, match="above its bound"):
         mask_evidence(0, 0.0, 0.3, 0.2, 0.5)
+
+
+def test_presence_rule_rejects_only_masks_both_small_and_unsure():
+    from volumed.inference.stats import presence_rejects, rejected_evidence
+
+    rule = {"min_ml": 10.0, "min_confidence": 0.8}
+    assert presence_rejects(rule, 6.0, 0.77)  # the DICOM slab's false heart
+    assert not presence_rejects(rule, 6.0, 0.85)  # small but sure
+    assert not presence_rejects(rule, 40.0, 0.60)  # unsure but large
+    assert not presence_rejects({}, 0.1, 0.51) and not presence_rejects(None, 0.1, 0.51)
+    ev = rejected_evidence(rule, voxels=100, probability_sum=70.0, peak=0.95, voxel_ml=0.06)
+    assert (ev.present, ev.confidence, ev.max_probability, ev.max_probability_bound) == (False, None, None, 0.95)
+    assert ev.rejected == {"volume_ml": 6.0, "confidence": pytest.approx(0.7), "max_probability": 0.95,
+                           "min_ml": 10.0, "min_confidence": 0.8}
