@@ -422,4 +422,5 @@ def test_promptseg_recipes_parse_into_the_module_and_datamodule(recipe, capsys):
         main(["train", "promptseg", "--config", str(REPO / "configs" / recipe), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "bce_topk: 0.02" in printed and "datalist: configs/datalists/promptseg_ct_all.json" in printed
+    assert "bce_topk: null" in printed and "datalist: configs/datalists/promptseg_ct_all.json" in printed
+    assert "pad_mode: symmetric_z" in printed and "min_confidence: 0.8" in printed
