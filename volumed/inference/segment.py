@@ -40,7 +40,10 @@ Outputs in ``out_dir``:
   at most the threshold; ``null`` for a present one); volume (mL), intensity (HU for CT),
   bounding boxes (voxels and RAS mm), connected components (see :mod:`volumed.inference.stats`);
   ``postprocess`` (the rule applied, or ``null``) and ``removed_components`` (the components it
-  dropped on the model grid). All measured on the post-processed masks.
+  dropped on the model grid). All measured on the post-processed masks. A mask the package's
+  presence rule turned away is absent with ``rejected`` (its volume, mean and peak probability).
+  ``hu_check`` (CT, present terms): the mask's mean HU against its tissue's prior
+  (:func:`volumed.inference.stats.hu_check`); an implausible one is flagged in the summary too.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
   (present terms, ``(untrained)`` where so), and a line listing the absent terms.
 * ``report.txt``: the findings in words (image, model, then the summary's found / absent lines,
@@ -116,6 +119,7 @@ from volumed.inference.stats import (
     MaskEvidence,
     TermStatistics,
     compute_statistics,
+    hu_check,
     mask_evidence,
     presence_rejects,
     rejected_evidence,
@@ -881,7 +885,11 @@ def findings_lines(terms: Sequence[SegmentedTerm], threshold: float | None) -> l
     lines = [f"found {len(found)} of {len(terms)} structure(s) (probability above {threshold:g}):"]
     for t in found:
         s = t.statistics
-        flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained)) if on)
+        check = _hu_check(t)
+        implausible = (f"HU implausible for {check['tissue']}: expected {check['expected_hu'][0]:g} to "
+                       f"{check['expected_hu'][1]:g}") if check and not check["plausible"] else ""
+        flags = ", ".join(f for f, on in (("free text", t.free_text), ("untrained", not t.trained),
+                                          (implausible, bool(implausible))) if on)
         hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
         volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
         removed = t.postprocessing.removed_components
@@ -1203,7 +1211,15 @@ def _term_statistics(term: SegmentedTerm) -> dict:
     the evidence and the measurements (see :mod:`volumed.inference.stats`)."""
     stats = term.statistics.to_dict()
     return {"name": stats.pop("name"), "value": term.value, "prompt": term.prompt, "free_text": term.free_text,
-            "trained": term.trained, **term.evidence.to_dict(), **stats, **term.postprocessing.to_dict()}
+            "trained": term.trained, **term.evidence.to_dict(), **stats, **term.postprocessing.to_dict(),
+            "hu_check": _hu_check(term)}
+
+
+def _hu_check(term: SegmentedTerm) -> dict | None:
+    """:func:`volumed.inference.stats.hu_check` of a present term's mask (``None`` if absent)."""
+    if not term.present:
+        return None
+    return hu_check(term.name, term.statistics.intensity.mean, term.statistics.intensity.unit)
 
 
 def _segment_spec(term: SegmentedTerm):

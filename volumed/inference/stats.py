@@ -209,3 +209,27 @@ def rejected_evidence(rule: dict, voxels: int, probability_sum: float, peak: flo
     info = {"volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
             "max_probability": float(peak), "min_ml": float(rule["min_ml"]), "min_confidence": float(rule["min_confidence"])}
     return MaskEvidence(False, None, None, float(peak), info)
+
+
+#: How far (HU) a structure's mean may lie outside its tissue's prior range (every contrast phase)
+#: and still count as plausible: partial volume at a 3-4 mm model grid and a mask's rim.
+HU_MARGIN = 150.0
+
+
+def hu_check(name: str, mean: float | None, unit: str) -> dict | None:
+    """Whether a CT mask's mean HU fits what its structure is made of
+    (:mod:`volumed.data.hu_priors`: any contrast phase, widened by :data:`HU_MARGIN`).
+
+    ``{"tissue", "expected_hu": [low, high], "plausible"}``, or ``None`` where no prior applies
+    (not HU, no mean, or a structure no rule knows). A "trachea" at 527 HU is bone, not air: the
+    mask is on the wrong structure, whatever the model's confidence."""
+    if unit != "HU" or mean is None:
+        return None
+    from volumed.data.hu_priors import TISSUES, tissue_of
+
+    tissue = tissue_of(name)
+    if tissue == "soft":
+        return None
+    ranges = TISSUES[tissue].mean.values()
+    low, high = min(r[0] for r in ranges) - HU_MARGIN, max(r[1] for r in ranges) + HU_MARGIN
+    return {"tissue": tissue, "expected_hu": [low, high], "plausible": bool(low <= float(mean) <= high)}

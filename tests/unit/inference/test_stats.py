@@ -95,3 +95,18 @@ def test_presence_rule_rejects_only_masks_both_small_and_unsure():
     assert (ev.present, ev.confidence, ev.max_probability, ev.max_probability_bound) == (False, None, None, 0.95)
     assert ev.rejected == {"volume_ml": 6.0, "confidence": pytest.approx(0.7), "max_probability": 0.95,
                            "min_ml": 10.0, "min_confidence": 0.8}
+
+
+def test_hu_check_flags_a_mask_on_the_wrong_tissue():
+    from volumed.inference.stats import HU_MARGIN, hu_check
+
+    # The default model's "trachea" on tcia_ccth_a01's femurs (527 HU) and "sacrum" in its lung.
+    assert hu_check("trachea", 527.0, "HU") == {"tissue": "airway", "expected_hu": [-1000.0 - HU_MARGIN, -880.0 + HU_MARGIN],
+                                                 "plausible": False}
+    assert hu_check("sacrum", -682.0, "HU")["plausible"] is False
+    assert hu_check("liver", 53.0, "HU")["plausible"] is True
+    assert hu_check("aorta", 553.0, "HU")["plausible"] is True  # an arterial phase is allowed
+    assert hu_check("lung_upper_lobe_left", -624.0, "HU")["tissue"] == "lung"
+    # No prior: not CT, no mean, or a structure no rule knows.
+    assert hu_check("liver", 53.0, "intensity") is None and hu_check("liver", None, "HU") is None
+    assert hu_check("a mass", 10.0, "HU") is None
