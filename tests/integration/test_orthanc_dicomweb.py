@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,15 @@ def _free_port() -> int:
 def orthanc(tmp_path_factory):
     """A private Orthanc on a free loopback port (no DICOM port, storage in a temporary folder,
     no remote access), with the DICOMweb plugin at /dicom-web; stopped afterwards."""
+    with _orthanc_server(tmp_path_factory.mktemp("orthanc")) as urls:
+        yield urls
+
+
+@contextmanager
+def _orthanc_server(root: Path):
+    """Start an Orthanc keeping its files in ``root``; yields (DICOMweb URL, REST base URL)."""
     binary, plugin = _require_orthanc()
-    root = tmp_path_factory.mktemp("orthanc")
+    root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     config = {
         "Name": "volumed-test",
@@ -207,3 +215,78 @@ def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_
     assert out.strip().splitlines()[-1].startswith(f"already stored: study {study}"), out
     assert "WADO" not in err and "STOW" not in err
     assert _get(f"{base}/statistics")["CountInstances"] == before
+
+
+def _tiny_bundle(tmp_path: Path, make_tiny_package) -> Path:
+    """The default bundle's configs around a tiny untrained package: the same bundle name, version
+    and prompts (so the same output UIDs), but inference takes a second instead of minutes."""
+    from volumed.bundle.integrity import record_hashes
+
+    root = tmp_path / "volumed_promptseg_ct"
+    root.mkdir()
+    for name in ("LICENSE", "configs", "docs"):
+        src = BUNDLE / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    prompts = json.loads((BUNDLE / "configs" / "inference.json").read_text())["displayable_configs"]["prompts"]
+    shutil.move(str(make_tiny_package(tmp_path / "pkg", prompts)), str(root / "models"))
+    record_hashes(root)
+    return root
+
+
+def _delete(url: str) -> None:
+    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30) as r:
+        assert r.status == 200
+
+
+def _study_series(client, study: str) -> dict[str, list[str]]:
+    """Modality -> SeriesInstanceUIDs of ``study``."""
+    found = client.search_for_series(study_instance_uid=study, fields=["Modality", "SeriesInstanceUID"])
+    by_modality: dict[str, list[str]] = {}
+    for s in found or []:
+        by_modality.setdefault(s["00080060"]["Value"][0], []).append(s["0020000E"]["Value"][0])
+    return by_modality
+
+
+def test_watch_processes_a_new_series_once_and_a_rerun_restores_only_a_missing_sr(ts_dir, tmp_path, make_tiny_package):
+    """``volumed dicomweb watch`` (one pass, in-process) on a fresh Orthanc holding an unprocessed CT
+    study stores its SEG and SR; a second pass stores nothing. With the SR deleted from the study
+    (the SEG kept), a re-run computes again and stores only the SR: one SEG and one SR, not two SEGs."""
+    from volumed.serve.dicomweb import (
+        BundleInfo,
+        make_client,
+        output_uids,
+        run_round_trip,
+        watch,
+    )
+
+    bundle = _tiny_bundle(tmp_path, make_tiny_package)
+    series_dir = ts_dir / "example_ct_dicom_with_uids"
+    with _orthanc_server(tmp_path / "orthanc") as (url, base):  # its own Orthanc: the module's already holds a SEG
+        client = make_client(url)
+        response = client.store_instances([pydicom.dcmread(p) for p in sorted(series_dir.iterdir()) if p.is_file()])
+        assert len(response.ReferencedSOPSequence) == 20
+        first = pydicom.dcmread(min(series_dir.iterdir()), stop_before_pixels=True)
+        study, ct = first.StudyInstanceUID, first.SeriesInstanceUID
+        uids = output_uids(ct, BundleInfo.read(bundle), PROMPTS)
+        assert _study_series(client, study) == {"CT": [ct]}
+
+        outcomes = watch(url, bundle, interval_s=5, prompts=PROMPTS, device="cpu", once=True)
+        assert [(o.status, o.study_uid, o.series_uid, o.stored) for o in outcomes] == [("stored", study, ct, ("SEG", "SR"))]
+        assert _study_series(client, study) == {"CT": [ct], "SEG": [uids.seg_series], "SR": [uids.sr_series]}
+        count = _get(f"{base}/statistics")["CountInstances"]
+        assert count == 22
+
+        assert watch(url, bundle, interval_s=5, prompts=PROMPTS, device="cpu", once=True) == []
+        assert _get(f"{base}/statistics")["CountInstances"] == count
+
+        # The study keeps this run's SEG but loses its SR: the re-run stores the SR alone.
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/tools/lookup", data=uids.sr_instance.encode()),
+                                    timeout=30) as r:
+            (sr,) = json.loads(r.read())  # Orthanc's ID of the SR instance
+        assert sr["Type"] == "Instance"
+        _delete(f"{base}/instances/{sr['ID']}")
+        assert _study_series(client, study) == {"CT": [ct], "SEG": [uids.seg_series]}
+        again = run_round_trip(url, study, bundle, prompts=PROMPTS, device="cpu")
+        assert (again.status, again.stored) == ("stored", ("SR",))
+        assert _study_series(client, study) == {"CT": [ct], "SEG": [uids.seg_series], "SR": [uids.sr_series]}
+        assert _get(f"{base}/statistics")["CountInstances"] == count

@@ -402,6 +402,20 @@ def test_round_trip_stores_seg_and_sr_with_derived_uids_and_skips_when_present(c
     assert watch(ct_stub.url, tiny_bundle, interval_s=5, prompts=["liver", "spleen"], once=True) == []
 
 
+def test_study_holding_the_seg_but_not_the_sr_gets_only_the_sr(ct_stub, tiny_bundle, clean_env, tmp_path):
+    """This run's SEG is in the study, its SR is not (deleted, or a STOW cut short): the re-run
+    retrieves and computes again and stores the SR alone, so the study ends with one of each."""
+    uids = output_uids(ct_stub.ct, BundleInfo.read(tiny_bundle), ["liver", "spleen"])
+    ct_stub.series.append(_series_json(ct_stub.study, uids.seg_series, "SEG", 1))
+    outcome = run_round_trip(ct_stub.url, ct_stub.study, tiny_bundle, prompts=["liver", "spleen"], device="cpu")
+    assert (outcome.status, outcome.stored, outcome.uids) == ("stored", ("SR",), uids)
+    assert any(f"/series/{ct_stub.ct}" in path for method, path, _ in ct_stub.requests if method == "GET")  # WADO ran
+    assert len(ct_stub.stored) == 1
+    (sr,) = _stored_datasets(ct_stub.stored[0])
+    assert (sr.Modality, sr.SeriesInstanceUID, sr.SOPInstanceUID) == ("SR", uids.sr_series, uids.sr_instance)
+    assert "stored SR in study" in outcome.summary()
+
+
 def test_stow_failure_names_stow_and_keeps_nothing_half_stored(ct_stub, tiny_bundle, clean_env, tmp_path):
     ct_stub.fail[("POST", "/dicom-web/studies")] = 503
     with pytest.raises(DicomwebError) as err:
