@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,3 +62,28 @@ def tiny_package(folder: Path, terms: Sequence[str]) -> Path:
 def make_tiny_package():
     """``make_tiny_package(folder, terms) -> folder/model``: :func:`tiny_package` (inference and bundle tests)."""
     return tiny_package
+
+
+def tiny_promptseg_bundle(folder: Path) -> Path:
+    """``folder/volumed_promptseg_ct``: bundles/volumed_promptseg_ct's LICENSE, configs and docs
+    around a :func:`tiny_package` listing the bundle's default prompts as its terms (same bundle
+    name, version and prompts, so the same output UIDs; segments in a second), with its
+    large_files.yml recorded anew."""
+    from volumed.bundle.integrity import record_hashes
+
+    bundle = REPO / "bundles" / "volumed_promptseg_ct"
+    root = folder / "volumed_promptseg_ct"
+    root.mkdir()
+    for name in ("LICENSE", "configs", "docs"):
+        src = bundle / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    prompts = json.loads((bundle / "configs" / "inference.json").read_text())["displayable_configs"]["prompts"]
+    shutil.move(str(tiny_package(folder / "pkg", prompts)), str(root / "models"))
+    record_hashes(root)
+    return root
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path) -> Path:
+    """:func:`tiny_promptseg_bundle` in the test's tmp_path (bundle, serve and PACS tests)."""
+    return tiny_promptseg_bundle(tmp_path)

@@ -217,22 +217,6 @@ def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_
     assert _get(f"{base}/statistics")["CountInstances"] == before
 
 
-def _tiny_bundle(tmp_path: Path, make_tiny_package) -> Path:
-    """The default bundle's configs around a tiny untrained package: the same bundle name, version
-    and prompts (so the same output UIDs), but inference takes a second instead of minutes."""
-    from volumed.bundle.integrity import record_hashes
-
-    root = tmp_path / "volumed_promptseg_ct"
-    root.mkdir()
-    for name in ("LICENSE", "configs", "docs"):
-        src = BUNDLE / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    prompts = json.loads((BUNDLE / "configs" / "inference.json").read_text())["displayable_configs"]["prompts"]
-    shutil.move(str(make_tiny_package(tmp_path / "pkg", prompts)), str(root / "models"))
-    record_hashes(root)
-    return root
-
-
 def _delete(url: str) -> None:
     with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30) as r:
         assert r.status == 200
@@ -247,7 +231,7 @@ def _study_series(client, study: str) -> dict[str, list[str]]:
     return by_modality
 
 
-def test_watch_processes_a_new_series_once_and_a_rerun_restores_only_a_missing_sr(ts_dir, tmp_path, make_tiny_package):
+def test_watch_processes_a_new_series_once_and_a_rerun_restores_only_a_missing_sr(ts_dir, tmp_path, tiny_bundle):
     """``volumed dicomweb watch`` (one pass, in-process) on a fresh Orthanc holding an unprocessed CT
     study stores its SEG and SR; a second pass stores nothing. With the SR deleted from the study
     (the SEG kept), a re-run computes again and stores only the SR: one SEG and one SR, not two SEGs."""
@@ -259,7 +243,7 @@ def test_watch_processes_a_new_series_once_and_a_rerun_restores_only_a_missing_s
         watch,
     )
 
-    bundle = _tiny_bundle(tmp_path, make_tiny_package)
+    bundle = tiny_bundle
     series_dir = ts_dir / "example_ct_dicom_with_uids"
     with _orthanc_server(tmp_path / "orthanc") as (url, base):  # its own Orthanc: the module's already holds a SEG
         client = make_client(url)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +19,6 @@ from volumed.errors import ConfigError
 from volumed.io.writer import DicomOutputUids, derived_uid
 from volumed.serve.dicomweb import (
     BundleInfo,
-    Credentials,
     DicomwebError,
     check_url,
     load_credentials,
@@ -328,22 +326,6 @@ def test_watch_stops_cleanly_on_sigterm_and_keeps_polling_through_pacs_errors(st
 
 
 # -- the whole round trip on the stub, with a tiny bundle --------------------------------------------
-
-@pytest.fixture
-def tiny_bundle(tmp_path, make_tiny_package) -> Path:
-    """The promptseg bundle's configs around a tiny untrained package (segments in a second)."""
-    from volumed.bundle.integrity import record_hashes
-
-    root = tmp_path / "volumed_promptseg_ct"
-    root.mkdir()
-    for name in ("LICENSE", "configs", "docs"):
-        src = PROMPTSEG / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    prompts = json.loads((PROMPTSEG / "configs" / "inference.json").read_text())["displayable_configs"]["prompts"]
-    shutil.move(str(make_tiny_package(tmp_path / "pkg", prompts)), str(root / "models"))
-    record_hashes(root)
-    return root
-
 
 @pytest.fixture
 def ct_stub(stub, ts_dir):
