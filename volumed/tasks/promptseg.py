@@ -95,6 +95,20 @@ def select_terms(
     return positives | negatives
 
 
+def exclusive_negative_bce(logits: torch.Tensor, pairs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """BCE with target 0 over the ``known`` voxels of the selected pairs (mean per pair, then over
+    pairs): ``logits (B, N, X, Y, Z)``, ``pairs (B, N)`` bool, ``known (B, 1, X, Y, Z)``.
+
+    Used for the terms an exclusive case does not annotate: inside its masks they are absent.
+    """
+    pairs = pairs.to(torch.bool)
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    weight = known.to(logits.dtype).expand_as(logits)[pairs].flatten(1)  # (M, V)
+    per_voxel = F.softplus(logits[pairs].float()).flatten(1)  # BCE(x, 0) = log(1 + e^x)
+    return ((per_voxel * weight).sum(1) / weight.sum(1).clamp_min(1.0)).mean()
+
+
 class PartialLabelLossOutput(NamedTuple):
     """``loss`` = ``dice_weight * dice + bce_weight * bce``; ``pairs``/``positives``: pairs used."""
 
@@ -193,6 +207,11 @@ class PromptSegModule(L.LightningModule):
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up, then cosine decay to 0 at ``trainer.max_steps``.
         num_negatives: annotated-absent terms per patch used as negatives (``None``: all).
+        exclusive_negatives: for a patch of an ``exclusive`` case (its masks one structure per
+            voxel, e.g. TotalSegmentator outputs), this many of the terms it does *not* annotate,
+            drawn at random, are trained as negatives inside its masks only (BCE with target 0
+            over the ``known`` voxels): a structure the case leaves unlabelled may be anywhere
+            else, but not inside its liver or lungs. ``0``: off (unannotated terms never used).
         dice_weight, bce_weight, bce_topk: :class:`PartialLabelLoss` weights and top-k fraction.
         patch_size, overlap, threshold: recorded in the package for sliding-window inference.
         presence: the package's presence rule (``{"min_ml", "min_confidence"}``, :class:`PromptSegConfig`):
@@ -215,6 +234,7 @@ class PromptSegModule(L.LightningModule):
         weight_decay: float = 1.0e-2,
         warmup_steps: int = 20,
         num_negatives: int | None = None,
+        exclusive_negatives: int = 0,
         dice_weight: float = 1.0,
         bce_weight: float = 1.0,
         bce_topk: float | None = None,
@@ -285,13 +305,33 @@ class PromptSegModule(L.LightningModule):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> PartialLabelLossOutput:
         use = select_terms(batch["target"], batch["annotated"], self.hparams.num_negatives, self._generator)
+        extra = self._exclusive_pairs(batch)
         # Only the terms some sample of the batch uses are decoded (term-independent queries make
         # this exact); unused pairs among them are masked out by the loss.
-        idx = use.any(0).nonzero().flatten()
+        idx = (use | extra).any(0).nonzero().flatten()
         if idx.numel() == 0:
             idx = batch["annotated"].any(0).nonzero().flatten()[:1]
         logits = self(batch["image"], idx.to(self.device), batch["modality"])
-        return self.loss_fn(logits, batch["target"][:, idx], use[:, idx])
+        out = self.loss_fn(logits, batch["target"][:, idx], use[:, idx])
+        if not bool(extra.any()):
+            return out
+        excl = exclusive_negative_bce(logits, extra[:, idx], batch["known"])
+        if self._trainer is not None:
+            self.log("train/exclusive_bce", excl.detach(), batch_size=batch["image"].shape[0])
+        return out._replace(loss=out.loss + self.loss_fn.bce_weight * excl)
+
+    def _exclusive_pairs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, T)`` bool: the unannotated terms trained as negatives inside an exclusive
+        case's masks (``exclusive_negatives`` per sample, drawn at random)."""
+        annotated = batch["annotated"].to(torch.bool)
+        k = int(self.hparams.exclusive_negatives or 0)
+        if k <= 0 or "exclusive" not in batch:
+            return torch.zeros_like(annotated)
+        rows = batch["exclusive"].to(torch.bool).view(-1, 1) & (batch["known"].flatten(1).amax(1) > 0).view(-1, 1)
+        candidates = ~annotated & rows
+        scores = torch.rand(candidates.shape, generator=self._generator).to(candidates.device)
+        rank = scores.masked_fill(~candidates, 2.0).argsort(1).argsort(1)
+        return candidates & (rank < k)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)

@@ -25,6 +25,11 @@ entry uses exactly one of two label styles (paths relative to the datalist, or i
   the image grid in world space (nearest neighbour, :func:`volumed.io.read_label`). Free-text
   names (``pulmonary artery``) are accepted only with ``allow_free_text=True``.
 * ``absent`` (optional, either style): terms known to be absent from the whole scan.
+* ``exclusive`` (optional, ``true``/``false``): the entry's masks come from one labelling in which a
+  voxel belongs to at most one structure (TotalSegmentator's one-hot outputs, a manual label map).
+  A voxel inside any of its masks is then known *not* to be any other vocabulary structure, so a
+  term the entry does not annotate can still be trained as a negative there (and only there):
+  ``PromptSegModule(exclusive_negatives=k)``. Without it, unannotated terms are never used.
 
 JSON example::
 
@@ -118,6 +123,8 @@ class LabelSource:
         label_ids: for each term, the ids whose union is it in ``label_map`` (label-map style).
         masks: for each term, its binary mask file (binary-mask style), else empty.
         absent: terms annotated as absent from the whole scan (part of ``terms`` too).
+        exclusive: the masks are mutually exclusive (one structure per voxel): inside them, the
+            terms the entry does not annotate are known negatives.
         where: the entry's position in the datalist, for messages.
     """
 
@@ -128,6 +135,7 @@ class LabelSource:
     label_ids: tuple[tuple[int, ...], ...] = ()
     masks: tuple[Path, ...] = ()
     absent: tuple[str, ...] = ()
+    exclusive: bool = False
     where: str = ""
 
 
@@ -257,6 +265,9 @@ def _resolve_entry(
     for name in absent:
         if name in terms:
             problems.append(f"{where}: term {name!r} is both annotated and listed as absent")
+    exclusive = entry.extra.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        problems.append(f"{where}: 'exclusive' must be true or false, got {exclusive!r}")
     if len(problems) > n_before:
         return None
     return LabelSource(
@@ -267,6 +278,7 @@ def _resolve_entry(
         label_ids=tuple(label_ids) + ((),) * len(absent) if label_map is not None else (),
         masks=tuple(masks),
         absent=tuple(absent),
+        exclusive=bool(exclusive),
         where=where,
     )
 
@@ -458,6 +470,7 @@ class PromptSegCase:
         regions: ``{"chest" | "abdomen" | "pelvis": (first, last)}`` 1-based model-space slices
             that the case's structures of that region span (field-of-view augmentation).
         synthetic: the label map an image is drawn from for every patch (``image`` is ``None``).
+        exclusive: the masks are mutually exclusive (:attr:`LabelSource.exclusive`).
     """
 
     image: torch.Tensor | None
@@ -470,6 +483,7 @@ class PromptSegCase:
     pool_means: tuple[float, ...] = ()
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     synthetic: LabelMapCase | None = None
+    exclusive: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -567,7 +581,7 @@ def load_case(source: LabelSource, config: PreprocessConfig) -> PromptSegCase:
     extras = _pools_and_regions(named, image, cfg.ct_window) if source.modality == "CT" else (None, (), (), {})
     pools, tissues, means, regions = extras
     return PromptSegCase(image, masks, terms if source.label_map is not None else source.terms, source.modality,
-                         str(source.image), pools, tissues, means, regions)
+                         str(source.image), pools, tissues, means, regions, exclusive=source.exclusive)
 
 
 def phantom_cases(
@@ -666,7 +680,9 @@ class PromptSegPatchDataset(Dataset):
     view -> ``augment`` -> slice thickness.
 
     Item: ``{"image": (1, px, py, pz) float32, "target": (T, px, py, pz) uint8,
-    "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool, "synthetic": bool}``.
+    "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool, "synthetic": bool,
+    "exclusive": bool, "known": (1, px, py, pz) uint8}``; ``known`` is the union of the annotated
+    masks of an ``exclusive`` case (where its unannotated terms are negatives), zero otherwise.
     """
 
     def __init__(
@@ -845,6 +861,10 @@ class PromptSegPatchDataset(Dataset):
             target[self.index[t]] = masks[j]
             annotated[self.index[t]] = True
         c = tuple(s // 2 for s in self.patch_size)
+        exclusive = bool(case.exclusive) and case.synthetic is None
+        # The union of the annotated masks, after every spatial transform (masks.amax, not the
+        # augmented "fg", which is interpolated separately).
+        known = masks.amax(0, keepdim=True) if exclusive and len(masks) else torch.zeros((1, *self.patch_size), dtype=torch.uint8)
         return {
             "image": image,
             "target": target,
@@ -852,6 +872,8 @@ class PromptSegPatchDataset(Dataset):
             "modality": 0 if case.modality == "CT" else 1,
             "center_fg": bool(fgp[(0, *c)] > 0),
             "synthetic": case.synthetic is not None,
+            "exclusive": exclusive,
+            "known": known,
         }
 
 

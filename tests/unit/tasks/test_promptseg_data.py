@@ -165,6 +165,10 @@ def test_shipped_datalist_resolves(shared_data):
     real = load_promptseg_datalist(path, allow_free_text=True)
     synthetic = load_synthetic_sources(path)
     assert len(real) == 4 and [s.name for s in synthetic] == ["s0327", "s0328", "spl_abdominal_atlas", "abdomenatlas_bdmap_00000338"]
+    # The two TotalSegmentator-output entries are one structure per voxel; the thorax crop holds no
+    # abdominal or pelvic organ below the liver dome.
+    assert [s.exclusive for s in real] == [False, False, True, True]
+    assert {"kidney_left", "urinary_bladder", "femur_right"} <= set(real[2].absent) and "liver" not in real[2].absent
     spl = synthetic[2]
     assert dict(zip(spl.terms, spl.term_structures))["portal_vein_and_splenic_vein"] == (
         "portal_vein_and_superior_mesenteric_vein", "splenic_vein")

@@ -27,6 +27,7 @@ from volumed.tasks.promptseg import (
     predict_probabilities,
     select_terms,
 )
+from volumed.tasks.promptseg import exclusive_negative_bce
 
 REPO = Path(__file__).resolve().parents[3]
 BUNDLE = REPO / "bundles" / "volumed_promptseg_ct" / "models"
@@ -205,6 +206,81 @@ def test_topk_bce_weighs_a_small_false_positive_blob_by_its_share_of_the_hard_vo
     assert topk > 9 * plain  # the plain voxel mean dilutes the blob
     with pytest.raises(ConfigError, match="bce_topk"):
         PartialLabelLoss(bce_topk=0.0)
+
+
+def test_exclusive_datalist_entries_are_flagged_and_checked(tiny_data):
+    ok = _write_json(tiny_data, "exclusive.json", [
+        {"image": "ct0.nii.gz", "masks": {"liver": "liver.nii.gz"}, "exclusive": True},
+        {"image": "ct1.nii.gz", "masks": {"liver": "liver.nii.gz"}},
+    ])  # fmt: skip
+    flagged, plain = load_promptseg_datalist(ok)
+    assert flagged.exclusive and not plain.exclusive
+    cfg = PreprocessConfig(target_spacing=None, crop_foreground=False)
+    assert load_case(flagged, cfg).exclusive and not load_case(plain, cfg).exclusive
+    bad = _write_json(tiny_data, "exclusive_bad.json", [{"image": "ct0.nii.gz", "masks": {"liver": "liver.nii.gz"}, "exclusive": "yes"}])
+    with pytest.raises(DatalistError, match=r"training\[0\]: 'exclusive' must be true or false, got 'yes'"):
+        load_promptseg_datalist(bad)
+
+
+def test_exclusive_negatives_train_unannotated_terms_inside_the_known_masks_only():
+    # One patch, 3 terms: the case annotates term 0 (its mask is the known region); terms 1 and 2
+    # are unannotated. Inside the mask they are negatives; outside it they stay unknown.
+    known = torch.zeros(1, 1, 8, 8, 4)
+    known[0, 0, :4] = 1
+    logits = torch.zeros(1, 3, 8, 8, 4, requires_grad=True)
+    pairs = torch.tensor([[False, True, False]])
+    loss = exclusive_negative_bce(logits, pairs, known)
+    assert loss.item() == pytest.approx(math.log(2.0))  # BCE(0, target 0) on every known voxel
+    loss.backward()
+    grad = logits.grad
+    assert torch.all(grad[0, 1, :4] > 0) and torch.all(grad[0, 1, 4:] == 0)  # only inside the masks
+    assert torch.all(grad[0, 0] == 0) and torch.all(grad[0, 2] == 0)  # unselected terms untouched
+    # A confident false positive outside the known region costs nothing; inside it, it does.
+    outside = torch.zeros(1, 3, 8, 8, 4)
+    outside[0, 1, 4:] = 8.0
+    assert exclusive_negative_bce(outside, pairs, known).item() == pytest.approx(math.log(2.0))
+    inside = torch.zeros(1, 3, 8, 8, 4)
+    inside[0, 1, :4] = 8.0
+    assert exclusive_negative_bce(inside, pairs, known).item() > 7.9
+    assert exclusive_negative_bce(logits.detach(), torch.zeros(1, 3, dtype=torch.bool), known).item() == 0.0
+
+
+def test_module_draws_exclusive_negatives_only_for_exclusive_patches():
+    module = _tiny_module(exclusive_negatives=2)
+    module.set_terms(["liver", "spleen", "kidney_left", "kidney_right"], torch.randn(4, module.model_config.text_dim))
+    known = torch.zeros(2, 1, 32, 32, 16, dtype=torch.uint8)
+    known[:, :, 8:20, 8:20, 4:12] = 1
+    batch = {
+        "image": torch.rand(2, 1, 32, 32, 16),
+        "target": torch.zeros(2, 4, 32, 32, 16, dtype=torch.uint8),
+        "annotated": torch.tensor([[True, False, False, False], [True, False, False, False]]),
+        "exclusive": torch.tensor([True, False]),
+        "known": known,
+        "modality": torch.zeros(2, dtype=torch.long),
+    }
+    batch["target"][:, 0] = known[:, 0]
+    pairs = module._exclusive_pairs(batch)
+    # Sample 0 (exclusive): 2 of its 3 unannotated terms; sample 1: none; never an annotated term.
+    assert int(pairs[0].sum()) == 2 and not pairs[0, 0] and not pairs[1].any()
+    with torch.no_grad():
+        with_excl = module.compute_loss(batch).loss.item()
+        module.hparams.exclusive_negatives = 0
+        assert not module._exclusive_pairs(batch).any()
+        without = module.compute_loss(batch).loss.item()
+    assert with_excl > without  # the extra negatives add their BCE
+
+
+def test_patches_of_exclusive_cases_carry_their_known_region():
+    masks = torch.zeros(2, 24, 24, 12, dtype=torch.uint8)
+    masks[0, 4:10, 4:10, 2:8] = 1
+    masks[1, 12:20, 12:20, 2:8] = 1
+    image = torch.rand(1, 24, 24, 12)
+    for exclusive in (True, False):
+        case = PromptSegCase(image, masks, ("liver", "spleen"), "CT", exclusive=exclusive)
+        item = PromptSegPatchDataset([case], ["liver", "spleen", "heart"], (24, 24, 12), fg_rate=1.0)[0]
+        assert item["exclusive"] is exclusive and item["known"].shape == (1, 24, 24, 12)
+        expected = masks.amax(0, keepdim=True) if exclusive else torch.zeros(1, 24, 24, 12, dtype=torch.uint8)
+        assert torch.equal(item["known"], expected)
 
 
 # ------------------------------------------------------------------------------------ sampling
