@@ -10,7 +10,8 @@ A mention is a regular-expression match inside a clause. It is **negated** when 
 stands before it in the same clause ("no", "without", "free of", "absence of", "neither/nor"),
 or after it in the same clause ("... was not observed", "... not detected", "... is normal",
 "... within normal limits", "... is absent"). It is **uncertain** when a hedge stands in the same
-clause ("?", "possible", "suspicious for", "cannot be excluded", "may be", "compatible with").
+clause ("?", "possible", "suspicious for", "cannot be excluded", "cannot exclude", "may be",
+"compatible with", "worrisome for", "versus").
 Uncertain mentions count as positive in CT-RATE labelling (its labels mark "nodule (lymph
 node?)" as a nodule), so callers decide; negation wins over uncertainty except for "cannot be
 excluded"/"not ruled out", which are uncertain, not negative.
@@ -63,12 +64,16 @@ UNCERTAINTY = re.compile(
     r"\?|\b(?:possibl[ey]|probabl[ey]|suspicious|suspected|suspicion|questionable|likely|may|might|"
     r"could\s+be|cannot\s+be\s+(?:excluded|ruled\s+out)|can\s*not\s+be\s+(?:excluded|ruled\s+out)|"
     r"not\s+(?:be\s+)?(?:excluded|ruled\s+out)|compatible\s+with|consistent\s+with|suggestive\s+of|"
-    r"in\s+favou?r\s+of|differential|doubtful|equivocal|rule\s+out)\b",
+    r"in\s+favou?r\s+of|differential|doubtful|equivocal|rule\s+out|"
+    # Cues of CheXpert's uncertainty pattern lists that CT-RATE reports also use: "cannot exclude X",
+    # "worrisome for", "concerning for", "X versus Y", "borderline", "presumably", "indeterminate".
+    r"can\s*not\s+exclude|could\s+not\s+(?:be\s+)?exclude[sd]?|worrisome|concern(?:ing)?\s+for|versus|vs|"
+    r"borderline|presum(?:ably|ed|ptive)|indeterminate)\b",
     re.IGNORECASE,
 )
 # "cannot be excluded" is uncertainty that contains "not": it must not read as a negation.
 _NOT_A_NEGATION = re.compile(
-    r"\b(?:can\s*not|could\s+not|not)\s+(?:be\s+)?(?:excluded|ruled\s+out|distinguished|differentiated|evaluated|"
+    r"\b(?:can\s*not|could\s+not|not)\s+(?:be\s+)?(?:excluded|exclude|ruled\s+out|rule\s+out|distinguished|differentiated|evaluated|"
     r"assessed|be\s+evaluated|optimally)\b|\bnot\s+only\b|\bno\s+(?:change|significant\s+change)\b|"
     # "a nodule, which was not observed in the previous examination, is observed": new, not absent.
     r"\b(?:which\s+|that\s+)?(?:was|were|is|are)\s+not\s+(?:observed|detected|seen|present|visible)\s+(?:in|on)\s+(?:the\s+)?"

@@ -34,6 +34,18 @@ def test_negation_scope(sentence, negated):
     assert sentence[mention.span.start:mention.span.end].lower() == "pleural effusion"
 
 
+@pytest.mark.parametrize("sentence", [
+    "Cannot exclude a small pleural effusion.",        # CheXpert pre-negation uncertainty: "cannot exclude"
+    "We can not exclude pleural effusion.",            # its "not" is no negation
+    "Findings worrisome for pleural effusion.",        # CheXpert post-negation uncertainty: "worrisome for"
+    "Pleural effusion versus pleural thickening.",     # "XXX versus YYY"
+    "Borderline pleural effusion on the left.",
+])
+def test_chexpert_uncertainty_cues_are_hedges_not_negations(sentence):
+    (mention,) = find_mentions(sentence, [r"\bpleural\s+effusion"])
+    assert mention.uncertain and not mention.negated
+
+
 def test_uncertain_mentions_count_as_present():
     (mention,) = find_mentions("Nodules in the fissure (intrapulmonary lymph node?).", [r"\bnodules?\b"])
     assert mention.uncertain and mention.positive
