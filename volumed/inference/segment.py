@@ -125,7 +125,7 @@ from volumed.inference.stats import (
     rejected_evidence,
 )
 from volumed.io import read_volume
-from volumed.io.atomic import atomic_write_text
+from volumed.io.atomic import atomic_write_text, check_creatable
 from volumed.io.volume import Volume
 from volumed.text.encoder import TextEncoder
 
@@ -140,6 +140,7 @@ __all__ = [
     "SEG_NAME",
     "SR_NAME",
     "REPORT_NAME",
+    "REPORT_JSON_NAME",
     "MASKS_DIR",
     "PRIORITY_RULE",
     "Prediction",
@@ -165,8 +166,13 @@ PREVIEW_NAME = "preview.png"
 SEG_NAME = "segmentation.dcm"
 SR_NAME = "report_sr.dcm"
 REPORT_NAME = "report.txt"
+#: Written by ``volumed report`` (volumed.inference.reporting) into the same folder: listed here so
+#: that an earlier run's report.json counts as an output (refused without overwrite) and goes with
+#: the rest when a run replaces the folder's outputs.
+REPORT_JSON_NAME = "report.json"
 MASKS_DIR = "masks"
-_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, REPORT_NAME, SEG_NAME, SR_NAME)
+_TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, REPORT_NAME, REPORT_JSON_NAME, SEG_NAME,
+                      SR_NAME)
 #: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
 _CHUNK_CELLS = 1 << 24
 #: At most this many coarse cells are blended to find the peak of an absent term (a few ms).
@@ -918,6 +924,7 @@ def _existing_outputs(out_dir: Path) -> list[Path]:
 def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError("output path exists and is not a folder", out_dir)
+    check_creatable(out_dir)
     existing = _existing_outputs(out_dir) if out_dir.is_dir() else []
     if existing and not overwrite:
         names = ", ".join(str(p.relative_to(out_dir)) for p in existing[:4]) + (" ..." if len(existing) > 4 else "")

@@ -15,12 +15,27 @@ from typing import Iterator
 from volumed.errors import OutputExistsError
 
 
+def check_creatable(path: str | Path) -> Path:
+    """Raise :class:`OutputExistsError` if ``path`` cannot be created because one of its parent
+    folders is a file (``-o notes.txt/out``), or the nearest existing folder is not writable."""
+    p = Path(path)
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"cannot create the output: {parent} is a file, not a folder", p)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputExistsError(f"cannot create the output: no permission to write in {parent}", p)
+            break
+    return p
+
+
 def check_writable(path: str | Path, overwrite: bool) -> Path:
-    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is false."""
+    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is false, or if it
+    cannot be created (:func:`check_creatable`)."""
     p = Path(path)
     if p.exists() and not overwrite:
         raise OutputExistsError("output exists already; pass overwrite=True (--overwrite) to replace it", p)
-    return p
+    return check_creatable(p)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ Geometry rules:
 from __future__ import annotations
 
 import gzip
+import os
 import logging
 import zlib
 from collections import defaultdict
@@ -124,11 +125,80 @@ def _check_array(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
+#: Deflate cannot compress better than about 1032:1, so a .nii.gz cannot hold more voxel bytes.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_nifti_size(img, path: Path) -> None:
+    """Compare what the header claims with the file before allocating: a header of 30000^3 voxels
+    in a file of a few kB is corrupt, and allocating for it ends in a MemoryError."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    claimed = int(np.prod(shape, dtype=np.float64)) * itemsize
+    size = path.stat().st_size
+    dims = " x ".join(str(s) for s in shape)
+    if path.name.lower().endswith(".gz"):
+        if claimed > size * _MAX_DEFLATE_RATIO:
+            raise VolumeReadError(
+                f"NIfTI header claims {dims} voxels ({claimed / 2**30:.1f} GiB of data) but the compressed file has "
+                f"only {size} bytes, more than deflate can hold: the header is corrupt", path)
+    else:
+        offset = int(getattr(img.dataobj, "offset", 352))
+        if offset + claimed > size:
+            raise VolumeReadError(
+                f"NIfTI header claims {dims} voxels ({claimed} bytes of data from byte {offset}) but the file has "
+                f"only {size} bytes: truncated, or a corrupt header", path)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if available and claimed > available:
+        raise VolumeReadError(
+            f"NIfTI header claims {dims} voxels ({claimed / 2**30:.1f} GiB of data), more than this machine's "
+            f"{available / 2**30:.0f} GiB of memory", path)
+
+
+def _raw_nifti_header(img, path: Path):
+    """The header as stored (nibabel's loader replaces a zero pixdim by 1 with a log message)."""
+    with nib.openers.ImageOpener(str(path)) as f:
+        return img.header.__class__.from_fileobj(f, check=False)
+
+
+def _check_nifti_geometry(img, path: Path) -> None:
+    """Refuse a NIfTI whose voxel size is unknown: zero (or negative, NaN) pixdim and no sform.
+
+    With ``sform_code > 0`` the sform matrix carries the voxel size itself; otherwise the qform
+    (or, without one, the Analyze fallback) is built from pixdim, and nibabel silently makes a
+    zero pixdim 1 mm: every output would then carry a made-up geometry.
+    """
+    raw = _raw_nifti_header(img, path)
+    if int(raw["sform_code"]) > 0:
+        spacing = np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise InvalidVolumeError(f"NIfTI sform has a zero or invalid voxel size {tuple(float(v) for v in spacing)}", path)
+        return
+    pixdim = [float(v) for v in raw["pixdim"][1:4]]
+    if not all(np.isfinite(v) and v > 0 for v in pixdim):
+        codes = "no qform and no sform" if int(raw["qform_code"]) == 0 else "no sform (the qform is built from pixdim)"
+        raise InvalidVolumeError(
+            f"NIfTI voxel spacing is {tuple(pixdim)} mm (pixdim[1:4]) and the header has {codes}: the voxel size is "
+            "unknown; set the spacing in the header (e.g. nibabel's header.set_zooms) and re-run", path)
+
+
 def _read_nifti(path: Path) -> Volume:
+    # nibabel logs "setting 0 dims to 1" for a zero pixdim; _check_nifti_geometry reports it as an
+    # error naming the file instead.
+    nib_log = logging.getLogger("nibabel.global")
+    level = nib_log.level
+    nib_log.setLevel(logging.ERROR)
     try:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
         raise VolumeReadError(f"not a readable NIfTI file ({type(err).__name__}: {err})", path) from err
+    finally:
+        nib_log.setLevel(level)
+    _check_nifti_size(img, path)
+    try:
+        _check_nifti_geometry(img, path)
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise VolumeReadError(f"NIfTI header is unreadable ({type(err).__name__}: {err})", path) from err
     try:
         raw = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as err:

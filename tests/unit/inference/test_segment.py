@@ -457,6 +457,12 @@ def test_existing_outputs_are_refused_before_any_compute_and_overwrite_replaces_
     # An empty existing folder is fine without --overwrite.
     (tmp_path / "empty").mkdir()
     segment(image, ["liver"], model_dir=package, out_dir=tmp_path / "empty", progress=False)
+    # An output folder below an existing file is refused before any compute, naming the file.
+    (tmp_path / "notes.txt").write_text("x")
+    with monkeypatch.context() as m:
+        m.setattr(PromptSegPredictor, "from_package", no_compute)
+        with pytest.raises(OutputExistsError, match=r"cannot create the output: .*notes.txt is a file, not a folder"):
+            segment(image, ["liver"], model_dir=package, out_dir=tmp_path / "notes.txt" / "out", progress=False)
 
 
 def test_a_failure_mid_way_leaves_no_partial_output(package, ts_dir, tmp_path, monkeypatch):

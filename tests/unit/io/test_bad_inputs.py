@@ -50,7 +50,28 @@ FILE_CASES = {
     "zero_axis": (InvalidVolumeError, "zero-length axis"),
     "missing": (VolumeReadError, "no such file"),
     "unknown_suffix": (VolumeReadError, "unknown volume format"),
+    "huge_header_nii": (VolumeReadError, "claims 30000 x 30000 x 30000 voxels"),
+    "huge_header_gz": (VolumeReadError, "more than deflate can hold"),
+    "zero_spacing_no_qform_sform": (InvalidVolumeError, "voxel size is unknown"),
 }
+
+
+def _raw_nifti(path: Path, shape, pixdim=(1.0, 1.0, 1.0), codes=(0, 0), data: bytes | None = None) -> Path:
+    """A NIfTI-1 file written field by field, so that the header can lie about the data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.int16)
+    hdr["dim"][0] = 3
+    hdr["dim"][1:4] = shape
+    hdr["pixdim"][1:4] = pixdim
+    hdr["qform_code"], hdr["sform_code"] = codes
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\x00" * 4 + (data if data is not None else b"\x00" * 64)
+    if path.name.endswith(".gz"):
+        import gzip
+
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
 
 
 def _make_file_case(name: str, root: Path, ts_dir: Path) -> Path:
@@ -73,6 +94,12 @@ def _make_file_case(name: str, root: Path, ts_dir: Path) -> Path:
         return _nifti(root / "nan.nii.gz", data)
     if name == "zero_axis":
         return _nifti(root / "empty_axis.nii.gz", np.zeros((16, 0, 8), np.int16))
+    if name == "huge_header_nii":
+        return _raw_nifti(root / "huge.nii", (30000, 30000, 30000))
+    if name == "huge_header_gz":
+        return _raw_nifti(root / "huge.nii.gz", (30000, 30000, 30000))
+    if name == "zero_spacing_no_qform_sform":
+        return _raw_nifti(root / "no_geometry.nii.gz", (8, 8, 4), pixdim=(0.0, 0.0, 0.0), data=b"\x00" * (8 * 8 * 4 * 2))
     if name == "missing":
         return root / "does_not_exist.nii.gz"
     if name == "unknown_suffix":
@@ -90,6 +117,22 @@ def test_bad_files(case, tmp_path, ts_dir):
         read_volume(path)
     assert str(path) in str(info.value)
     assert words in str(info.value)
+
+
+def test_header_checks_accept_honest_files(tmp_path):
+    # Same raw writer, honest header: read, with the stored spacing.
+    ok = _raw_nifti(tmp_path / "ok.nii", (8, 8, 4), pixdim=(1.5, 1.5, 3.0), codes=(1, 0), data=b"\x00" * (8 * 8 * 4 * 2))
+    vol = read_volume(ok)
+    assert vol.shape == (8, 8, 4) and np.allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), (1.5, 1.5, 3.0))
+    # A truncated uncompressed file: the size check names both numbers.
+    short = _raw_nifti(tmp_path / "short.nii", (8, 8, 4), data=b"\x00" * 100)
+    with pytest.raises(VolumeReadError, match=r"claims 8 x 8 x 4 voxels \(512 bytes of data from byte 352\) but the file has only 452 bytes"):
+        read_volume(short)
+    # Zero pixdim with an sform: the sform carries the voxel size, so the file is fine.
+    img = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), AFF)
+    img.header["pixdim"][1:4] = 0
+    nib.save(img, str(tmp_path / "sform.nii.gz"))
+    assert np.allclose(read_volume(tmp_path / "sform.nii.gz").affine, AFF)
 
 
 def test_4d_with_single_volume_is_accepted(tmp_path):
@@ -201,7 +244,7 @@ def test_permission_denied(tmp_path, ts_dir):
 
 # ------------------------------------------------------------------------------- the CLI
 
-@pytest.mark.parametrize("case", ["truncated_gz", "image_4d", "nan_voxels"])
+@pytest.mark.parametrize("case", ["truncated_gz", "image_4d", "nan_voxels", "huge_header_gz", "zero_spacing_no_qform_sform"])
 def test_cli_one_line_error_and_no_partial_output(case, tmp_path, ts_dir, capsys):
     path = _make_file_case(case, tmp_path, ts_dir)
     out = tmp_path / "out" / "preview.png"
@@ -214,6 +257,18 @@ def test_cli_one_line_error_and_no_partial_output(case, tmp_path, ts_dir, capsys
     # Nothing was written: no output, no temporary file, not even the output folder's content.
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_output_below_a_file_is_one_line(tmp_path, ts_dir, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    out = blocker / "preview.png"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preview", str(ts_dir / "example_ct_sm.nii.gz"), "-o", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"volumed: error: {out}: cannot create the output: {blocker} is a file, not a folder"]
+    assert blocker.read_text() == "a file, not a folder\n"
 
 
 def test_cli_debug_shows_traceback(tmp_path, ts_dir):
