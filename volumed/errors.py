@@ -48,6 +48,10 @@ class ConfigError(VolumedError):
     """A configuration or argument value is invalid."""
 
 
+class ReportTextError(ConfigError):
+    """A report or finding sentence cannot be parsed: empty, not English, or over the word limit."""
+
+
 class WeightsLoadError(VolumedError):
     """A checkpoint could not be read, or did not fit the model with ``strict=True``."""
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-# A sentence ends at '.', '!' or '?' followed by space (not inside "2.3 mm"), at a double quote
-# (CT-RATE impressions are quoted fragments), at a bullet, or at a line break.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*[\"\u201c\u201d\u2022\n\r]+\s*")
+# A sentence ends at '.', '!' or '?' followed by space (not inside "2.3 mm"), at a full-width
+# stop of Chinese or Japanese text (no space follows it), at a double quote (CT-RATE impressions
+# are quoted fragments), at a bullet, or at a line break.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*|\s*[\"\u201c\u201d\u2022\n\r]+\s*")
 
 # Clause breaks: a negation's scope ends here ("No effusion; atelectasis is seen").
 _CLAUSE_BREAK = re.compile(
