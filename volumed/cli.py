@@ -303,6 +303,56 @@ def train(
     importlib.import_module(tasks[task]).main(list(ctx.args))
 
 
+@app.command("finetune")
+def finetune_command(
+    bundle: Path = typer.Option(..., "--bundle", help="Text-prompted segmentation bundle to start from (e.g. bundles/volumed_promptseg_ct)."),
+    datalist: Path = typer.Option(..., "--datalist", help="Training scans: MSD-style JSON or CSV (docs/finetune.md); free-text terms allowed."),
+    terms: List[str] = typer.Option([], "--terms", help="Train only these annotated terms (repeatable; default: all)."),
+    method: str = typer.Option("full", "--method", help="full | freeze-encoder | lora (peft adapters, merged at the end)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Use only the first K training scans."),
+    name: Optional[str] = typer.Option(None, "--name", help="New bundle's folder name (default <bundle>_finetuned, next to it)."),
+    bundles_dir: Optional[Path] = typer.Option(None, "--bundles-dir", help="Where the new bundle goes (default: next to --bundle)."),
+    val_datalist: Optional[Path] = typer.Option(None, "--val-datalist", help="Scans for validation Dice and early stopping (default: the datalist's 'validation' section, else the training scans)."),
+    max_steps: int = typer.Option(300, "--max-steps", help="Optimizer steps at most."),
+    val_every: int = typer.Option(25, "--val-every", help="Steps between validations (one progress-bar epoch)."),
+    patience: int = typer.Option(4, "--patience", help="Validations without a better Dice before stopping."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 3e-4; LoRA 1e-3)."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank (--method lora)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints, CSV and TensorBoard logs (default runs/finetune/<name>)."),
+    precision: str = typer.Option("32-true", "--precision", help="Lightning precision: 32-true, bf16-mixed (faster on AVX512-BF16 CPUs and GPUs), 16-mixed."),
+    accelerator: str = typer.Option("cpu", "--accelerator", help="Lightning accelerator: cpu, gpu, auto."),
+    devices: str = typer.Option("1", "--devices", help="Lightning devices."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the patch sampling and augmentation."),
+    changelog: Optional[str] = typer.Option(None, "--changelog", help="Changelog line of the new version (default: what was fine-tuned, Dice before and after)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle NAME (version bumped) and earlier work-dir outputs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Epoch progress bar."),
+) -> None:
+    """Fine-tune a bundle's text-prompted segmenter on new scans and write the result as a new bundle."""
+    import torch
+
+    from volumed.tasks.finetune import finetune
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = finetune(
+        bundle, datalist, name=name, bundles_dir=bundles_dir, terms=terms or None, method=method, shots=shots,
+        max_steps=max_steps, val_every=val_every, patience=patience, lr=lr, val_datalist=val_datalist, work_dir=work_dir,
+        lora_rank=lora_rank, precision=precision, accelerator=accelerator,
+        devices=int(devices) if devices.isdigit() else devices, seed=seed, changelog=changelog, overwrite=overwrite,
+        progress=progress,
+    )  # fmt: skip
+    typer.echo(f"weights loaded from {bundle}:\n{result.load_report}")
+    typer.echo(f"method {result.method}: {result.trainable_parameters:,} of {result.total_parameters:,} parameters trained, "
+               f"{result.steps} steps" + (" (stopped early)" if result.stopped_early else ""))
+    typer.echo(f"validation Dice ({result.validation}):")
+    for term in result.terms:
+        before, after = result.start_dice.get(term), result.best_dice.get(term)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        typer.echo(f"  {term}: {fmt(before)} -> {fmt(after)}")
+    typer.echo(f"wrote bundle {result.bundle} (version {result.version}); logs in {result.work_dir}")
+
+
 @app.command("label-reports")
 def label_reports_command(
     reports: Path = typer.Argument(..., help="CSV of reports (UTF-8, a header row)."),

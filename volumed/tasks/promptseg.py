@@ -267,7 +267,7 @@ class PromptSegModule(L.LightningModule):
         if init_weights:
             from volumed.encoders.weights import load_encoder_weights
 
-            load_encoder_weights(self.net, init_weights, key_map=None, strict=True)
+            self.init_load_report = load_encoder_weights(self.net, init_weights, key_map=None, strict=True)
         self.terms: list[str] = []
         self.register_buffer("term_embeddings", torch.empty(0, self.model_config.text_dim), persistent=False)
         self._generator = torch.Generator().manual_seed(int(seed))
@@ -332,6 +332,38 @@ class PromptSegModule(L.LightningModule):
         scores = torch.rand(candidates.shape, generator=self._generator).to(candidates.device)
         rank = scores.masked_fill(~candidates, 2.0).argsort(1).argsort(1)
         return candidates & (rank < k)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_dice: dict[str, list[float]] = {}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Dice of every annotated, non-empty term of one whole validation scan
+        (``datamodule.validation_cases[batch]``) on its original grid, through the path of
+        ``volumed segment`` (:func:`predict_probabilities`, threshold of the package)."""
+        from monai.metrics import compute_dice
+
+        case = self.trainer.datamodule.validation_cases[int(batch)]
+        embeddings, _ = encode_terms(list(case.terms), self.hparams.text_model)
+        # fp32, as ``volumed segment`` runs, whatever the training precision's autocast.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            probs = predict_probabilities(self.net, self.model_config, case.volume, list(case.terms), embeddings)
+        for k, term in enumerate(case.terms):
+            ref = case.masks[k]
+            if not ref.any():
+                continue
+            pred = torch.as_tensor(probs[k] > self.model_config.threshold)[None, None]
+            d = float(compute_dice(pred, torch.as_tensor(ref)[None, None], include_background=True).item())
+            self._val_dice.setdefault(term, []).append(d)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = getattr(self, "_val_dice", {})
+        if not scores:
+            return
+        per_term = {t: float(np.mean(v)) for t, v in scores.items()}
+        self.log("val/dice", float(np.mean(list(per_term.values()))), prog_bar=True)
+        for t, v in per_term.items():
+            self.log("val/dice/" + t.replace(" ", "_"), v)
+        self.validation_dice = per_term
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,70 @@ def load_promptseg_datalist(
     if problems:
         raise DatalistError(problems, path)
     return sources
+
+
+def restrict_terms(sources: Sequence[LabelSource], terms: Sequence[str], where: str | Path = "terms") -> list[LabelSource]:
+    """Keep only ``terms`` (canonical names or free text, as the datalist resolved them) of each
+    source; a source annotating none of them is dropped. Every term must be annotated somewhere.
+
+    Raises:
+        ConfigError: a term no source annotates (the message lists what they do annotate).
+    """
+    wanted = list(dict.fromkeys(terms))
+    known = sorted({t for s in sources for t in s.terms})
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        raise ConfigError(f"term(s) {missing} are annotated by no datalist entry; annotated: {known}", where)
+    out = []
+    for s in sources:
+        keep = [k for k, t in enumerate(s.terms) if t in wanted]
+        if not keep:
+            continue
+        n_masks = len(s.masks)  # mask-style: one file per term that is not listed absent
+        out.append(replace(
+            s,
+            terms=tuple(s.terms[k] for k in keep),
+            label_ids=tuple(s.label_ids[k] for k in keep) if s.label_map is not None else (),
+            masks=tuple(s.masks[k] for k in keep if k < n_masks) if s.label_map is None else (),
+            absent=tuple(t for t in s.absent if t in wanted),
+        ))  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """A whole scan and its reference masks on its original grid, for validation Dice through the
+    path of ``volumed segment`` (:func:`volumed.tasks.promptseg.predict_probabilities`).
+
+    Attributes:
+        name: the image path.
+        volume: the image as read.
+        terms: the annotated terms.
+        masks: ``(K, X, Y, Z)`` bool, one per term, on the volume's grid (all False: absent).
+    """
+
+    name: str
+    volume: Volume
+    terms: tuple[str, ...]
+    masks: np.ndarray
+
+
+def load_validation_case(source: LabelSource) -> ValidationCase:
+    """Read a datalist entry as a :class:`ValidationCase` (label-map ids or mask files on the image grid)."""
+    volume = read_volume(source.image, modality=source.modality)
+    if source.label_map is not None:
+        ids = np.asarray(read_label(source.label_map, reference=volume).data)
+        terms, label_ids = source.terms, source.label_ids
+        if len(terms) == len(source.absent):  # no 'terms': every class of the map
+            present = _classes_in_map(ids, source.modality)
+            terms, label_ids = tuple(present) + terms, tuple((i,) for i in present.values()) + label_ids
+        masks = np.stack([np.isin(ids, list(i)) if i else np.zeros(ids.shape, bool) for i in label_ids])
+    else:
+        terms = source.terms
+        stack = [np.asarray(read_label(m, reference=volume).data) > 0 for m in source.masks]
+        stack += [np.zeros(volume.shape, bool)] * len(source.absent)
+        masks = np.stack(stack)
+    return ValidationCase(str(source.image), volume, tuple(terms), masks)
 
 
 def _resolve_term(
@@ -913,6 +977,12 @@ class PromptSegDataModule(L.LightningDataModule):
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
+        terms: train only these terms of the image entries (:func:`restrict_terms`; entries
+            annotating none of them are dropped). ``None``: every annotated term.
+        max_cases: use only the first ``max_cases`` image entries (few-shot fine-tuning).
+        val_datalist: datalist of whole scans scored after every validation interval (Dice on
+            their original grid, :meth:`PromptSegModule.validation_step`); section ``val_section``.
+            ``None``: no validation.
     """
 
     def __init__(
@@ -947,9 +1017,16 @@ class PromptSegDataModule(L.LightningDataModule):
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         pad_mode: str = "constant",
+        terms: Sequence[str] | None = None,
+        max_cases: int | None = None,
+        val_datalist: str | None = None,
+        val_section: str = "validation",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if max_cases is not None and int(max_cases) < 1:
+            raise ConfigError(f"max_cases must be at least 1, got {max_cases!r}", "max_cases")
+        self.validation_cases: list[ValidationCase] = []
         if len(tuple(patch_size)) != 3:
             raise ConfigError(f"patch_size must be three voxel counts, got {patch_size!r}", "patch_size")
         self.preprocess_config = PreprocessConfig(
@@ -975,6 +1052,12 @@ class PromptSegDataModule(L.LightningDataModule):
             synthetic = load_synthetic_sources(hp.datalist, section=hp.synthetic_section) if hp.synthetic else []
             sources = [s for s in sources if kept(s.image)]
             synthetic = [s for s in synthetic if kept(s.name, *s.files.values())]
+            if hp.terms:
+                if synthetic:
+                    raise ConfigError("data.terms selects terms of the image entries; set data.synthetic false", hp.datalist)
+                sources = restrict_terms(sources, hp.terms, hp.datalist)
+            if hp.max_cases:
+                sources = sources[: int(hp.max_cases)]
             if not sources and not synthetic:
                 raise ConfigError(
                     f"no training cases left in {hp.datalist} (real={hp.real}, synthetic={hp.synthetic}, exclude={excluded})",
@@ -995,9 +1078,24 @@ class PromptSegDataModule(L.LightningDataModule):
             synthetic_texture=hp.synthetic_texture, pad_mode=hp.pad_mode,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
+        if hp.val_datalist:
+            if hp.datalist and Path(hp.val_datalist) == Path(hp.datalist) and hp.val_section == hp.section:
+                val = list(sources)  # the training scans as selected (terms, max_cases, exclude)
+            else:
+                val = load_promptseg_datalist(hp.val_datalist, section=hp.val_section, default_modality=hp.default_modality,
+                                              allow_free_text=hp.allow_free_text)  # fmt: skip
+                if hp.terms:
+                    val = restrict_terms(val, [t for t in hp.terms if any(t in v.terms for v in val)] or hp.terms, hp.val_datalist)
+            self.validation_cases = [load_validation_case(v) for v in val]
         for c in self.cases:
             log.info("case %s: model shape %s, %d terms%s", c.name, c.shape, len(c.terms),
                      f", pools {list(c.pool_tissues)}" if c.pool_tissues else "")  # fmt: skip
+
+    def val_dataloader(self) -> Any:
+        """Indices of :attr:`validation_cases`, one per step (``[]``: no validation)."""
+        if not self.validation_cases:
+            return []
+        return torch.utils.data.DataLoader(list(range(len(self.validation_cases))), batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
