@@ -125,6 +125,7 @@ from volumed.inference.stats import (
     rejected_evidence,
 )
 from volumed.io import read_volume
+from volumed.environment import software_versions
 from volumed.io.atomic import atomic_write_text, check_creatable
 from volumed.io.volume import Volume
 from volumed.text.encoder import TextEncoder
@@ -1143,6 +1144,8 @@ def _write_outputs(
         "spacing_mm": list(volume.spacing),
         "threshold": float(config.threshold),
         "terms": {t.name: _term_statistics(t) for t in terms},
+        "model": {"path": str(model_dir), "version": config.version},
+        "software": software_versions(),
     }
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
     atomic_write_text(staging / REPORT_NAME, _report_text(volume, terms, config, model_dir))

@@ -205,6 +205,7 @@ def finetune(
 
     from volumed.bundle.loader import check_bundle
     from volumed.bundle.new import new_bundle
+    from volumed.environment import software_versions
     from volumed.errors import OutputExistsError
     from volumed.inference.package import read_config
     from volumed.tasks.promptseg import PromptSegDataModule, PromptSegModule
@@ -302,6 +303,7 @@ def finetune(
         "command": "volumed finetune", "base_bundle": str(bundle), "base_version": base.version, "method": method,
         "datalist": str(datalist), "terms": trained_terms, "shots": shots, "steps": int(trainer.global_step),
         "validation": validation, "start_dice": start_dice, "best_dice": best_dice, "seed": seed,
+        "software": software_versions(),
     }  # fmt: skip
     module.model_config.training = {**base.training, "finetune": info}
     module.model_config.metrics = {}

@@ -413,7 +413,9 @@ class PackageExport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and isinstance(pl_module, PromptSegModule):
-            info = {**self.training, "steps": int(trainer.global_step)}
+            from volumed.environment import software_versions
+
+            info = {**self.training, "steps": int(trainer.global_step), "software": software_versions()}
             if self._start is not None:
                 info["fit_wall_minutes"] = round((time.perf_counter() - self._start) / 60.0, 1)
             path = pl_module.export_package(self.out_dir, info)

@@ -7,11 +7,12 @@ always kept and refreshed, so an interrupted run loses at most ``every_n_train_s
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
@@ -39,6 +40,35 @@ class RunCLI(LightningCLI):
         parser.link_arguments("out", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
 
+class RecordEnvironment(Callback):
+    """Writes ``<out>/environment.json`` when fitting starts: the command line, seed, precision,
+    the ``deterministic`` flag and the software versions (:func:`volumed.environment.software_versions`),
+    next to the checkpoints and LightningCLI's ``config.yaml``."""
+
+    def __init__(self, out: str | Path, argv: list[str] | None, seed: int | None) -> None:
+        self.out = Path(out)
+        self.argv = list(argv or [])
+        self.seed = seed
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from volumed.environment import software_versions
+        from volumed.io.atomic import atomic_write_text
+
+        record = {
+            "argv": self.argv,
+            "seed": self.seed,
+            "precision": str(trainer.precision),
+            "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
+            "devices": int(trainer.num_devices),
+            "num_nodes": int(trainer.num_nodes),
+            "strategy": type(trainer.strategy).__name__,
+            "software": software_versions(),
+        }
+        atomic_write_text(self.out / "environment.json", json.dumps(record, indent=2) + "\n", overwrite=True)
+
+
 def build_cli(cli_class: type[RunCLI], model_class, datamodule_class, argv: list[str] | None, description: str | None) -> RunCLI:
     """Parse ``argv`` into ``cli_class`` (not run yet) and apply ``--num_threads``."""
     with warnings.catch_warnings():
@@ -58,4 +88,5 @@ def build_cli(cli_class: type[RunCLI], model_class, datamodule_class, argv: list
         )
     if cli.config["num_threads"]:
         torch.set_num_threads(int(cli.config["num_threads"]))
+    cli.trainer.callbacks.append(RecordEnvironment(cli.config["out"], argv, cli.config.get("seed_everything")))
     return cli

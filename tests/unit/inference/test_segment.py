@@ -79,6 +79,9 @@ def test_nifti_outputs_lie_on_the_input_grid(package, ts_dir, tmp_path):
     assert set(np.unique(label)) <= {0, 1, 2}
     stats = json.loads((out / "statistics.json").read_text())
     assert stats["shape"] == [122, 101, 30] and stats["modality"] == "CT"
+    # Reproducibility: the model and the software that made these outputs.
+    assert stats["model"]["path"] == str(package) and stats["software"]["torch"] == torch.__version__
+    assert set(stats["software"]) == {"volumed", "monai", "torch", "lightning", "numpy", "python", "cuda"}
     for term in result.terms:
         mask = _assert_on_grid(term.mask_path, volume)
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}

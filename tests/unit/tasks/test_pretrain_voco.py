@@ -316,6 +316,10 @@ def test_cli_trains_checkpoints_exports_and_resumes(shared_data, tmp_path):
     first = torch.load(last, map_location="cpu", weights_only=False)
     assert first["global_step"] == 3 and (out / "encoder.pt").is_file()
     assert list(out.glob("lightning_logs/version_0/config.yaml")), "LightningCLI saves the merged config with the logs"
+    # Reproducibility: the command, seed, precision and software versions next to the checkpoints.
+    env = json.loads((out / "environment.json").read_text())
+    assert env["seed"] == 0 and env["precision"] == "32-true" and env["argv"][:2] == args[:2]
+    assert env["software"]["torch"] == torch.__version__ and env["software"]["monai"] and env["software"]["volumed"]
 
     main(args + ["--trainer.max_steps", "6", "--ckpt_path", "last"])
     second = torch.load(last, map_location="cpu", weights_only=False)
