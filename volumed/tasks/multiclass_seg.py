@@ -178,7 +178,16 @@ class MultiClassSegDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "setup() first"
         self.train_set.epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return DataLoader(self.train_set, batch_size=int(self.hparams.batch_size), shuffle=False,
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Item i is fixed by (seed, epoch, i): rank r takes items r, r + W, ..., so a step of W
+            # ranks with batch b sees exactly what one process with batch W * b sees (the DDP test
+            # holds the two runs to that). Given explicitly, Lightning keeps it.
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.train_set, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False, drop_last=True)  # fmt: skip
+        return DataLoader(self.train_set, batch_size=int(self.hparams.batch_size), shuffle=False, sampler=sampler,
                           num_workers=int(self.hparams.num_workers))
 
 
@@ -227,7 +236,8 @@ class MultiClassSegModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # float: DeepSupervisionLoss resizes the target by interpolation, which needs a float tensor.
         loss = self.loss(self.net(batch["image"]), batch["label"].float())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        # sync_dist: under DDP the logged loss is the mean over ranks, i.e. over the global batch.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -39,6 +39,19 @@ class RunCLI(LightningCLI):
         parser.link_arguments("out", "trainer.default_root_dir")
         parser.link_arguments("out", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
+    def instantiate_trainer(self, **kwargs):
+        """Unless ``--trainer.logger`` says otherwise: CSV logs in ``<out>/lightning_logs/version_N``
+        (``metrics.csv``, with LightningCLI's ``config.yaml``) and TensorBoard logs in
+        ``<out>/tensorboard``. (Lightning's own default is one or the other, depending on whether a
+        TensorBoard writer happens to be installed.)"""
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        if "logger" not in kwargs and trainer_config.get("logger") in (None, True):
+            out = self._get(self.config_init, "out")
+            kwargs["logger"] = [CSVLogger(out, name="lightning_logs"), TensorBoardLogger(out, name="tensorboard")]
+        return super().instantiate_trainer(**kwargs)
+
 
 class RecordEnvironment(Callback):
     """Writes ``<out>/environment.json`` when fitting starts: the command line, seed, precision,
