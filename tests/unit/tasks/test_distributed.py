@@ -66,3 +66,45 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
 
     env = json.loads((tmp_path / "ddp" / "environment.json").read_text())
     assert env["devices"] == 2 and env["strategy"] == "DDPStrategy"
+
+
+def test_fsdp_recipe_for_stunet_l_and_h_parses_and_builds_on_the_cpu(capsys):
+    """configs/train_stunet-fsdp.yaml: LightningCLI parses it, its FSDPStrategy (residual blocks
+    sharded and checkpointed) is built, and STU-Net-L and -H are built on the meta device. A step
+    needs GPUs: Lightning refuses FSDP on the CPU, with the message checked here."""
+    import importlib
+
+    import lightning as L
+    import yaml
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from volumed.cli import main
+    from volumed.encoders.stunet import STUNetResidualBlock, create_stunet
+
+    recipe = Path(__file__).resolve().parents[3] / "configs" / "train_stunet-fsdp.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "multiclass", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    strategy_cfg = cfg["trainer"]["strategy"]
+    assert strategy_cfg["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert cfg["model"]["network"] == "stunet_l" and len(cfg["data"]["classes"]) == 15
+
+    def resolve(path: str):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    args = {k: v for k, v in strategy_cfg["init_args"].items() if v is not None}
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        args[key] = {resolve(p) for p in args[key]}
+    strategy = FSDPStrategy(**args)
+    assert str(strategy.sharding_strategy) == "ShardingStrategy.FULL_SHARD"
+    assert args["auto_wrap_policy"] == {STUNetResidualBlock}
+
+    with torch.device("meta"):
+        sizes = {n: sum(p.numel() for p in create_stunet(n, in_channels=1, num_classes=16, deep_supervision=True).parameters())
+                 for n in ("stunet_l", "stunet_h")}  # fmt: skip
+    assert 4.0e8 < sizes["stunet_l"] < 4.8e8 and 1.3e9 < sizes["stunet_h"] < 1.6e9
+
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=FSDPStrategy(**args), logger=False)
