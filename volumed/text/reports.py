@@ -246,6 +246,10 @@ class Finding:
         size_mm: one value per axis in mm (``(12.0, 8.0)`` for "12 x 8 mm"); empty when no size.
         location_span: the words of the location (term, else region), or None.
         size_span: the words of the size, or None.
+        locations: every location named in the finding's scope (its phrase, else the sentence's
+            phrases without a finding), in text order: "consolidation in the right lung upper
+            lobe, lower lobe and left lung lower lobe" names three, of which the nearest gives
+            ``location_term``. Their terms are as written, not narrowed by side words.
     """
 
     text: str
@@ -261,6 +265,7 @@ class Finding:
     size_mm: tuple[float, ...] = ()
     location_span: Span | None = None
     size_span: Span | None = None
+    locations: tuple[Location, ...] = ()
 
     @property
     def positive(self) -> bool:
@@ -511,6 +516,7 @@ def _finding(mention: Mention, own: _Phrase, others: Sequence[_Phrase], vocabula
         size_mm=size.mm if size is not None else (),
         location_span=anchor.span if anchor is not None else None,
         size_span=size.span if size is not None else None,
+        locations=tuple(sorted(terms + regions, key=lambda loc: loc.span.start)),
     )
 
 
