@@ -126,6 +126,30 @@ def segment_command(
         typer.echo(line, err=line.startswith("warning:"))
 
 
+@app.command("report")
+def report_command(
+    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder: report.txt, report.json (+ report_sr.dcm for DICOM), and the segmentation unless --from-segmentation."),
+    from_segmentation: Optional[Path] = typer.Option(None, "--from-segmentation", help="Report on this existing `volumed segment` output folder of IMAGE instead of segmenting again."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Structure to segment, repeatable; default: every structure the model was trained on."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder; default: bundles/volumed_promptseg_ct/models."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT (with --from-segmentation DIR -o DIR: segment's report.txt and SR)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
+) -> None:
+    """Structured, grounded report: organ volumes against approximate adult ranges, lesions, absent
+    structures with their evidence and HU flags, one sentence per finding, each linked in report.json
+    to its masks and measurements; for DICOM input a DICOM SR (TID 1500) referencing the SEG segments."""
+    from volumed.inference.reporting import write_report
+
+    result = write_report(image, output, from_segmentation=from_segmentation, prompts=prompt, model_dir=model,
+                          series_uid=series_uid, modality=modality, overwrite=overwrite, device=device, progress=progress)
+    for line in result.summary():
+        typer.echo(line, err=line.startswith("warning:"))
+
+
 @app.command("view")
 def view_command(
     out_dir: Path = typer.Argument(..., help="Output folder of `volumed segment` / `volumed run` (labels.nii.gz, labels.json, statistics.json, report.txt)."),

@@ -22,10 +22,13 @@ tree (the codes, and why they were chosen, are also listed in docs/coding.md)::
             Probability (122157, DCM), Derivation Maximum (56851009, SCT)  1   peak probability
             Presence of property (121052, DCM) = Present (121053, DCM)
             Comment (121106, DCM): the prompt, "untrained", a SEG/mask difference (see below)
+            Finding (121071, DCM), TEXT: the sentences of the structured report (``volumed
+              report``) whose subject is this structure, in report order (``narrative``)
         * absent (empty mask): Measurement Group (TID 1501), no image reference
             Tracking Identifier = canonical name, a new Tracking UID; Finding / Finding site
             Presence of property (121052, DCM) = Absent (121054, DCM)
             Comment: the evidence, "the model's probability is at most p everywhere ..."
+            Finding (121071, DCM), TEXT: the report's sentences about it (``narrative``)
 
 Numbers come from ``statistics.json`` (:meth:`StructureFinding.from_statistics`), so the SR and
 the JSON agree to the last digit: volume and mean intensity of the structure's own mask
@@ -70,6 +73,7 @@ _PRESENCE = ("121052", "DCM", "Presence of property")
 _PRESENT = ("121053", "DCM", "Present")
 _ABSENT = ("121054", "DCM", "Absent")
 _COMMENT = ("121106", "DCM", "Comment")
+_FINDING = ("121071", "DCM", "Finding")
 _PROCEDURE = {"CT": ("25045-6", "LN", "CT unspecified body region"),
               "MR": ("25056-3", "LN", "MRI unspecified body region")}
 _IMAGING_PROCEDURE = ("363679005", "SCT", "Imaging procedure")
@@ -187,6 +191,7 @@ def write_dicom_sr(
     algorithm_version: str = __version__,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    narrative: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write a Comprehensive 3D SR (TID 1500) of ``findings`` (module docstring) to ``path``.
 
@@ -200,13 +205,16 @@ def write_dicom_sr(
         path: output file (written atomically; refused if it exists, unless ``overwrite``).
         threshold: the probability threshold of the masks, quoted for absent structures.
         series_instance_uid, sop_instance_uid: deterministic UIDs; fresh ones when ``None``.
+        narrative: structure name -> sentences about it (the structured report of ``volumed
+            report``), each written as a TEXT Finding item of that structure's measurement
+            group, so a sentence sits with the SEG segment and the measurements it states.
 
     Raises:
         OutputExistsError: ``path`` exists and not ``overwrite`` (checked first).
         DicomSeriesError: ``source`` is not a DICOM series with Study/Series/Frame-of-Reference UIDs.
         VolumedError: no findings; a SEG that is unreadable, not a SEG or of another series; a
             segment number the SEG lacks or whose TrackingID is another structure; a segment
-            number for an absent structure.
+            number for an absent structure; narrative about a structure not in ``findings``.
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -218,6 +226,10 @@ def write_dicom_sr(
     check_writable(path, overwrite)
     if not findings:
         raise VolumedError("no structures to report", path)
+    narrative = dict(narrative or {})
+    unknown = sorted(set(narrative) - {f.name for f in findings})
+    if unknown:
+        raise VolumedError(f"report sentences about structures the SR does not list: {', '.join(unknown)}", path)
     datasets = _load_source_datasets(source, "DICOM SR")  # refuses NIfTI and series without UIDs
     seg_ds = _read_seg(seg, path)
     segments = _check_seg(seg_ds, source, path)
@@ -265,6 +277,9 @@ def write_dicom_sr(
         for text in _comments(f, threshold):
             group[0].ContentSequence.append(hd.sr.TextContentItem(
                 name=_cc(_COMMENT), value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        for sentence in narrative.get(f.name, ()):
+            group[0].ContentSequence.append(hd.sr.TextContentItem(
+                name=_cc(_FINDING), value=sentence, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         groups.append(group)
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
