@@ -99,6 +99,9 @@ def segment_command(
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep only the largest connected component of structures that are one body (liver, heart, a kidney, ...; the rule per term is in labels.json); --no-postprocess writes the raw masks with every fragment."),
+    datalist: Optional[Path] = typer.Option(None, "--datalist", help="Batch: segment every case of this MSD JSON ('testing', else 'training') or CSV into OUTPUT/<case id>/; finished cases are skipped on a re-run; failures are listed in OUTPUT/batch_summary.json."),
+    devices: int = typer.Option(1, "--devices", help="Batch: worker processes sharing the cases (with --device cuda: one GPU each)."),
+    num_workers: int = typer.Option(1, "--num-workers", help="Batch: threads per worker reading the next volumes ahead (0: none)."),
 ) -> None:
     """Segment anatomy named by text prompts; masks, label map, statistics and preview on the input's grid.
 
@@ -115,6 +118,21 @@ def segment_command(
         typer.echo(f"{path}: trained on {len(config.terms)} term(s) for {', '.join(config.modalities)}:")
         for term in config.terms:
             typer.echo(f"  {term}" + ("" if term in vocab else "  (free text: prompt it with --free-text)"))
+        return
+    if datalist is not None:
+        from volumed.inference.batch import run_batch
+
+        if image is not None:
+            raise ConfigError("give either IMAGE or --datalist, not both", "volumed segment")
+        if output is None:
+            raise ConfigError("missing --output/-o OUT (the folder that receives one folder per case)", "volumed segment")
+        summary = run_batch(datalist, output, prompt, model_dir=model, all_terms=all_terms, allow_free_text=free_text,
+                            allow_untrained=allow_untrained, postprocess=postprocess, devices=devices,
+                            num_workers=num_workers, device=device, overwrite=overwrite, progress=progress)  # fmt: skip
+        for line in summary.lines():
+            typer.echo(line, err=line.startswith("failed:"))
+        if summary.failed:
+            raise typer.Exit(1)
         return
     missing = [what for what, value in (("IMAGE", image), ("--output/-o OUT", output)) if value is None]
     if missing:

@@ -95,7 +95,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -953,7 +953,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 def segment(
-    image_path: str | Path,
+    image_path: "str | Path | Volume",
     prompts: Sequence[str],
     *,
     model_dir: str | Path | None = None,
@@ -1028,12 +1028,19 @@ def segment(
 
     # Everything cheap is checked before the network is built: model folder, image, prompts.
     used_model, config = read_package_config(model_dir)
-    volume = read_volume(image_path, series_uid=series_uid, modality=modality)
+    if isinstance(image_path, Volume):  # already read (batch inference prefetches the next case)
+        volume = image_path if modality is None else replace(image_path, modality=modality.upper())
+    else:
+        volume = read_volume(image_path, series_uid=series_uid, modality=modality)
+    if not isinstance(image_path, Volume):
+        image_ref = Path(image_path)
+    else:
+        image_ref = Path(volume.source.path) if volume.source.path else Path("<in-memory volume>")
     if volume.modality not in ("CT", "MR"):
         raise ConfigError(
             "cannot tell whether the image is CT or MR (no air at -1000 HU, no DICOM Modality); "
             "name it with modality='CT' or 'MR' (--modality)",
-            image_path,
+            image_ref,
         )
     terms = resolve_prompts(prompts, volume.modality, trained_terms=config.terms, all_terms=all_terms,
                             allow_free_text=allow_free_text)
@@ -1092,7 +1099,7 @@ def segment(
     t_end = time.perf_counter()
     return SegmentationResult(
         out_dir=out,
-        image=Path(image_path),
+        image=image_ref,
         modality=volume.modality,
         model_dir=used_model,
         terms=segmented,
