@@ -200,8 +200,22 @@ def test_bad_segmentation_folders_are_named(case, tmp_path):
     (tmp_path / "statistics.json").write_text("{\"terms\": ")
     with pytest.raises(VolumedError, match="not valid JSON"):
         build_structured_report(tmp_path, volume)
+    (tmp_path / "statistics.json").write_text(json.dumps({"shape": [40, 40, 24], "terms": {}}))
+    with pytest.raises(VolumedError, match="lists no terms"):  # an empty report is refused, not written
+        build_structured_report(tmp_path, volume)
     (tmp_path / "statistics.json").write_text(json.dumps({"shape": [1, 1, 1], "terms": {"liver": {"present": True}}}))
     with pytest.raises(VolumedError, match="'liver' lacks volume_ml, voxels"):
         build_structured_report(tmp_path, volume)
     with pytest.raises(ConfigError, match="not the segmented image"):
         build_structured_report(folder, Volume(np.zeros((40, 40, 23), np.float32), volume.affine, "CT"))
+
+
+def test_a_missing_lesion_mask_file_is_named(case, tmp_path):
+    import shutil
+
+    volume, _, folder, _ = case
+    copy = shutil.copytree(folder, tmp_path / "seg")
+    (copy / "masks" / "liver_tumor.nii.gz").unlink()
+    with pytest.raises(VolumedError, match="mask of 'liver tumor' is missing") as err:
+        build_structured_report(copy, volume)
+    assert err.value.path == copy / "masks" / "liver_tumor.nii.gz"
