@@ -53,6 +53,10 @@ def test_components_of_a_multi_lesion_finding():
     pred = _box((8, 8, 8), (0, 2, 0, 2, 0, 2))
     s = score_finding(pred, ref, focal=True)
     assert (s.components, s.components_hit) == (3, 1) and s.hit
+    # Voxels that touch only at a corner are one lesion (26-connectivity).
+    diagonal = np.zeros((4, 4, 4), dtype=bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
+    assert score_finding(diagonal, diagonal).components == 1
 
 
 def test_false_positive_on_absent_and_negated_findings():
