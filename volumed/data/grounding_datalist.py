@@ -43,9 +43,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from volumed.data.datalist import normalise_modality
 from volumed.errors import ConfigError, DatalistError

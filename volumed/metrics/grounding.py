@@ -23,8 +23,8 @@ geometry). An all-zero reference counts as absent, as ``"mask": null`` does in t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -62,9 +62,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal
 
 from volumed.data.vocab import Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ReportTextError

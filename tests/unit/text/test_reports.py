@@ -70,8 +70,8 @@ CT_RATE_SENTENCES = [
      "Pericardial effusion", "effusion", True, False, None, None, ()),
     ("Thoracic esophagus calibration was normal and no significant tumoral wall thickening was detected.",
      "wall thickening", "thickening", True, False, "esophagus", None, ()),
-    ("No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary "
-     "pathological dimensions were detected.", "enlarged lymph nodes", "lymph node", True, False, None, "bilateral", ()),
+    (("No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary "
+      "pathological dimensions were detected."), "enlarged lymph nodes", "lymph node", True, False, None, "bilateral", ()),
     # Uncertain: hedged, not negated.
     ("Possible neoplastic lesion cannot be excluded.", "lesion", "lesion", False, True, None, None, ()),
     ("Mosaic attenuation pattern in both lungs (small vessel disease? small airway disease?).",
