@@ -334,12 +334,12 @@ def pretrain(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net)."),
+    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net), report (report generator)."),
 ) -> None:
     """Train a head (LightningCLI): volumed train promptseg --config configs/train_promptseg-cpu.yaml [--trainer.max_steps N].
 
     Every task takes Lightning's --trainer.devices, --trainer.num_nodes, --trainer.strategy (ddp, fsdp) and --trainer.precision."""
-    tasks = {"promptseg": "volumed.tasks.cli_train", "multiclass": "volumed.tasks.cli_multiclass"}
+    tasks = {"promptseg": "volumed.tasks.cli_train", "multiclass": "volumed.tasks.cli_multiclass", "report": "volumed.tasks.cli_report"}
     if task not in tasks:
         raise ConfigError(f"unknown training task {task!r}; available: {', '.join(sorted(tasks))}", "volumed train")
     import importlib
