@@ -99,9 +99,11 @@ def weight_files(root: Path) -> list[Path]:
     return sorted(p for p in models.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if models.is_dir() else []
 
 
-def record_hashes(bundle: str | Path) -> list[HashRecord]:
+def record_hashes(bundle: str | Path, name: str | None = None) -> list[HashRecord]:
     """Write ``bundle/large_files.yml`` with the sha256 of every weight file under ``models/``
-    (atomically; URLs already recorded for a path are kept). Returns the new records.
+    (atomically; URLs already recorded for a path are kept). Returns the new records. ``name``:
+    the bundle's folder name for the file's comment (default: ``bundle``'s own; a bundle staged
+    in a temporary folder passes its final name).
 
     Raises:
         ConfigError: the bundle has no weight file under ``models/``.
@@ -118,7 +120,7 @@ def record_hashes(bundle: str | Path) -> list[HashRecord]:
             urls = {}  # a broken record is replaced whole
     records = [HashRecord(p.relative_to(root).as_posix(), sha256_file(p), urls.get(p.relative_to(root).as_posix(), "")) for p in files]
     body = {"large_files": [{"path": r.path, "url": r.url, "hash_val": r.sha256, "hash_type": "sha256"} for r in records]}
-    atomic_write_text(root / RECORD_NAME, _HEADER.format(bundle=root.name) + yaml.safe_dump(body, sort_keys=False), overwrite=True)
+    atomic_write_text(root / RECORD_NAME, _HEADER.format(bundle=name or root.name) + yaml.safe_dump(body, sort_keys=False), overwrite=True)
     return records
 
 

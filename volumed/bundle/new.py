@@ -134,8 +134,9 @@ def new_bundle(
         if not terms:
             raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
         _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}")
-        (sha,) = [r.sha256 for r in record_hashes(staging)]
+        (sha,) = [r.sha256 for r in record_hashes(staging, name)]
         metadata = validate_metadata(staging)
+        _plain_modes(staging)
         _publish(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -166,6 +167,15 @@ def _update_configs(staging: Path, terms: list[str], changelog: str) -> None:
         infer = json.loads(infer_path.read_text(encoding="utf-8"))
         infer.setdefault("displayable_configs", {})["prompts"] = terms
         atomic_write_text(infer_path, json.dumps(infer, indent=2) + "\n", overwrite=True)
+
+
+def _plain_modes(root: Path) -> None:
+    """Folders 0777 and files 0666 less the umask, as if written directly: the temporary folder
+    (``mkdtemp``) and atomically written files (``mkstemp``) start private (0700 / 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _publish(staging: Path, dest: Path) -> None:
