@@ -144,6 +144,30 @@ def segment_command(
         typer.echo(line, err=line.startswith("warning:"))
 
 
+@app.command("ground")
+def ground_command(
+    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    finding: List[str] = typer.Option([], "--finding", "-f", help="A finding sentence to ground, repeatable: '12 mm nodule in the right lower lobe'."),
+    report: Optional[Path] = typer.Option(None, "--report", help="A report text file; each finding clause is grounded (negated ones are listed, with no mask)."),
+    model: Path = typer.Option(..., "--model", help="Grounding model folder (config.json, grounding.json, model.safetensors) from `volumed train ground`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder: masks/finding_NN.nii.gz, grounding.json (+ grounding_seg.dcm for DICOM)."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
+) -> None:
+    """Ground finding sentences: one mask per positive sentence on the input's grid, grounding.json
+    (sentence -> mask file, confidence, volume, location) and a DICOM SEG for DICOM input."""
+    from volumed.inference.ground import ground
+
+    if report is not None and not report.is_file():
+        raise ConfigError("report file does not exist", report)
+    result = ground(image, finding, report=report, model_dir=model, out_dir=output, overwrite=overwrite,
+                    series_uid=series_uid, modality=modality, device=device)
+    for line in result.summary():
+        typer.echo(line, err=line.startswith("warning:"))
+
+
 @app.command("report")
 def report_command(
     image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
@@ -334,12 +358,13 @@ def pretrain(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net), report (report generator)."),
+    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net), report (report generator), ground (finding grounding)."),
 ) -> None:
     """Train a head (LightningCLI): volumed train promptseg --config configs/train_promptseg-cpu.yaml [--trainer.max_steps N].
 
     Every task takes Lightning's --trainer.devices, --trainer.num_nodes, --trainer.strategy (ddp, fsdp) and --trainer.precision."""
-    tasks = {"promptseg": "volumed.tasks.cli_train", "multiclass": "volumed.tasks.cli_multiclass", "report": "volumed.tasks.cli_report"}
+    tasks = {"promptseg": "volumed.tasks.cli_train", "multiclass": "volumed.tasks.cli_multiclass", "report": "volumed.tasks.cli_report",
+             "ground": "volumed.tasks.cli_ground"}
     if task not in tasks:
         raise ConfigError(f"unknown training task {task!r}; available: {', '.join(sorted(tasks))}", "volumed train")
     import importlib

@@ -1,0 +1,142 @@
+"""``volumed ground``: one mask per positive sentence on the input grid, grounding.json, DICOM SEG."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from volumed.data.phantoms import make_case
+from volumed.errors import ConfigError, OutputExistsError
+from volumed.heads.grounding import GroundingConfig, build_grounding_model, save_grounding_package
+from volumed.inference import ground as ground_module
+from volumed.inference.ground import GroundingPredictor, evaluate_grounding, ground
+from volumed.io import read_volume
+from volumed.io.writer import read_dicom_seg, write_nifti
+from volumed.text.encoder import default_model_dir, model_hash
+
+SENTENCES = ["12 mm nodule in the right lower lobe", "No pleural effusion.", "A 2 cm lesion in the liver."]
+
+
+@pytest.fixture(scope="module")
+def gpackage(tmp_path_factory):
+    """An untrained tiny grounding package (6 mm model grid, 64 x 64 x 16 patch)."""
+    from volumed.inference.package import PromptSegConfig
+
+    torch.manual_seed(0)
+    config = PromptSegConfig(
+        encoder="stunet_tiny",
+        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
+        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
+                            pixel_levels=[1, 2, 3, 4, 5]),
+        text_model_hash=model_hash(default_model_dir()),
+        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
+        patch_size=(64, 64, 16), modalities=["CT"], terms=["liver", "lung_lower_lobe_right"])
+    return save_grounding_package(build_grounding_model(config), config, GroundingConfig(), tmp_path_factory.mktemp("g") / "model")
+
+
+@pytest.fixture(scope="module")
+def phantom_image(tmp_path_factory):
+    case = make_case(2, index=0, shape=(48, 40, 24), spacing=(5.0, 6.0, 7.0), lesion_rate=1.0)
+    return write_nifti(case.image, tmp_path_factory.mktemp("img") / "ct.nii.gz")
+
+
+def _box_probabilities(seg, gated, case, queries):
+    """Stands in for the network: every sentence 'found' in a box of the model grid, 0.9 inside."""
+    n = queries.shape[0] // 2
+    probs = torch.zeros((n, *case.model_shape))
+    x, y, z = (s // 2 for s in case.model_shape)
+    for k in range(n):
+        probs[k, x - 2 - k : x + 2, y - 2 : y + 2, z - 1 : z + 1] = 0.9
+    return probs
+
+
+def test_outputs_are_on_the_input_grid_with_one_mask_per_positive_sentence(gpackage, phantom_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(ground_module, "_predict_gated", _box_probabilities)
+    report = tmp_path / "report.txt"
+    report.write_text("Non-contrast CT. A 9 mm nodule in the left upper lobe. The spleen is normal.")
+    out = tmp_path / "out"
+    result = ground(phantom_image, SENTENCES, report=report, model_dir=gpackage, out_dir=out)
+    doc = json.loads((out / "grounding.json").read_text())
+    assert [f["sentence"] for f in doc["findings"]] == SENTENCES + ["A 9 mm nodule in the left upper lobe."]
+    assert [f["negated"] for f in doc["findings"]] == [False, True, False, False]
+    assert [f["mask"] for f in doc["findings"]] == ["masks/finding_01.nii.gz", None, "masks/finding_02.nii.gz",
+                                                   "masks/finding_03.nii.gz"]
+    first = doc["findings"][0]
+    assert first["location"] == {"term": "lung_lower_lobe_right", "region": None, "side": "right",
+                                 "query_text": "lung_lower_lobe_right"}
+    assert first["size_mm"] == [12.0] and first["finding_type"] == "nodule" and first["found"]
+    # Mean probability inside the mask: 0.9 in the box, less at its edges after trilinear inversion.
+    assert 0.5 < first["confidence"] <= 0.9 and first["max_probability"] == pytest.approx(0.9)
+    assert len(first["instances"]) == 1
+    assert doc["findings"][1]["confidence"] is None and doc["findings"][1]["volume_ml"] == 0
+    image = nib.load(str(phantom_image))
+    for f in doc["findings"]:
+        if f["mask"]:
+            mask = nib.load(str(out / f["mask"]))
+            assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+            data = np.asarray(mask.dataobj)
+            assert data.sum() * np.prod(image.header.get_zooms()) / 1000 == pytest.approx(f["volume_ml"], rel=1e-3)
+    assert result.dicom_seg is None and not list(tmp_path.glob(".out.volumed-*"))  # staging removed
+    assert any(line.startswith("negated: 'No pleural effusion.'") for line in result.summary())
+    # Nothing is overwritten without overwrite=True; with it, the old masks go.
+    with pytest.raises(OutputExistsError, match="earlier run"):
+        ground(phantom_image, SENTENCES[:1], model_dir=gpackage, out_dir=out)
+    ground(phantom_image, SENTENCES[:1], model_dir=gpackage, out_dir=out, overwrite=True)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["finding_01.nii.gz"]
+
+
+def test_untrained_network_runs_end_to_end_and_negated_sentences_are_never_predicted(gpackage, phantom_image):
+    predictor = GroundingPredictor.from_package(gpackage)
+    from volumed.heads.grounding import finding_queries
+
+    volume = read_volume(phantom_image)
+    results = predictor.ground(volume, finding_queries(SENTENCES))
+    assert results[1].mask is None and not results[1].found
+    for r in (results[0], results[2]):
+        assert r.mask.shape == volume.shape and r.mask.dtype == bool
+        assert (r.confidence is None) == (not r.found)
+        assert sum(i.voxels for i in r.instances) == int(r.mask.sum())
+
+
+def test_bad_input_is_refused_before_the_network_runs(gpackage, phantom_image, tmp_path):
+    with pytest.raises(ConfigError, match="at least one finding sentence"):
+        ground(phantom_image, [], model_dir=gpackage, out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="empty finding sentence"):
+        ground(phantom_image, [""], model_dir=gpackage, out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="English"):
+        ground(phantom_image, ["Kein Pleuraerguss, keine Raumforderung in der Leber."], model_dir=gpackage, out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="not a grounding model folder"):
+        ground(phantom_image, SENTENCES, model_dir=tmp_path, out_dir=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.realdata
+def test_dicom_input_gets_a_seg_with_one_segment_per_found_sentence(gpackage, ts_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ground_module, "_predict_gated", _box_probabilities)
+    series = ts_dir / "example_ct_dicom_with_uids"
+    volume = read_volume(series)
+    result = ground(series, SENTENCES, model_dir=gpackage, out_dir=tmp_path / "out")
+    assert result.dicom_seg == tmp_path / "out" / "grounding_seg.dcm"
+    seg = read_dicom_seg(result.dicom_seg, volume)
+    assert seg.referenced_series_uid == volume.source.series_uid and len(seg.segments) == 2
+    for info, mask_name in zip(seg.segments, ("finding_01", "finding_02")):
+        mask = np.asarray(nib.load(str(tmp_path / "out" / "masks" / f"{mask_name}.nii.gz")).dataobj) > 0
+        # Where two sentences share voxels, the SEG gives each voxel to one of them.
+        assert seg.masks[info.number].sum() <= mask.sum() and np.all(mask[seg.masks[info.number] > 0])
+
+
+def test_cli_ground(gpackage, phantom_image, tmp_path, monkeypatch, capsys):
+    from volumed.cli import main
+
+    monkeypatch.setattr(ground_module, "_predict_gated", _box_probabilities)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ground", str(phantom_image), "--finding", SENTENCES[0], "--finding", SENTENCES[1],
+              "--model", str(gpackage), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "found: '12 mm nodule in the right lower lobe' -> masks/finding_01.nii.gz" in printed
+    assert "negated: 'No pleural effusion.' (no mask)" in printed

@@ -1,0 +1,401 @@
+"""``volumed ground``: finding sentences -> one mask per positive sentence, on the input's grid.
+
+Pipeline (one image, ``N`` sentences)::
+
+    read_volume (NIfTI / NRRD / MHA / DICOM series)                original grid (X, Y, Z), affine
+      -> sentences (--finding, repeatable) and the findings of a report (--report), parsed
+         (volumed.text.reports): negated, type, location term, side, size (mm)
+      -> negated sentences: listed, no mask, never run through the model
+      -> the others: sentence + location embeddings (TextEncoder) -> GroundingModel.queries (N', D)
+      -> the shared predictor (volumed.inference.segment.PromptSegPredictor): the package's
+         preprocessing, MONAI sliding windows (the encoder runs once per window for all
+         sentences), inversion of the probabilities onto the original grid
+      -> per sentence: mask = probability > threshold; 26-connected components = instances;
+         confidence = mean probability inside the mask
+
+Outputs in ``out_dir`` (staged in a hidden folder next to it, published only when complete;
+existing outputs are refused unless ``overwrite``, and then replaced as a whole):
+
+* ``masks/finding_<nn>.nii.gz``: uint8 mask of positive sentence ``nn`` (1-based, in input
+  order), on the input grid; empty when nothing was found;
+* ``grounding.json``: per sentence: ``sentence``, ``negated``, ``mask`` (file, or null for a
+  negated one), ``found``, ``confidence`` (mean probability inside the mask), ``max_probability``,
+  ``volume_ml``, ``location`` (term, region, side and the text the query was conditioned on),
+  ``finding_type``, ``size_mm``, ``uncertain`` and ``instances`` (components: voxels, mL, centre in
+  voxels and RAS mm, bounding box, confidence);
+* ``grounding_seg.dcm``: for a DICOM series, a DICOM SEG with one segment per found sentence
+  (where sentences overlap, a voxel goes to the sentence with the highest probability; the
+  NIfTI masks keep the overlaps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volumed.errors import ConfigError, OutputExistsError, VolumedError
+from volumed.heads.grounding import (
+    FindingQuery,
+    GatedSegmenter,
+    GroundingConfig,
+    GroundingModel,
+    Instance,
+    connected_instances,
+    finding_queries,
+    load_grounding_package,
+)
+from volumed.inference.package import PromptSegConfig
+from volumed.io.volume import Volume
+
+__all__ = [
+    "GROUNDING_JSON",
+    "GROUNDING_SEG",
+    "GroundedFinding",
+    "GroundingPredictor",
+    "GroundingResult",
+    "evaluate_grounding",
+    "ground",
+]
+
+GROUNDING_JSON = "grounding.json"
+GROUNDING_SEG = "grounding_seg.dcm"
+MASKS_DIR = "masks"
+
+
+@dataclass
+class GroundedFinding:
+    """One sentence and where it is.
+
+    Attributes:
+        query: the parsed sentence.
+        mask: bool ``(X, Y, Z)`` on the input grid; None for a negated sentence (never predicted).
+        confidence: mean probability inside the mask; None when the mask is empty or negated.
+        max_probability: peak probability inside the mask; None likewise.
+        volume_ml: mask volume in mL (0 when empty or negated).
+        instances: the mask's 26-connected components, largest first.
+    """
+
+    query: FindingQuery
+    mask: np.ndarray | None
+    confidence: float | None = None
+    max_probability: float | None = None
+    volume_ml: float = 0.0
+    instances: list[Instance] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.mask is not None and bool(self.mask.any())
+
+
+class GroundingPredictor:
+    """A loaded grounding package, ready to ground sentences in images.
+
+    Args:
+        model, config, grounding: :func:`volumed.heads.grounding.load_grounding_package`.
+        text_encoder: default: the one named by ``config.text_model``, checked against its hash.
+        device, sw_batch_size: as :class:`volumed.inference.segment.PromptSegPredictor`.
+    """
+
+    def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
+                 text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1):
+        from volumed.inference.segment import PromptSegPredictor
+
+        self.model = model
+        self.config = config
+        self.grounding = grounding
+        # Full-resolution blending: the location gate acts on full-resolution logits, so the
+        # lazy coarse-logit blending of `volumed segment` does not apply.
+        self.predictor = PromptSegPredictor(model, config, text_encoder=text_encoder, device=device,
+                                            sw_batch_size=sw_batch_size, lazy_blending=False)
+
+    @classmethod
+    def from_package(cls, path: str | Path, **kwargs) -> "GroundingPredictor":
+        model, config, grounding = load_grounding_package(path)
+        return cls(model, config, grounding, **kwargs)
+
+    def queries(self, queries: Sequence[FindingQuery], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(2N, D)`` decoder queries of non-negated ``queries`` (:meth:`GroundingModel.queries`)
+        and ``has_location`` ``(N,)``."""
+        from volumed.tasks.ground import encode_queries
+
+        sentence, location, has = encode_queries(list(queries), self.predictor.text_encoder)
+        device = self.predictor.device
+        with torch.inference_mode():
+            return self.model.queries(sentence.to(device), location.to(device), has.to(device), modality), has
+
+    def ground(self, volume: Volume, queries: Sequence[FindingQuery]) -> list[GroundedFinding]:
+        """Ground every query in ``volume`` (modality CT or MR); negated ones get no mask."""
+        queries = list(queries)
+        out = [GroundedFinding(q, None) for q in queries]
+        todo = [k for k, q in enumerate(queries) if not q.negated]
+        if not todo:
+            return out
+        threshold = float(self.config.threshold)
+        seg = self.predictor
+        case = seg.preprocess(volume)
+        q, has = self.queries([queries[k] for k in todo], volume.modality)
+        probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device)), case, q)
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        done = set()
+        for j, pieces in seg.iter_original(probs, case, None):
+            k = todo[j]
+            done.add(k)
+            prob = np.zeros(volume.shape, dtype=np.float32)
+            for where, values in pieces or ():
+                prob[where] = np.maximum(prob[where], values)
+            instances, mask = connected_instances(prob > threshold, volume.affine, prob,
+                                                  int(self.grounding.min_instance_voxels))
+            found = bool(mask.any())
+            out[k] = GroundedFinding(
+                queries[k], mask, float(prob[mask].mean()) if found else None,
+                float(prob[mask].max()) if found else None, float(mask.sum()) * voxel_ml, instances)
+        for k in todo:
+            if k not in done:
+                out[k] = GroundedFinding(queries[k], np.zeros(volume.shape, dtype=bool))
+        return out
+
+
+class _GatedModel(torch.nn.Module):
+    """What the shared predictor reads of a model: ``.segmenter``."""
+
+    def __init__(self, segmenter: GatedSegmenter):
+        super().__init__()
+        self.segmenter = segmenter
+
+
+def _predict_gated(seg, gated: GatedSegmenter, case, queries: torch.Tensor) -> torch.Tensor:
+    """The shared predictor's sliding windows (``PromptSegPredictor.predict_probabilities``) run
+    with the gated segmenter: ``(N, x, y, z)`` probabilities on the model grid."""
+    model = seg.model
+    seg.model = _GatedModel(gated).eval()
+    try:
+        return seg.predict_probabilities(case, queries)
+    finally:
+        seg.model = model
+
+
+def evaluate_grounding(predictor: GroundingPredictor, cases, *, min_overlap: int = 1):
+    """Score a predictor on finding-level datalist cases (:func:`load_grounding_datalist`).
+
+    Every finding of every case is grounded (negated sentences predict nothing) and scored
+    against its reference (:func:`volumed.metrics.grounding.score_finding`).
+
+    Returns:
+        ``(GroundingMetrics, per-finding list of (case image, text, FindingScore))``.
+    """
+    from volumed.io import read_label, read_volume
+    from volumed.metrics.grounding import grounding_metrics, score_finding
+
+    scores, rows = [], []
+    for case in cases:
+        volume = read_volume(case.image, modality=case.modality)
+        queries = finding_queries([f.text for f in case.findings]) if case.findings else []
+        results = predictor.ground(volume, queries)
+        for f, r in zip(case.findings, results):
+            ref = None
+            if f.mask is not None:
+                data = read_label(f.mask, reference=volume).data
+                ref = data == f.mask_label if f.mask_label is not None else data > 0
+            pred = r.mask if r.mask is not None else np.zeros(volume.shape, dtype=bool)
+            s = score_finding(pred, ref, focal=f.focal, min_overlap=min_overlap)
+            scores.append(s)
+            rows.append((case.image, f.text, s))
+    return grounding_metrics(scores), rows
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+@dataclass(frozen=True)
+class GroundingResult:
+    """What ``ground`` wrote: ``out_dir``, ``grounding_json``, ``dicom_seg`` (or None), the
+    ``findings`` (masks not kept: see the files), ``warnings`` and ``seconds``."""
+
+    out_dir: Path
+    grounding_json: Path
+    dicom_seg: Path | None
+    findings: tuple[dict, ...]
+    warnings: tuple[str, ...] = ()
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for f in self.findings:
+            if f["negated"]:
+                lines.append(f"negated: {f['sentence']!r} (no mask)")
+            elif f["found"]:
+                lines.append(f"found: {f['sentence']!r} -> {f['mask']} ({f['volume_ml']:.2f} mL, "
+                             f"{len(f['instances'])} instance(s), confidence {f['confidence']:.2f})")
+            else:
+                lines.append(f"not found: {f['sentence']!r} (empty mask {f['mask']})")
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(f"wrote {self.grounding_json}")
+        return lines
+
+
+def _existing(out_dir: Path) -> list[Path]:
+    found = [out_dir / n for n in (GROUNDING_JSON, GROUNDING_SEG) if (out_dir / n).exists()]
+    if (out_dir / MASKS_DIR).exists():
+        found.append(out_dir / MASKS_DIR)
+    return found
+
+
+def _finding_record(k: int, f: GroundedFinding, mask_name: str | None) -> dict:
+    q = f.query
+    return {
+        "index": k,
+        "sentence": q.text,
+        "negated": q.negated,
+        "mask": mask_name,
+        "found": f.found,
+        "confidence": f.confidence,
+        "max_probability": f.max_probability,
+        "volume_ml": round(f.volume_ml, 4),
+        "location": {"term": q.location_term, "region": q.region, "side": q.side, "query_text": q.location},
+        "finding_type": q.finding_type,
+        "size_mm": list(q.size_mm),
+        "uncertain": q.uncertain,
+        "instances": [i.to_dict() for i in f.instances],
+    }
+
+
+def ground(
+    image_path: str | Path,
+    findings: Sequence[str] = (),
+    *,
+    report: str | Path | None = None,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    device: str = "cpu",
+) -> GroundingResult:
+    """Ground finding sentences (and a report's findings) in one image; write masks,
+    ``grounding.json`` and, for DICOM input, a DICOM SEG (see the module docstring).
+
+    Args:
+        findings: sentences, each one query ("12 mm nodule in the right lower lobe").
+        report: a report text, or the path of a text file holding one; each finding clause is a query.
+        model_dir: a grounding package (``volumed train ground``).
+
+    Raises:
+        OutputExistsError: outputs exist and not ``overwrite`` (checked first).
+        ConfigError: no sentences, an empty or non-English sentence, not a grounding package, an
+            image of another modality. Reader errors for an unreadable image.
+    """
+    from volumed.heads.grounding import is_grounding_package
+    from volumed.inference.package import read_config
+    from volumed.io import read_volume
+    from volumed.io.atomic import atomic_write_text, check_creatable
+    from volumed.io.writer import write_nifti
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError("output path exists and is not a folder", out)
+    check_creatable(out)
+    existing = _existing(out) if out.is_dir() else []
+    if existing and not overwrite:
+        raise OutputExistsError(f"output folder holds outputs of an earlier run ({', '.join(p.name for p in existing)}); "
+                                "pass overwrite=True (--overwrite) or another folder", out)
+    # Cheap checks before the network is built: model folder, sentences, image.
+    model_dir = Path(model_dir)
+    if not is_grounding_package(model_dir):
+        raise ConfigError("not a grounding model folder (no grounding.json); train one with `volumed train ground`",
+                          model_dir)
+    config = read_config(model_dir)
+    report_text = None
+    if report is not None:
+        rp = Path(report)
+        report_text = rp.read_text(encoding="utf-8") if rp.is_file() else str(report)
+    queries = finding_queries(list(findings), report_text)
+    volume = read_volume(image_path, series_uid=series_uid, modality=modality)
+    if volume.modality not in ("CT", "MR"):
+        raise ConfigError("cannot tell whether the image is CT or MR; name it with --modality", image_path)
+    if volume.modality not in config.modalities:
+        raise ConfigError(f"the model was trained on {', '.join(config.modalities)} images only; this image is "
+                          f"{volume.modality}", model_dir)
+    predictor = GroundingPredictor.from_package(model_dir, device=device)
+    t_read = time.perf_counter()
+    results = predictor.ground(volume, queries)
+    t_pred = time.perf_counter()
+
+    warnings: list[str] = []
+    records = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.volumed-", dir=out.parent))
+    try:
+        (staging / MASKS_DIR).mkdir()
+        number = 0
+        label = np.zeros(volume.shape, dtype=np.uint16 if len(results) > 254 else np.uint8)
+        best = np.zeros(volume.shape, dtype=np.float32)
+        segments = []
+        for k, r in enumerate(results):
+            name = None
+            if r.mask is not None:
+                number += 1
+                name = f"{MASKS_DIR}/finding_{number:02d}.nii.gz"
+                write_nifti(volume.with_data(r.mask.astype(np.uint8), modality=volume.modality), staging / name)
+                if r.found:
+                    # The SEG's label map: the most probable sentence wins a shared voxel; ties go to the earlier.
+                    conf = np.float32(r.confidence)
+                    win = r.mask & (best < conf)
+                    label[win], best[win] = k + 1, conf
+                    segments.append(k)
+            records.append(_finding_record(k + 1, r, name))
+        doc = {
+            "image": str(volume.source.path) if volume.source.path else str(image_path),
+            "modality": volume.modality,
+            "shape": list(volume.shape),
+            "spacing_mm": list(volume.spacing),
+            "threshold": float(config.threshold),
+            "confidence": "mean probability inside the mask (the model's, not a measured accuracy)",
+            "model": {"path": str(model_dir), "encoder": config.encoder, "version": config.version},
+            "findings": records,
+        }
+        if volume.source.format == "dicom":
+            _write_seg(label, volume, [k for k in segments if np.any(label == k + 1)], results, staging, warnings)
+        atomic_write_text(staging / GROUNDING_JSON, json.dumps(doc, indent=2) + "\n")
+        has_seg = (staging / GROUNDING_SEG).exists()
+        out.mkdir(parents=True, exist_ok=True)
+        trash = staging / ".replaced"
+        trash.mkdir()
+        for n in (MASKS_DIR, GROUNDING_SEG, GROUNDING_JSON):  # grounding.json last: it names the others
+            if (out / n).exists():
+                os.replace(out / n, trash / n)
+            if (staging / n).exists():
+                os.replace(staging / n, out / n)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    t_end = time.perf_counter()
+    return GroundingResult(out, out / GROUNDING_JSON, out / GROUNDING_SEG if has_seg else None, tuple(records),
+                           tuple(warnings), {"read": t_read - t0, "predict": t_pred - t_read, "write": t_end - t_pred})
+
+
+def _write_seg(label: np.ndarray, volume: Volume, segments: list[int], results: list[GroundedFinding], staging: Path,
+               warnings: list[str]) -> None:
+    from volumed.io.writer import SegmentSpec, write_dicom_seg
+
+    if not segments:
+        warnings.append("DICOM SEG skipped: no sentence was found in the image")
+        return
+    specs = []
+    for k in segments:
+        q = results[k].query
+        name = "_".join(p for p in (q.finding_type or "finding", q.location_term) if p)
+        specs.append(SegmentSpec(k + 1, name, label=f"finding {k + 1}: {q.finding_type or 'finding'}"[:64],
+                                 description=f"'{q.text}', mean probability {results[k].confidence:.2f}"[:1024]))
+    try:
+        write_dicom_seg(label, volume, specs, staging / GROUNDING_SEG, series_description="volumed grounding")
+    except VolumedError as err:
+        warnings.append(f"DICOM SEG skipped: {err}")
