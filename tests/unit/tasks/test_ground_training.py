@@ -1,0 +1,107 @@
+"""Training of the grounding head on phantom finding sentences, and its held-out evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from volumed.data.grounding_datalist import load_grounding_datalist
+from volumed.data.grounding_phantoms import write_grounding_phantoms
+from volumed.errors import ConfigError
+from volumed.inference.ground import GroundingPredictor, evaluate_grounding
+from volumed.tasks.ground import GroundingDataModule, GroundingModule, GroundingPatchDataset
+
+REPO = Path(__file__).resolve().parents[3]
+ANATOMY = REPO / "bundles" / "volumed_promptseg_ct" / "models"
+TINY = dict(encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [1, 1, 1]]},
+            decoder_kwargs={"embed_dim": 32, "num_layers": 1, "num_heads": 4, "pixel_dim": 16, "num_memory_levels": 2})
+SHAPE, SPACING = (48, 48, 32), (6.0, 6.0, 6.0)  # the whole phantom field of view at 6 mm
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ground")
+    train = write_grounding_phantoms(root / "train", 4, 0, shape=SHAPE, spacing=SPACING)
+    test = write_grounding_phantoms(root / "test", 2, 1, shape=SHAPE, spacing=SPACING)
+    return train, test
+
+
+def test_patches_carry_the_sentences_whose_finding_they_hold_first(phantoms):
+    dm = GroundingDataModule(str(phantoms[0]), target_spacing=SPACING, patch_size=(32, 32, 16))
+    dm.setup("fit")
+    case = dm.cases[0]
+    assert not any(q.negated for q in case.queries)  # negated sentences never reach the model
+    assert case.masks.shape[0] == len(case.queries) == case.sentence.shape[0] and case.sentence.shape[1] == 384
+    ds = GroundingPatchDataset(dm.cases, (32, 32, 16), fg_rate=1.0, queries_per_patch=3, samples=30)
+    for i in range(30):
+        item = ds[i]
+        assert item["image"].shape == (1, 32, 32, 16) and item["target"].shape == (3, 32, 32, 16)
+        present = item["target"].flatten(1).amax(1) > 0
+        assert present[0], "fg_rate=1: a finding in every patch, and its sentence comes first"
+        assert present.tolist() == sorted(present.tolist(), reverse=True)
+    with pytest.raises(ConfigError, match="datalist"):
+        GroundingDataModule(None)
+
+
+def test_phantom_training_lowers_the_loss_and_exports_a_package_that_grounds(phantoms, tmp_path):
+    L.seed_everything(0)
+    dm = GroundingDataModule(str(phantoms[0]), target_spacing=SPACING, patch_size=(32, 32, 16), batch_size=2,
+                             fg_rate=0.9, samples_per_epoch=60)
+    module = GroundingModule(**TINY, lr=3e-3, pos_weight=10.0, overlap=0.0, patch_size=(32, 32, 16))
+    dm.setup("fit")
+    fixed = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        before = float(module.compute_loss(fixed).loss)
+    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    with torch.no_grad():
+        after = float(module.compute_loss(fixed).loss)
+    assert after < before, (before, after)
+    pkg = module.export_package(tmp_path / "pkg", {"steps": 30})
+    predictor = GroundingPredictor.from_package(pkg)
+    assert predictor.config.preprocessing["target_spacing"] == list(SPACING)
+    assert set(predictor.grounding.finding_types) <= {"nodule", "lesion", "cyst"} and predictor.grounding.locations
+    metrics, rows = evaluate_grounding(predictor, load_grounding_datalist(phantoms[1]))
+    assert metrics.n_present > 0 and metrics.n_absent > 0 and len(rows) == metrics.n_present + metrics.n_absent
+    assert 0.0 <= metrics.hit_rate <= 1.0 and 0.0 <= metrics.false_positive_rate <= 1.0
+    negated = [s for _, text, s in rows if text.startswith("No ")]
+    assert negated and not any(s.false_positive for s in negated)  # never predicted
+
+
+def test_train_ground_command_parses(capsys):
+    from volumed.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "ground", "--data.phantoms", "2", "--trainer.max_steps", "5", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "phantoms: 2" in printed and "pos_weight: null" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 19 item 3 goal not reached: see docs/grounding.md, 'Phantom result'")
+@pytest.mark.skipif(not (ANATOMY / "model.safetensors").is_file(), reason="no anatomy model in bundles/ to start from")
+def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
+    """The issue's target: hit rate >= 0.9 on held-out phantoms after CPU training, starting from
+    the anatomy model (the recipe of docs/grounding.md)."""
+    import json
+
+    config = json.loads((ANATOMY / "config.json").read_text())
+    train = write_grounding_phantoms(tmp_path / "train", 20, 0)
+    test = write_grounding_phantoms(tmp_path / "test", 10, 1)
+    L.seed_everything(0)
+    dm = GroundingDataModule(str(train), crop_foreground=True, patch_size=(64, 64, 32), batch_size=1,
+                             fg_rate=0.9, samples_per_epoch=300)
+    module = GroundingModule(encoder=config["encoder"], encoder_kwargs=config["encoder_kwargs"],
+                             decoder_kwargs=config["decoder_kwargs"], init_weights=str(ANATOMY / "model.safetensors"),
+                             sentence_weight=0.1, lr=1e-3, pos_weight=10.0, overlap=0.0, patch_size=(64, 64, 32))
+    L.Trainer(max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    predictor = GroundingPredictor.from_package(module.export_package(tmp_path / "pkg"))
+    metrics, _ = evaluate_grounding(predictor, load_grounding_datalist(test))
+    assert metrics.hit_rate >= 0.9 and not math.isnan(metrics.hit_rate)
