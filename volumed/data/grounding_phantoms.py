@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from volumed.data.grounding_datalist import FindingAnnotation, GroundingCase, write_grounding_datalist
+from volumed.data.grounding_datalist import (
+    FindingAnnotation,
+    GroundingCase,
+    write_grounding_datalist,
+)
 from volumed.data.phantoms import PhantomCase, make_case
 from volumed.errors import ConfigError
 from volumed.io.atomic import check_writable

@@ -52,11 +52,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
 from volumed.errors import ConfigError, WeightsLoadError
+from volumed.heads.promptseg import create_prompt_segmenter
 from volumed.inference.package import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -64,7 +65,6 @@ from volumed.inference.package import (
     TextPromptedSegmenter,
     read_config,
 )
-from volumed.heads.promptseg import create_prompt_segmenter
 
 __all__ = [
     "GROUNDING_CONFIG_NAME",
@@ -296,7 +296,7 @@ class GroundingConfig:
     metrics: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict, where: Path | None = None) -> "GroundingConfig":
+    def from_dict(cls, data: dict, where: Path | None = None) -> GroundingConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"bad grounding config: unknown keys {unknown}", where)

@@ -118,7 +118,7 @@ class GroundingPredictor:
                                             sw_batch_size=sw_batch_size, lazy_blending=False)
 
     @classmethod
-    def from_package(cls, path: str | Path, **kwargs) -> "GroundingPredictor":
+    def from_package(cls, path: str | Path, **kwargs) -> GroundingPredictor:
         model, config, grounding = load_grounding_package(path)
         return cls(model, config, grounding, **kwargs)
 

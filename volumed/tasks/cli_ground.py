@@ -17,7 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from volumed.tasks.ground import GroundingDataModule, GroundingModule, GroundingPackageExport
+from volumed.tasks.ground import (
+    GroundingDataModule,
+    GroundingModule,
+    GroundingPackageExport,
+)
 from volumed.tasks.run_cli import RunCLI, build_cli
 
 __all__ = ["GroundingCLI", "main"]

@@ -11,9 +11,13 @@ import torch
 
 from volumed.data.phantoms import make_case
 from volumed.errors import ConfigError, OutputExistsError
-from volumed.heads.grounding import GroundingConfig, build_grounding_model, save_grounding_package
+from volumed.heads.grounding import (
+    GroundingConfig,
+    build_grounding_model,
+    save_grounding_package,
+)
 from volumed.inference import ground as ground_module
-from volumed.inference.ground import GroundingPredictor, evaluate_grounding, ground
+from volumed.inference.ground import GroundingPredictor, ground
 from volumed.io import read_volume
 from volumed.io.writer import read_dicom_seg, write_nifti
 from volumed.text.encoder import default_model_dir, model_hash

@@ -13,7 +13,11 @@ from volumed.data.grounding_datalist import load_grounding_datalist
 from volumed.data.grounding_phantoms import write_grounding_phantoms
 from volumed.errors import ConfigError
 from volumed.inference.ground import GroundingPredictor, evaluate_grounding
-from volumed.tasks.ground import GroundingDataModule, GroundingModule, GroundingPatchDataset
+from volumed.tasks.ground import (
+    GroundingDataModule,
+    GroundingModule,
+    GroundingPatchDataset,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 ANATOMY = REPO / "bundles" / "volumed_promptseg_ct" / "models"
@@ -81,6 +85,12 @@ def test_train_ground_command_parses(capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "phantoms: 2" in printed and "pos_weight: null" in printed
+    # The shipped recipe: every key is an argument of GroundingModule / GroundingDataModule.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "ground", "--config", str(REPO / "configs" / "train_ground-cpu.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "pos_weight: 10.0" in printed and "init_weights: bundles/volumed_promptseg_ct/models/model.safetensors" in printed
 
 
 @pytest.mark.slow
