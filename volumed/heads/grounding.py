@@ -241,7 +241,10 @@ class GroundingModel(TextPromptedSegmenter):
         """``logits`` ``(B, 2N, ...)`` (sentence queries, then gate queries) -> gated ``(B, N, ...)``.
         ``has_location`` ``(N,)`` or ``(B, N)``."""
         n = logits.shape[1] // 2
-        a, b = logits[:, :n], logits[:, n:]
+        # The gate is the anatomy model's answer and gets no gradient: otherwise the cheapest way
+        # to say "nothing" for an absent sentence is to close the gate (forget the organ), after
+        # which no finding in that organ can be found either.
+        a, b = logits[:, :n], logits[:, n:].detach()
         if self.gate_kernel > 1:
             b = F.max_pool3d(b, self.gate_kernel, stride=1, padding=self.gate_kernel // 2)
         has = has_location.to(a.dtype)

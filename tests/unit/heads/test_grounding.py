@@ -78,6 +78,10 @@ def test_location_gate_suppresses_findings_outside_the_dilated_organ():
     # Sentence 0: kept in the organ dilated by one voxel (3 x 3 x 3), suppressed elsewhere.
     assert torch.all(gated[0, 0, 3:6, 3:6, 3:6] > 4.9) and float(gated[0, 0, 0, 0, 0]) < -10
     assert torch.equal(gated[0, 1], logits[0, 1])  # no location: no gate
+    # The gate gets no gradient: an absent sentence cannot be learned by forgetting the organ.
+    leaf = logits.clone().requires_grad_(True)
+    model.gate(leaf, torch.tensor([True, True])).sum().backward()
+    assert torch.all(leaf.grad[:, 2:] == 0) and torch.any(leaf.grad[:, :2] != 0)
     # The wrapper the shared predictor calls: (window, 2N queries) -> N gated channels.
     wrapped = GatedSegmenter(model, torch.tensor([True, False]))
     out = wrapped(torch.rand(1, 1, 64, 64, 16), torch.randn(4, 384))
