@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VOLUMED_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -38,23 +39,12 @@ def ts_dir(shared_data) -> Path:
 
 
 def tiny_package(folder: Path, terms: Sequence[str]) -> Path:
-    """STU-Net tiny, 6 mm model grid, 64 x 64 x 16 patch (total stride 32 x 32 x 8), untrained,
-    seeded: a package folder that ``volumed segment`` loads in a fraction of a second."""
-    from volumed.inference.package import PromptSegConfig, build_model, save_package
-    from volumed.text.encoder import default_model_dir, model_hash
+    """A :func:`tiny_config` network, untrained, seeded: a package folder that ``volumed segment``
+    loads in a fraction of a second."""
+    from volumed.inference.package import build_model, save_package
 
     torch.manual_seed(0)
-    config = PromptSegConfig(
-        encoder="stunet_tiny",
-        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
-        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
-                            pixel_levels=[1, 2, 3, 4, 5]),
-        text_model_hash=model_hash(default_model_dir()),
-        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
-        patch_size=(64, 64, 16),
-        terms=list(terms),
-        modalities=["CT"],
-    )
+    config = tiny_config(terms)
     return save_package(build_model(config), config, folder / "model")
 
 
@@ -87,3 +77,12 @@ def tiny_promptseg_bundle(folder: Path) -> Path:
 def tiny_bundle(tmp_path) -> Path:
     """:func:`tiny_promptseg_bundle` in the test's tmp_path (bundle, serve and PACS tests)."""
     return tiny_promptseg_bundle(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shared_data) -> Path:
+    """SmolLM2's tokenizer in ../shared/data (the report generator's tests)."""
+    path = shared_data / "tokenizers" / "smollm2_135m_instruct"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not found at {path}")
+    return path

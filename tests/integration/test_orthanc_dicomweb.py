@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from volumed.cli import main
+from shared_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "volumed_promptseg_ct"
@@ -135,16 +135,6 @@ def _get(url: str):
         return json.loads(r.read())
 
 
-def _cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_path, capsys):
     import highdicom as hd
 
@@ -163,7 +153,7 @@ def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_
     args = ["dicomweb", "run", "--url", url, "--study", study, "--bundle", str(BUNDLE), "--device", "cpu"]
     for p in PROMPTS:
         args += ["-p", p]
-    code, out, err = _cli(args, capsys)
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith(f"stored SEG and SR in study {study}"), out  # MONAI may print before it
     for step in ("QIDO", "WADO", "inference", "STOW"):
@@ -194,7 +184,7 @@ def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_
 
     # The stored masks are the local `volumed segment` of the same series, voxel for voxel.
     local = tmp_path / "local"
-    code, _, err = _cli(["segment", str(series_dir), *sum((["-p", p] for p in PROMPTS), []), "-o", str(local),
+    code, _, err = run_cli(["segment", str(series_dir), *sum((["-p", p] for p in PROMPTS), []), "-o", str(local),
                          "--model", str(BUNDLE / "models"), "--no-progress"], capsys)
     assert code == 0, err
     import nibabel as nib
@@ -210,7 +200,7 @@ def test_round_trip_through_orthanc_stores_seg_and_sr_once(orthanc, ts_dir, tmp_
     # A second run finds this run's SEG and SR and stores nothing.
     before = _get(f"{base}/statistics")["CountInstances"]
     assert before == 22
-    code, out, err = _cli(args, capsys)
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith(f"already stored: study {study}"), out
     assert "WADO" not in err and "STOW" not in err

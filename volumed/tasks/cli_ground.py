@@ -17,11 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from volumed.tasks.ground import (
-    GroundingDataModule,
-    GroundingModule,
-    GroundingPackageExport,
-)
+from volumed.tasks.ground import GroundingDataModule, GroundingModule
+from volumed.tasks.promptseg import PackageExport
 from volumed.tasks.run_cli import RunCLI, build_cli
 
 __all__ = ["GroundingCLI", "main"]
@@ -61,5 +58,5 @@ def main(argv: list[str] | None = None) -> None:
         "lr": float(cfg["model"]["lr"]),
         "init_weights": cfg["model"]["init_weights"],
     }
-    cli.trainer.callbacks.append(GroundingPackageExport(package_dir, training))
+    cli.trainer.callbacks.append(PackageExport(package_dir, training))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg["ckpt_path"])

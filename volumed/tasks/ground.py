@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from volumed.data.transforms import PreprocessConfig, pad_spatial
@@ -53,7 +51,6 @@ from volumed.tasks.promptseg import PartialLabelLoss
 __all__ = [
     "GroundingDataModule",
     "GroundingModule",
-    "GroundingPackageExport",
     "GroundingPatchDataset",
     "GroundingTrainCase",
     "encode_queries",
@@ -395,22 +392,3 @@ class GroundingModule(L.LightningModule):
         grounding.training = {**grounding.training, **(training or {})}
         grounding.metrics = {**grounding.metrics, **(metrics or {})}
         return save_grounding_package(self.net, cfg, grounding, out_dir, overwrite=overwrite)
-
-
-class GroundingPackageExport(Callback):
-    """Saves the trained network as a grounding package at the end of ``fit``."""
-
-    def __init__(self, out_dir: str | Path, training: Mapping[str, Any] | None = None) -> None:
-        self.out_dir = Path(out_dir)
-        self.training = dict(training or {})
-        self._start: float | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and isinstance(pl_module, GroundingModule):
-            info = {**self.training, "steps": int(trainer.global_step)}
-            if self._start is not None:
-                info["fit_wall_minutes"] = round((time.perf_counter() - self._start) / 60.0, 2)
-            log.info("saved the grounding package to %s", pl_module.export_package(self.out_dir, info))

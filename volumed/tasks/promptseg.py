@@ -400,8 +400,10 @@ def _preprocessing_dict(config: PreprocessConfig) -> dict:
 
 
 class PackageExport(Callback):
-    """Saves the trained network as a ``volumed segment`` package (config.json + model.safetensors)
-    at the end of ``fit``, recording the recipe in ``config.training``."""
+    """Saves the trained network as a package at the end of ``fit`` (rank zero), recording the
+    recipe, steps, wall time and software versions in its ``training``: any LightningModule with
+    ``export_package(out_dir, training)`` (:class:`PromptSegModule`: a ``volumed segment``
+    package; :class:`volumed.tasks.ground.GroundingModule`: a grounding package)."""
 
     def __init__(self, out_dir: str | Path, training: Mapping[str, Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
@@ -412,7 +414,7 @@ class PackageExport(Callback):
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and isinstance(pl_module, PromptSegModule):
+        if trainer.is_global_zero and hasattr(pl_module, "export_package"):
             from volumed.environment import software_versions
 
             info = {**self.training, "steps": int(trainer.global_step), "software": software_versions()}

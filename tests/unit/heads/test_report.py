@@ -14,14 +14,6 @@ STRIDES = [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]]
 IMAGE = (2, 1, 32, 32, 16)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data):
-    path = shared_data / "tokenizers" / "smollm2_135m_instruct"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not found at {path}")
-    return path
-
-
 def _generator(tokenizer_dir, mode="full", **kwargs):
     torch.manual_seed(0)
     lm = load_causal_lm("tiny", tokenizer=tokenizer_dir, tiny_config={"hidden_size": 32, "intermediate_size": 64,

@@ -20,7 +20,6 @@ from volumed.inference import ground as ground_module
 from volumed.inference.ground import GroundingPredictor, ground
 from volumed.io import read_volume
 from volumed.io.writer import read_dicom_seg, write_nifti
-from volumed.text.encoder import default_model_dir, model_hash
 
 SENTENCES = ["12 mm nodule in the right lower lobe", "No pleural effusion.", "A 2 cm lesion in the liver."]
 
@@ -28,17 +27,10 @@ SENTENCES = ["12 mm nodule in the right lower lobe", "No pleural effusion.", "A 
 @pytest.fixture(scope="module")
 def gpackage(tmp_path_factory):
     """An untrained tiny grounding package (6 mm model grid, 64 x 64 x 16 patch)."""
-    from volumed.inference.package import PromptSegConfig
+    from shared_helpers import tiny_config
 
     torch.manual_seed(0)
-    config = PromptSegConfig(
-        encoder="stunet_tiny",
-        encoder_kwargs={"strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1], [2, 2, 1]]},
-        decoder_kwargs=dict(embed_dim=32, num_layers=1, num_heads=4, pixel_dim=8, num_memory_levels=2,
-                            pixel_levels=[1, 2, 3, 4, 5]),
-        text_model_hash=model_hash(default_model_dir()),
-        preprocessing=dict(modality="CT", target_spacing=[6.0, 6.0, 6.0], margin=2),
-        patch_size=(64, 64, 16), modalities=["CT"], terms=["liver", "lung_lower_lobe_right"])
+    config = tiny_config(["liver", "lung_lower_lobe_right"])
     return save_grounding_package(build_grounding_model(config), config, GroundingConfig(), tmp_path_factory.mktemp("g") / "model")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from volumed.cli import main
+from shared_helpers import run_cli
 from volumed.errors import ConfigError
 from volumed.io.writer import DicomOutputUids, derived_uid
 from volumed.serve.dicomweb import (
@@ -34,16 +34,6 @@ CT = "1.2.826.0.1.3680043.8.498.2"
 MR = "1.2.826.0.1.3680043.8.498.3"
 SECRET = "s3cr3t-Pa55"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def closed_port() -> int:
@@ -196,7 +186,7 @@ def test_url_with_credentials_is_refused_without_echoing_the_password(clean_env,
     with pytest.raises(ConfigError) as err:
         check_url(f"http://alice:{SECRET}@pacs.example:8042/dicom-web")
     assert SECRET not in str(err.value) and "VOLUMED_DICOMWEB_USER" in str(err.value) and "--credentials-file" in str(err.value)
-    code, out, errtext = cli(["dicomweb", "run", "--url", f"http://alice:{SECRET}@127.0.0.1:1/dicom-web", "--study", STUDY,
+    code, out, errtext = run_cli(["dicomweb", "run", "--url", f"http://alice:{SECRET}@127.0.0.1:1/dicom-web", "--study", STUDY,
                               "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and SECRET not in out + errtext and "holds credentials" in errtext
     with pytest.raises(ConfigError):
@@ -232,7 +222,7 @@ def test_basic_credentials_reach_the_pacs_and_never_the_output(stub, clean_env, 
     stub.fail[("GET", "/dicom-web/studies")] = 401
     monkeypatch.setenv("VOLUMED_DICOMWEB_USER", "alice")
     monkeypatch.setenv("VOLUMED_DICOMWEB_PASSWORD", SECRET)
-    code, out, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
+    code, out, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and "HTTP 401" in err and stub.url in err
     assert SECRET not in out + err
     sent = [auth for _, _, auth in stub.requests]
@@ -244,7 +234,7 @@ def test_basic_credentials_reach_the_pacs_and_never_the_output(stub, clean_env, 
 def test_unreachable_pacs_names_the_step_and_url_and_writes_nothing(clean_env, capsys, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/dicom-web"
     out_dir = tmp_path / "out"
-    code, out, err = cli(["dicomweb", "run", "--url", url, "--study", STUDY, "--bundle", str(PROMPTSEG), "-o", str(out_dir)], capsys)
+    code, out, err = run_cli(["dicomweb", "run", "--url", url, "--study", STUDY, "--bundle", str(PROMPTSEG), "-o", str(out_dir)], capsys)
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"volumed: error: QIDO at {url}: ") and "connection refused" in last and STUDY in last
@@ -254,24 +244,24 @@ def test_unreachable_pacs_names_the_step_and_url_and_writes_nothing(clean_env, c
 @pytest.mark.parametrize("status", [500, 404])
 def test_http_errors_on_qido_name_the_status(stub, clean_env, capsys, status):
     stub.fail[("GET", "/dicom-web/studies")] = status
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith(f"volumed: error: QIDO at {stub.url}: ") and f"HTTP {status}" in last
     assert not stub.stored
 
 
 def test_missing_study_study_without_ct_and_series_of_another_modality(stub, clean_env, capsys):
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and f"no study {STUDY}" in err
     stub.series = [_series_json(STUDY, MR, "MR"), _series_json(STUDY, "1.2.9", "SR", 1)]
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and f"study {STUDY} has no CT series (it has MR, SR)" in err and stub.url in err
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--series", MR, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--series", MR, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and f"series {MR} of study {STUDY} is MR" in err and "segments CT only" in err
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--series", CT, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--series", CT, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and f"study {STUDY} has no series {CT}" in err
     stub.series = [_series_json(STUDY, CT, "CT"), _series_json(STUDY, CT + "1", "CT")]
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG)], capsys)
     assert code == 2 and "has 2 CT series; choose one with --series" in err
     assert not stub.stored and all(method == "GET" for method, _, _ in stub.requests)
 
@@ -280,7 +270,7 @@ def test_wado_failure_names_wado_and_stores_nothing(stub, clean_env, capsys, tmp
     stub.series = [_series_json(STUDY, CT, "CT")]
     stub.fail[("GET", f"/dicom-web/studies/{STUDY}/series/{CT}")] = 500
     out_dir = tmp_path / "out"
-    code, _, err = cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG), "-o", str(out_dir)], capsys)
+    code, _, err = run_cli(["dicomweb", "run", "--url", stub.url, "--study", STUDY, "--bundle", str(PROMPTSEG), "-o", str(out_dir)], capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith(f"volumed: error: WADO at {stub.url}: series {CT} of study {STUDY}: HTTP 500")
     assert not stub.stored and not out_dir.exists()
@@ -288,7 +278,7 @@ def test_wado_failure_names_wado_and_stores_nothing(stub, clean_env, capsys, tmp
 
 def test_watch_refuses_an_interval_out_of_bounds(clean_env, capsys):
     for interval in ("1", "7200"):
-        code, _, err = cli(["dicomweb", "watch", "--url", "http://127.0.0.1:1/dicom-web", "--bundle", str(PROMPTSEG),
+        code, _, err = run_cli(["dicomweb", "watch", "--url", "http://127.0.0.1:1/dicom-web", "--bundle", str(PROMPTSEG),
                             "--interval", interval], capsys)
         assert code == 2 and "between 5 and 3600 seconds" in err
 

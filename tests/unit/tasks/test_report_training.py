@@ -29,14 +29,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data):
-    path = shared_data / "tokenizers" / "smollm2_135m_instruct"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not found at {path}")
-    return path
-
-
 def _trainer(**kwargs) -> L.Trainer:
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0)

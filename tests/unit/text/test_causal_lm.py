@@ -12,14 +12,6 @@ from volumed.errors import ConfigError
 from volumed.text.causal_lm import SMOLLM2_PACKAGE, load_causal_lm, smollm2_gguf_path, tiny_causal_lm
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data):
-    path = shared_data / "tokenizers" / "smollm2_135m_instruct"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not found at {path}")
-    return path
-
-
 def test_tiny_lm_uses_the_whole_vocabulary_and_is_reproducible(tokenizer_dir):
     a = load_causal_lm("tiny", tokenizer=tokenizer_dir, tiny_config={"hidden_size": 32, "num_hidden_layers": 1})
     b = load_causal_lm("tiny", tokenizer=tokenizer_dir, tiny_config={"hidden_size": 32, "num_hidden_layers": 1})
