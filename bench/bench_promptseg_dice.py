@@ -35,9 +35,10 @@ import torch
 from monai.metrics import compute_dice
 
 from volumed.inference.package import CONFIG_NAME, load_package
-from volumed.io import read_label, read_volume
+from volumed.io import read_volume
 from volumed.io.atomic import atomic_write_text
 from volumed.tasks.promptseg import encode_terms, load_promptseg_datalist, predict_probabilities
+from volumed.tasks.promptseg_data import load_validation_case
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Text-prompted segmentation: Dice"
@@ -51,23 +52,10 @@ DEFAULT_TERMS = (
 
 
 def reference_masks(source, volume, terms: list[str]) -> dict[str, np.ndarray]:
-    """Boolean reference ``(X, Y, Z)`` on ``volume``'s grid for each of ``terms`` the case annotates."""
-    out: dict[str, np.ndarray] = {}
-    if source.label_map is not None:
-        from volumed.data.vocab import default_vocabulary
-
-        ids = read_label(source.label_map, reference=volume).data
-        vocab = default_vocabulary()
-        for t in terms:
-            annotated = t in source.terms or (not source.terms or len(source.terms) == len(source.absent))
-            label_ids = vocab.label_ids(t, source.modality) if t in vocab else ()
-            if annotated and label_ids:
-                out[t] = np.isin(ids, label_ids)
-    else:
-        for t, mask in zip(source.terms, source.masks):
-            if t in terms:
-                out[t] = read_label(mask, reference=volume).data > 0
-    return {t: m for t, m in out.items() if m.any()}
+    """Boolean reference ``(X, Y, Z)`` on ``volume``'s grid for each of ``terms`` the case annotates
+    and holds (the references fine-tuning validates against: ``load_validation_case``)."""
+    case = load_validation_case(source, volume)
+    return {t: m for t, m in zip(case.terms, case.masks) if t in terms and m.any()}
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

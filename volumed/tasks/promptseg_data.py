@@ -245,9 +245,11 @@ class ValidationCase:
     masks: np.ndarray
 
 
-def load_validation_case(source: LabelSource) -> ValidationCase:
-    """Read a datalist entry as a :class:`ValidationCase` (label-map ids or mask files on the image grid)."""
-    volume = read_volume(source.image, modality=source.modality)
+def load_validation_case(source: LabelSource, volume: Volume | None = None) -> ValidationCase:
+    """Read a datalist entry as a :class:`ValidationCase` (label-map ids or mask files on the image
+    grid); ``volume``: the entry's image when already read."""
+    if volume is None:
+        volume = read_volume(source.image, modality=source.modality)
     if source.label_map is not None:
         ids = np.asarray(read_label(source.label_map, reference=volume).data)
         terms, label_ids = source.terms, source.label_ids
