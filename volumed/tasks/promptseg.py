@@ -271,6 +271,7 @@ class PromptSegModule(L.LightningModule):
         self.terms: list[str] = []
         self.register_buffer("term_embeddings", torch.empty(0, self.model_config.text_dim), persistent=False)
         self._generator = torch.Generator().manual_seed(int(seed))
+        self._val_embeddings: dict[tuple[str, ...], torch.Tensor] = {}  # validation terms -> embeddings
 
     def set_terms(self, terms: Sequence[str], embeddings: torch.Tensor | None = None) -> None:
         """Fix the term list ``T`` and its frozen embeddings ``(T, D)`` (computed if not given)."""
@@ -343,7 +344,10 @@ class PromptSegModule(L.LightningModule):
         from monai.metrics import compute_dice
 
         case = self.trainer.datamodule.validation_cases[int(batch)]
-        embeddings, _ = encode_terms(list(case.terms), self.hparams.text_model)
+        # Once per term list, not per validation: building the text encoder loads its model.
+        if case.terms not in self._val_embeddings:
+            self._val_embeddings[case.terms] = encode_terms(list(case.terms), self.hparams.text_model)[0]
+        embeddings = self._val_embeddings[case.terms]
         # fp32, as ``volumed segment`` runs, whatever the training precision's autocast.
         with torch.autocast(device_type=self.device.type, enabled=False):
             probs = predict_probabilities(self.net, self.model_config, case.volume, list(case.terms), embeddings)
