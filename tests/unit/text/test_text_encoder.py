@@ -135,9 +135,15 @@ def test_truncation_at_max_length(tiny_dirs, tmp_path):
 def test_not_a_hf_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         TextEncoder(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="cannot load as a Hugging Face model"):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
         TextEncoder(tmp_path)
+    # A config without weights or tokenizer: found out when the model is first needed (it is
+    # loaded lazily), still as a ConfigError naming the folder.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    enc = TextEncoder(tmp_path)
+    with pytest.raises(ConfigError, match="cannot load as a Hugging Face model"):
+        enc.encode(["liver"])
 
 
 # ---- embedding cache --------------------------------------------------------------------------
@@ -171,6 +177,31 @@ def test_cache_hit_skips_the_model(tiny_dirs, tmp_path, monkeypatch):
     second.encode_cached(["liver"])  # another list is another entry
     assert counter2.calls == 1
     assert not list(tmp_path.rglob(".tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_cached_texts_never_load_the_model(tiny_dirs, tmp_path, monkeypatch):
+    import transformers
+
+    texts = ["liver", "left kidney"]
+    loaded = TextEncoder(tiny_dirs[0], cache_dir=tmp_path)
+    expected = loaded.encode_cached(texts)
+    assert loaded.is_loaded
+
+    loads = []
+    real_model, real_tokenizer = transformers.AutoModel.from_pretrained, transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: loads.append("model") or real_model(*a, **k))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append("tokenizer") or real_tokenizer(*a, **k))
+    fresh = TextEncoder(tiny_dirs[0], cache_dir=tmp_path)  # what a new `volumed segment` process builds
+    torch.testing.assert_close(fresh.encode_cached(texts), expected, rtol=0, atol=0)
+    assert loads == [] and not fresh.is_loaded
+    # What the cache key and the checks read without the model equals what the loaded model says.
+    assert (fresh.dim, fresh.max_length, fresh.pooling) == (loaded.model.config.hidden_size, loaded.max_length, loaded.pooling)
+    assert fresh.cache_path(texts) == loaded.cache_path(texts)
+    # A text not in the cache loads it, once.
+    torch.testing.assert_close(fresh.encode_cached(["lung"])[0], loaded.encode(["lung"])[0], rtol=1e-6, atol=1e-6)
+    fresh.encode_cached(["upper lobe"])
+    assert loads == ["tokenizer", "model"] and fresh.is_loaded
 
 
 def test_corrupted_cache_file_is_ignored_and_rewritten(tiny_dirs, tmp_path, monkeypatch):
