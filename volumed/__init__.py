@@ -12,4 +12,4 @@ __version__ = "0.1.0"
 from volumed.errors import VolumedError  # noqa: F401
 from volumed import _startup
 
-_startup.install()  # MONAI imported without transformers: ~2 s less start-up (see volumed/_startup.py)
+_startup.install()  # MONAI imported without transformers and scipy.signal: ~3 s less start-up (see volumed/_startup.py)
