@@ -25,7 +25,10 @@ for the structures where that makes sense: the contrast-filled aorta and heart, 
 union of the five lobes: no threshold tells lobes apart) and the femurs. The thresholds are tuned
 *on the test scan itself* (the best of a grid), so the baseline is an optimistic one.
 
-Everything goes to BENCHMARKS.md under "## Generalisation: unseen scans".
+Everything goes to BENCHMARKS.md under "## Generalisation: unseen scans". The scores, with what
+each run was (steps, minutes, recipe overrides, parameters), are kept in the tracked
+``bench/results/generalisation_<variant>.json``: a fold takes hours to train and ``runs/`` is not
+kept between sessions, so evaluating some runs keeps the others' numbers.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from bench_promptseg_dice import dice, reference_masks  # noqa: E402
 
 HEADING = "## Generalisation: unseen scans"
 RECIPE = REPO / "configs" / "train_promptseg-cpu.yaml"
+RESULTS = REPO / "bench" / "results"
 DATALIST = REPO / "configs" / "datalists" / "promptseg_ct_all.json"
 
 #: The real CTs of the datalist, by a short name and the string that picks their entry.
@@ -260,7 +264,7 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def report(results: dict, base: dict, variant: str, root: Path) -> str:
+def report(results: dict, base: dict, variant: str) -> str:
     lines = [HEADING, "", f"Written by `python bench/bench_generalisation.py` ({machine_description()}).", ""]
     lines += [
         "Every number is Dice on a scan the model **never trained on**, on the scan's original grid, through the path of "
@@ -274,8 +278,8 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
     missing = [r.name for r in runs() if r.name not in results]
     if missing:
         lines += [
-            "Not run yet (each fold is a full training run, about 90 minutes on one CPU thread; results accumulate across "
-            f"sessions in runs/generalisation/{variant}/results.json): " + ", ".join(f"`{m}`" for m in missing) + ".",
+            "Not run yet (each fold is a full training run, about two hours on one CPU thread; results accumulate across "
+            f"sessions in bench/results/generalisation_{variant}.json): " + ", ".join(f"`{m}`" for m in missing) + ".",
             "",
         ]  # fmt: skip
     for title, scans_of in (("Leave one scan out", lambda n: n.startswith("loso_")), ("Synthetic data only", lambda n: n == "synthetic_only")):
@@ -283,9 +287,9 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
         if not rows:
             continue
         lines += [f"### {title}", ""]
-        for name, per_scan in rows.items():
-            info = _run_info(root / name / "package")
-            for scan, res in per_scan.items():
+        for name, entry in rows.items():
+            info = _run_info(entry.get("run", {}))
+            for scan, res in entry["scans"].items():
                 lines.append(f"**{scan}** (run `{name}`{info}; inference {res['seconds']} s)")
                 lines.append("")
                 lines.append("| structure | Dice | target | HU-threshold baseline |")
@@ -305,13 +309,13 @@ def report(results: dict, base: dict, variant: str, root: Path) -> str:
     return "\n".join(lines)
 
 
-def capacity_table(root_all: Path) -> str:
+def capacity_table() -> str:
     """Model size against Dice: for each variant with results, its size, training time and the
     mean leave-one-out Dice of the target structures, per left-out scan and fold by fold."""
     rows = []
     folds = [f"loso_{s}" for s in SCANS]
     for variant in sorted(VARIANTS):
-        path = root_all / variant / "results.json"
+        path = RESULTS / f"generalisation_{variant}.json"
         if not path.exists():
             continue
         res = json.loads(path.read_text())["results"]
@@ -321,18 +325,11 @@ def capacity_table(root_all: Path) -> str:
                 cells.append("-")
                 continue
             scan = fold[len("loso_"):]
-            scores = [v for t, v in res[fold][scan]["dice"].items() if t in TARGETS]
+            scores = [v for t, v in res[fold]["scans"][scan]["dice"].items() if t in TARGETS]
             cells.append(f"{np.mean(scores):.3f} ({len(scores)})" if scores else "no target")
-            cfg_path = root_all / variant / fold / "package" / "config.json"
-            if cfg_path.exists():
-                cfg = json.loads(cfg_path.read_text())
-                minutes.append(cfg.get("training", {}).get("fit_wall_minutes"))
-                if params is None:
-                    from volumed.inference.package import PromptSegConfig, build_model
-
-                    known = PromptSegConfig.__dataclass_fields__
-                    net = build_model(PromptSegConfig(**{k: v for k, v in cfg.items() if k in known}))
-                    params = sum(p.numel() for p in net.parameters())
+            info = res[fold].get("run", {})
+            minutes.append(info.get("fit_wall_minutes"))
+            params = params or info.get("parameters")
         mins = [m for m in minutes if m is not None]
         size = f"{params / 1e6:.1f} M ({params * 4 / 1e6:.0f} MB)" if params else "?"
         rows.append(f"| {variant} | {size} | {', '.join(f'{m:g}' for m in mins) or '?'} | " + " | ".join(cells) + " |")
@@ -342,19 +339,32 @@ def capacity_table(root_all: Path) -> str:
     return "\n".join([
         "### Model size against Dice", "",
         "Mean leave-one-out Dice of the target structures the left-out scan has (their number in brackets); "
-        "same recipe, steps and data, only the widths differ (`VARIANTS` in the bench).", "",
+        "same recipe and data, only the widths differ (`VARIANTS` in the bench); steps as listed with each run.", "",
         head, "|---|---|---|" + "---:|" * len(SCANS), *rows, "",
     ])  # fmt: skip
 
 
-def _run_info(package: Path) -> str:
-    cfg_path = package / "config.json"
-    if not cfg_path.exists():
-        return ""
-    cfg = json.loads(cfg_path.read_text())
+def run_info(package: Path) -> dict:
+    """What a run was, from its package: steps, training minutes, recipe overrides, parameters."""
+    from volumed.inference.package import PromptSegConfig, build_model
+
+    cfg = json.loads((package / "config.json").read_text())
     tr = cfg.get("training", {})
-    extra = _overrides(str(tr.get("command", "")))
-    return f", {tr.get('steps', '?')} steps, {tr.get('fit_wall_minutes', '?')} min" + (f"; recipe overrides `{extra}`" if extra else "")
+    known = PromptSegConfig.__dataclass_fields__
+    net = build_model(PromptSegConfig(**{k: v for k, v in cfg.items() if k in known}))
+    return {
+        "steps": tr.get("steps"),
+        "fit_wall_minutes": tr.get("fit_wall_minutes"),
+        "overrides": _overrides(str(tr.get("command", ""))),
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+
+
+def _run_info(info: dict) -> str:
+    if not info:
+        return ""
+    extra = info.get("overrides")
+    return f", {info.get('steps', '?')} steps, {info.get('fit_wall_minutes', '?')} min" + (f"; recipe overrides `{extra}`" if extra else "")
 
 
 def _overrides(command: str) -> str:
@@ -393,21 +403,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.train:
         train(selected, args.variant, root, args.jobs, args.extra, args.train_threads)
     torch.set_num_threads(args.threads)
-    # Results accumulate in <runs>/results.json: evaluating some runs keeps the others' numbers.
-    store = root / "results.json"
+    # Results accumulate in the tracked bench/results/generalisation_<variant>.json (module docstring).
+    store = RESULTS / f"generalisation_{args.variant}.json"
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", {})
     for run in selected:
         package = root / run.name / "package"
         if (package / "model.safetensors").exists():
-            results[run.name] = evaluate(package, run.test_scans, preview_dir=root / run.name / "previews")
+            scans = evaluate(package, run.test_scans, preview_dir=root / run.name / "previews")
+            results[run.name] = {"scans": scans, "run": run_info(package)}
     results = {r.name: results[r.name] for r in runs() if r.name in results}
-    base = saved.get("baselines") if saved.get("baselines") and not args.baselines else baselines(tuple(SCANS))
+    base = {} if args.baselines else dict(saved.get("baselines") or {})
+    missing_base = tuple(s for s in SCANS if s not in base)
+    if missing_base:
+        base.update(baselines(missing_base))
+    base = {s: base[s] for s in SCANS if s in base}
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"results": results, "baselines": base}, indent=2))
     tmp.replace(store)
-    text = report(results, base, args.variant, root) + "\n" + capacity_table(root.parent)
+    text = report(results, base, args.variant) + "\n" + capacity_table()
     print(text)
     if not args.no_write:
         write_section(args.output, HEADING, text)
