@@ -168,6 +168,32 @@ def ground_command(
         typer.echo(line, err=line.startswith("warning:"))
 
 
+@app.command("classify")
+def classify_command(
+    image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
+    finding: List[str] = typer.Option([], "--finding", "-f", help="A finding to score besides the model's list (the 18 CT-RATE abnormalities by default), repeatable: 'Lung nodule', 'Liver cyst'."),
+    model: Optional[Path] = typer.Option(None, "--model", help="CLIP model folder (clip.json + model.safetensors) from `volumed train clip`."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file to write (atomically): per-finding probabilities and prompts."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
+) -> None:
+    """Zero-shot finding probabilities (CT-CLIP): "X is present." against "X is not present." for
+    each finding; a table on stdout and, with -o, a JSON file."""
+    from volumed.inference.classify import classify
+
+    if model is None:
+        raise ConfigError("no CLIP model is shipped yet: pass --model DIR, a package written by `volumed train clip` "
+                          "(docs/clip.md)", "volumed classify")
+    result = classify(image, finding, model_dir=model, output=output, overwrite=overwrite, series_uid=series_uid,
+                      modality=modality, device=device)
+    typer.echo(result.to_table())
+    typer.echo(f"({result.tiles} tile(s) of {' x '.join(map(str, result.input_size))} voxels; zero-shot scores, not calibrated)")
+    if output is not None:
+        typer.echo(f"wrote {output}")
+
+
 @app.command("report")
 def report_command(
     image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
@@ -358,13 +384,13 @@ def pretrain(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net), report (report generator), ground (finding grounding)."),
+    task: str = typer.Argument(..., help="What to train: promptseg (text-prompted segmentation), multiclass (plain STU-Net), report (report generator), ground (finding grounding), clip (CT-CLIP volume-report alignment)."),
 ) -> None:
     """Train a head (LightningCLI): volumed train promptseg --config configs/train_promptseg-cpu.yaml [--trainer.max_steps N].
 
     Every task takes Lightning's --trainer.devices, --trainer.num_nodes, --trainer.strategy (ddp, fsdp) and --trainer.precision."""
     tasks = {"promptseg": "volumed.tasks.cli_train", "multiclass": "volumed.tasks.cli_multiclass", "report": "volumed.tasks.cli_report",
-             "ground": "volumed.tasks.cli_ground"}
+             "ground": "volumed.tasks.cli_ground", "clip": "volumed.tasks.cli_clip"}
     if task not in tasks:
         raise ConfigError(f"unknown training task {task!r}; available: {', '.join(sorted(tasks))}", "volumed train")
     import importlib

@@ -1,0 +1,148 @@
+"""CT-CLIP training on phantom pairs, the package it exports, and `volumed classify` with it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from volumed.errors import ConfigError, OutputExistsError, VolumedError
+from volumed.text.encoder import default_model_available
+
+REPO = Path(__file__).resolve().parents[3]
+needs_text = pytest.mark.skipif(not default_model_available(), reason="the default MiniLM text model is not installed")
+
+# The recipe of configs/train_clip-cpu.yaml, smaller: 32 x 32 x 24 phantoms at 9 x 9 x 8 mm (the
+# whole field of view), a CT-ViT with 4-voxel patches (8 x 8 x 6 tokens).
+DATA = dict(phantom_shape=(32, 32, 24), phantom_spacing=(9.0, 9.0, 8.0), input_size=(32, 32, 24), batch_size=16)
+MODEL = dict(encoder="ctvit_tiny", encoder_kwargs={"patch_size": 4, "depth_patch_size": 4}, embed_dim=128,
+             findings=["Lung nodule"], input_size=(32, 32, 24))
+
+
+def _fit(max_steps: int, phantom_cases: int, phantom_val_cases: int, tmp_path: Path, shuffle_reports: bool = False):
+    from volumed.tasks.clip import ClipDataModule, ClipModule
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    dm = ClipDataModule(phantom_cases=phantom_cases, phantom_val_cases=phantom_val_cases, **DATA)
+    dm.setup("fit")
+    if shuffle_reports:  # the control: reports that do not describe their volume
+        perm = torch.randperm(len(dm.train_set.reports), generator=torch.Generator().manual_seed(1))
+        dm.train_set.reports = [dm.train_set.reports[i] for i in perm]
+        dm.train_set.texts = dm.train_set.texts[perm]
+    module = ClipModule(**MODEL, lr=3e-3, warmup_steps=5)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=10_000, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    return dm, module
+
+
+def _held_out_auroc(dm, module) -> float:
+    from volumed.heads.clip import zero_shot_probabilities
+    from volumed.metrics.classification import score_binary
+    from volumed.text.labels import label_report
+
+    module.eval()
+    present, absent = module._prompts
+    with torch.no_grad():
+        images = torch.stack([dm.val_set[i]["image"] for i in range(len(dm.val_set))])
+        p = zero_shot_probabilities(module.net.embed_image(images), module.net.embed_text(present),
+                                    module.net.embed_text(absent), module.net.scale)[:, 0]
+    labels = [label_report(r).labels["Lung nodule"] for r in dm.val_set.reports]
+    assert 0 < sum(labels) < len(labels)  # held-out phantoms of both classes
+    return float(score_binary("Lung nodule", p, labels).auroc)
+
+
+def test_train_clip_command_parses(capsys):
+    from volumed.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "clip", "--config", str(REPO / "configs" / "train_clip-cpu.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    # The model's input size and text model follow the data's (linked), and the recipe's keys all exist.
+    assert printed.count("- 24") >= 2  # model.input_size is data.input_size
+    assert "encoder: ctvit_tiny" in printed and "phantom_cases: 64" in printed
+
+
+def test_data_module_needs_data():
+    from volumed.tasks.clip import ClipDataModule, fit_to_size
+
+    with pytest.raises(ConfigError, match="datalist"):
+        ClipDataModule(datalist=None, phantom_cases=0)
+    x = torch.arange(2 * 6 * 4 * 2, dtype=torch.float32).reshape(2, 6, 4, 2)
+    y = fit_to_size(x, (4, 6, 2))
+    assert y.shape == (2, 4, 6, 2) and torch.equal(y[:, :, 1:5], x[:, 1:5])  # central crop along x, air-padded y
+    assert float(y[:, :, 0].abs().sum()) == 0.0
+
+
+@needs_text
+def test_short_training_exports_a_package_that_classify_reads(tmp_path):
+    from volumed.cli import main
+    from volumed.data.phantoms import make_case
+    from volumed.inference.classify import classify
+    from volumed.io.writer import write_nifti
+    from volumed.text.labels import ABNORMALITIES
+
+    dm, module = _fit(3, 8, 0, tmp_path)
+    assert dm.train_set.texts.shape == (8, 384) and dm.train_set[0]["image"].shape == (1, 32, 32, 24)
+    pkg = module.export_package(tmp_path / "pkg", {"steps": 3})
+    cfg = json.loads((pkg / "clip.json").read_text())
+    assert cfg["input_size"] == [32, 32, 24] and cfg["text_model_hash"] and cfg["training"]["steps"] == 3
+
+    # A volume twice the input size along z is embedded in two tiles, not resized.
+    case = make_case(5, shape=(32, 32, 48), spacing=(9.0, 9.0, 4.0))
+    image = tmp_path / "ct.nii.gz"
+    write_nifti(case.image, image, dtype=np.int16)
+    out = tmp_path / "out.json"
+    result = classify(image, ["Liver cyst", "lung nodule"], model_dir=pkg, output=out)
+    names = [f.finding for f in result.findings]
+    assert names == ["Lung nodule", "Liver cyst"]  # the package's list, then the new user finding only
+    assert result.tiles == 2 and result.model_shape == (32, 32, 48)
+    saved = json.loads(out.read_text())
+    assert [f["finding"] for f in saved["findings"]] == names
+    assert all(0.0 <= f["probability"] <= 1.0 for f in saved["findings"])
+    assert saved["findings"][1]["present_prompt"] == "Liver cyst is present." and saved["findings"][1]["source"] == "user"
+    with pytest.raises(OutputExistsError):
+        classify(image, model_dir=pkg, output=out)
+    with pytest.raises(VolumedError):  # the reader's error for a missing image, before any network work
+        classify(tmp_path / "missing.nii.gz", model_dir=pkg)
+    with pytest.raises(ConfigError, match="clip.json"):
+        classify(image, model_dir=tmp_path)
+    # The command: a table on stdout, the JSON file; a package without findings lists CT-RATE's 18.
+    code = None
+    try:
+        main(["classify", str(image), "--model", str(pkg), "--finding", "Renal cyst", "-o", str(tmp_path / "cli.json")])
+    except SystemExit as err:
+        code = err.code
+    assert code in (None, 0)
+    assert json.loads((tmp_path / "cli.json").read_text())["findings"][-1]["finding"] == "Renal cyst"
+    assert len(ABNORMALITIES) == 18
+
+
+@pytest.mark.slow
+@needs_text
+@pytest.mark.xfail(strict=True, reason="issue 19 item 4 goal not reached on CPU: see docs/clip.md, 'Phantom result'")
+def test_held_out_phantom_zero_shot_auroc_reaches_0_9(tmp_path):
+    """After a short CPU training, zero-shot "Lung nodule" AUROC >= 0.9 on held-out phantoms
+    (phantom_seed + 1), and the controls stay below: untrained, and trained on shuffled reports."""
+    start = time.perf_counter()
+    dm, module = _fit(200, 64, 32, tmp_path)
+    trained = _held_out_auroc(dm, module)
+    from volumed.tasks.clip import ClipModule
+
+    L.seed_everything(0)
+    module0 = ClipModule(**MODEL)
+    module0.finding_names, module0._prompts = module.finding_names, module._prompts
+    untrained = _held_out_auroc(dm, module0)
+    dm_s, module_s = _fit(200, 64, 32, tmp_path, shuffle_reports=True)
+    shuffled = _held_out_auroc(dm_s, module_s)
+    assert untrained < 0.9 and shuffled < 0.9
+    assert trained >= 0.9, f"held-out zero-shot AUROC {trained:.3f} (untrained {untrained:.3f}, shuffled {shuffled:.3f})"
+    assert time.perf_counter() - start < 600
