@@ -4,6 +4,11 @@ An *encoder* is an ``nn.Module`` whose ``forward(x)`` takes ``x`` of shape ``(B,
 (volumed's axis order: ``Z`` is the slice axis after RAS orientation) and returns a list of
 feature maps, finest first. ``module.feature_info`` describes them: one :class:`FeatureInfo` per
 returned map, with its channel count and its stride per axis relative to the input.
+
+Every preset takes ``use_checkpoint=True`` (``create_encoder(name, use_checkpoint=True)``, or
+``encoder_kwargs: {use_checkpoint: true}`` in a recipe): gradient checkpointing, which recomputes
+the encoder's stages or blocks in the backward pass instead of keeping their activations. The
+gradients are the same; :mod:`volumed.memory` estimates what it saves.
 """
 
 from __future__ import annotations

@@ -346,7 +346,11 @@ STUNET_PRESETS: dict[str, dict] = {
 }
 
 
-def _build_encoder(in_channels: int = 1, **kwargs) -> STUNetEncoder:
+def _build_encoder(in_channels: int = 1, use_checkpoint: bool = False, **kwargs) -> STUNetEncoder:
+    # ``use_checkpoint`` is the keyword every registered encoder takes (Swin and CT-ViT name it so,
+    # after MONAI), so a recipe's ``encoder_kwargs: {use_checkpoint: true}`` works for any preset.
+    if use_checkpoint:
+        kwargs["gradient_checkpointing"] = True
     return STUNetEncoder(in_channels=in_channels, **kwargs)
 
 
