@@ -121,6 +121,10 @@ class ClipDataModule(L.LightningDataModule):
         phantom_cases, phantom_val_cases: cohort sizes (validation uses ``phantom_seed + 1``:
             held-out phantoms).
         phantom_seed, phantom_shape, phantom_spacing, min_nodule_mm: the phantom cohort.
+        phantom_report: ``"template"``: the cohort's nodule report ("There is a nodule in the right
+            lower lobe." / "No lung nodule."); ``"full"``: the phantom's own report
+            (:func:`volumed.data.phantoms.make_case`), which describes every lesion with its size
+            and place, and says "No pulmonary nodules." when there is none.
         input_size: the encoder's input (model-space voxels); CT-ViT needs multiples of its patch.
         spacing: resample to this voxel size (mm); ``None`` keeps the grid.
         crop_foreground: crop to the body box (with ``margin`` voxels) before fitting to input_size.
@@ -142,6 +146,7 @@ class ClipDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = (48, 48, 32),
         phantom_spacing: Sequence[float] = (6.0, 6.0, 6.0),
         min_nodule_mm: float = 12.0,
+        phantom_report: str = "template",
         input_size: Sequence[int] = (48, 48, 32),
         spacing: Sequence[float] | None = None,
         crop_foreground: bool = False,
@@ -155,6 +160,8 @@ class ClipDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if phantom_report not in ("template", "full"):
+            raise ConfigError(f"data.phantom_report must be 'template' or 'full', got {phantom_report!r}", "data")
         if datalist is None and int(phantom_cases) < 2:
             raise ConfigError("give data.datalist (image + report) or data.phantom_cases >= 2", "data")
         self.preprocess_config = PreprocessConfig(
@@ -178,7 +185,7 @@ class ClipDataModule(L.LightningDataModule):
 
         h = self.hparams
         cohort = make_report_cohort(n, seed, shape=h.phantom_shape, spacing=h.phantom_spacing, min_nodule_mm=h.min_nodule_mm)
-        return [(p.case.image, p.report, "CT") for p in cohort]
+        return [(p.case.image, p.case.report if h.phantom_report == "full" else p.report, "CT") for p in cohort]
 
     def _load(self, items, train: bool) -> ClipPairs:
         from volumed.io import read_volume
