@@ -8,6 +8,7 @@ The estimate of a training step (forward, backward, AdamW step) in bytes is::
   + optimizer    8 B x every trainable parameter (AdamW: two fp32 moments)
   + batch        the input tensors of one step (image, targets)
   + activations  the storages autograd keeps from the forward pass for the backward pass
+  + backward     BACKWARD_LARGEST x the largest saved tensor (the gradients in flight)
   + margin       ACTIVATION_MARGIN x activations (temporaries of the backward pass, e.g. the
                  recomputed stage under gradient checkpointing, and allocator fragmentation)
   + overhead     on a GPU only: CUDA_OVERHEAD_BYTES (CUDA context, cuDNN/cuBLAS workspaces)
@@ -52,6 +53,7 @@ from volumed.errors import ConfigError
 
 __all__ = [
     "ACTIVATION_MARGIN",
+    "BACKWARD_LARGEST",
     "CUDA_OVERHEAD_BYTES",
     "MemoryEstimate",
     "MetaAutocast",
@@ -69,6 +71,9 @@ _GIB, _MIB = 2**30, 2**20
 #: temporaries of the backward pass (under checkpointing, one stage's recomputed activations) and
 #: allocator fragmentation. Checked against the peak RSS of real CPU steps (bench/bench_train_memory.py).
 ACTIVATION_MARGIN = 0.25
+#: The backward pass holds gradients as large as the largest saved tensor: the gradient reaching
+#: the op that saved it and the one it passes on. Counted as this many times that tensor.
+BACKWARD_LARGEST = 2
 #: Added on a GPU: CUDA context, cuDNN and cuBLAS workspaces (about 0.5-1 GiB on recent cards).
 CUDA_OVERHEAD_BYTES = 1 * _GIB
 
@@ -142,10 +147,12 @@ class ActivationMeasure:
         recompute: the largest checkpointed segment's own saved storages: the backward pass
             recomputes one segment at a time and holds its activations while it runs (0 without
             checkpointing).
+        largest: the largest single saved storage (the backward pass holds gradients of its size).
     """
 
     saved: int
     recompute: int
+    largest: int = 0
 
 
 @contextlib.contextmanager
@@ -219,9 +226,8 @@ def measure_activations(
         if precision == "bf16-mixed":
             stack.enter_context(MetaAutocast())
         run()
-    return ActivationMeasure(
-        saved=sum(n for key, n in seen.items() if key not in skip), recompute=max(segments, default=0)
-    )
+    kept = [n for key, n in seen.items() if key not in skip]
+    return ActivationMeasure(saved=sum(kept), recompute=max(segments, default=0), largest=max(kept, default=0))
 
 
 def saved_activation_bytes(
@@ -261,6 +267,7 @@ class MemoryEstimate:
     batch_bytes: int
     activations_bytes: int
     recompute_bytes: int
+    backward_bytes: int
     margin_bytes: int
     overhead_bytes: int
     shards: int = 1
@@ -269,7 +276,8 @@ class MemoryEstimate:
     def total_bytes(self) -> int:
         return (
             self.weights_bytes + self.gradients_bytes + self.optimizer_bytes + self.batch_bytes
-            + self.activations_bytes + self.recompute_bytes + self.margin_bytes + self.overhead_bytes
+            + self.activations_bytes + self.recompute_bytes + self.backward_bytes + self.margin_bytes
+            + self.overhead_bytes
         )  # fmt: skip
 
     @property
@@ -287,7 +295,8 @@ class MemoryEstimate:
     def describe(self) -> str:
         parts = (
             ("weights", self.weights_bytes), ("grads", self.gradients_bytes), ("AdamW", self.optimizer_bytes),
-            ("batch", self.batch_bytes), ("activations", self.activations_bytes), ("recompute", self.recompute_bytes), ("margin", self.margin_bytes),
+            ("batch", self.batch_bytes), ("activations", self.activations_bytes), ("recompute", self.recompute_bytes),
+            ("backward", self.backward_bytes), ("margin", self.margin_bytes),
             ("overhead", self.overhead_bytes),
         )  # fmt: skip
         body = ", ".join(f"{name} {n / _GIB:.2f}" for name, n in parts)
@@ -336,6 +345,7 @@ def estimate_training_step(
         batch_bytes=sum(t.numel() * t.element_size() for t in batch),
         activations_bytes=measured.saved,
         recompute_bytes=measured.recompute,
+        backward_bytes=BACKWARD_LARGEST * measured.largest,
         margin_bytes=int(margin * (measured.saved + measured.recompute)),
         overhead_bytes=CUDA_OVERHEAD_BYTES if device == "cuda" else 0,
         shards=shards,

@@ -3,6 +3,7 @@ asserted against the card they must fit (CI has no GPU; issue 21 ran them on one
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,11 @@ def test_voco_failing_configuration_is_estimated_above_the_recipe():
     recipe = estimate_recipe(REPO / "configs" / "pretrain_voco.yaml")
     failed = estimate_recipe(REPO / "configs" / "pretrain_voco.yaml", VOCO_FAILED)
     assert recipe.checkpointing and not failed.checkpointing
-    # Two volumes without checkpointing keep far more than one with it. (The estimate of the
-    # failed run, ~117 GiB, stays below the 140 GB it exhausted, and that of the recipe, ~22 GiB,
-    # below its measured 35 GiB: the estimator undercounts VoCo by about a third; BENCHMARKS.md.)
+    # Two volumes without checkpointing keep far more than one with it, more than the 140 GB card
+    # they exhausted; the recipe as written stays far below (estimated ~23 GiB, measured 35 GiB: the
+    # estimator undercounts VoCo by about a third, BENCHMARKS.md).
     assert failed.total_bytes > 3 * recipe.total_bytes, (failed.describe(), recipe.describe())
-    assert failed.total_bytes > 80e9 and recipe.fits(CARD_GB)
+    assert not failed.fits(140) and recipe.fits(CARD_GB)
 
 
 def test_recipe_estimates_are_stated_in_their_headers():
@@ -40,7 +41,9 @@ def test_recipe_estimates_are_stated_in_their_headers():
         comment = (REPO / "configs" / recipe).read_text().split("\nseed_everything")[0]
         header = " ".join(line.lstrip("#").strip() for line in comment.splitlines())
         est = estimate_recipe(REPO / "configs" / recipe)
-        assert f"volumed.memory estimates {est.total_gib:.0f} GiB" in header, recipe
+        stated = re.search(r"volumed\.memory estimates (\d+) GiB", header)
+        # Rounded to whole GiB in the header; the meta measurement varies by a fraction of a GiB.
+        assert stated and abs(int(stated.group(1)) - est.total_gib) <= 1.0, (recipe, est.describe())
 
 
 def test_bf16_autocast_emulation_halves_conv_activations():
