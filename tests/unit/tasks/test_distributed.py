@@ -7,10 +7,16 @@ an epoch is fixed by (seed, epoch, i) and rank r takes items r, r + 2, ..., so b
 same 2 patches at every step, and DDP's gradient all-reduce (the mean over ranks) equals the
 single process's batch mean.
 
-Stated tolerances: the logged loss (DDP: the mean over ranks) within 1e-4 relative at every step;
-the final weights within 2e-3 relative L2 and 1e-2 absolute. Float sums in another order change
-tiny gradients, and AdamW's first steps move a weight by about lr (1e-3) whatever its gradient's
-size, so a flipped sign shows up as a few lr in a few weights.
+Stated tolerances: the logged loss (DDP: the mean over ranks) within 1e-4 relative at the first
+two steps (the same weights on the same data: only the order of float sums differs) and within
+5e-3 relative afterwards; the final weights within 2e-3 relative L2 and 2e-2 absolute. Float sums
+in another order change tiny gradients, and AdamW's first steps move a weight by about lr (1e-3)
+whatever its gradient's size, so a flipped sign shows up as a few lr in a few weights, and then in
+the loss: on this machine the DDP losses stayed within 4e-6 of the single process's, on CI's they
+drifted by up to 1e-3 from the third step on (same single-process losses to the last digit).
+What the test guards against moves the loss much more: a rank that trains on the other rank's
+patches changes the first loss, and gradients that are not all-reduced split the two ranks'
+weights by the full AdamW step at every step.
 """
 
 from __future__ import annotations
@@ -54,13 +60,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     single_loss, single_w = _train(tmp_path / "single", devices=1, batch=2)
     ddp_loss, ddp_w = _train(tmp_path / "ddp", devices=2, batch=1)
     assert len(single_loss) == len(ddp_loss) == STEPS
-    assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
+    assert ddp_loss[:2] == pytest.approx(single_loss[:2], rel=1e-4)
+    assert ddp_loss[2:] == pytest.approx(single_loss[2:], rel=5e-3)
     assert single_loss[-1] < single_loss[0]  # it trains at all
     assert set(single_w) == set(ddp_w)
     diff = torch.cat([(single_w[k] - ddp_w[k]).flatten() for k in single_w])
     weights = torch.cat([single_w[k].flatten() for k in single_w])
     assert float(diff.norm() / weights.norm()) < 2e-3
-    assert float(diff.abs().max()) < 1e-2
+    assert float(diff.abs().max()) < 2e-2
     # Both wrote the reproducibility record; the DDP one says so.
     import json
 
