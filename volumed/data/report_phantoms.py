@@ -18,16 +18,25 @@ and 0 respectively, and no other finding::
 Balance. A cohort of ``n`` has ``n // 2`` positives and ``n - n // 2`` negatives, interleaved
 (negative first), so neither the prior nor the position in the cohort tells the label: a model
 that ignores the image cannot beat chance, and clinical-efficacy F1 measures the visual path.
-Cohorts are deterministic in ``(n, seed, shape, spacing, min_nodule_mm, lesion_rate)``; a
-held-out cohort is one with another ``seed``.
+Cohorts are deterministic in ``(n, seed, shape, spacing, min_nodule_mm, lesion_rate,
+field_of_view)``; a held-out cohort is one with another ``seed``.
+
+Field of view. ``"whole"`` keeps the phantom's grid. ``"chest"`` crops every volume of a case to
+the box of its lung labels plus ``chest_margin_mm`` (a chest CT's field of view: the lungs, the
+mediastinum and the upper liver/spleen domes), which makes a finer grid affordable: on 3 mm
+voxels an 18 mm nodule is 6 voxels across against one-voxel (3 mm) vessels, where on the 6 mm
+default it is 3 and a vessel crossing looks alike (docs/reports.md, "Diagnosis").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
-from volumed.data.phantoms import PhantomCase, make_case
+import numpy as np
+
+from volumed.data.phantoms import PHANTOM_LABELS, PhantomCase, make_case
+from volumed.io.volume import Volume
 from volumed.errors import ConfigError
 
 __all__ = ["ReportPhantom", "make_report_cohort", "nodule_report"]
@@ -60,6 +69,36 @@ def nodule_report(case: PhantomCase) -> str:
     return f"There are nodules in {where}. {_NORMAL}"
 
 
+_LUNG_IDS = tuple(v for k, v in PHANTOM_LABELS.items() if k.startswith("lung_"))
+
+
+def _crop(case: PhantomCase, field_of_view: str, margin_mm: float) -> PhantomCase:
+    """``case`` itself (``"whole"``), or its volumes cropped to the lungs' box plus ``margin_mm``
+    (``"chest"``; the affines' origins move with the crop, so world coordinates are kept)."""
+    if field_of_view == "whole":
+        return case
+    lungs = np.isin(case.label.data, _LUNG_IDS)
+    if not lungs.any():
+        return case
+    spacing = np.sqrt(np.sum(np.square(case.image.affine[:3, :3]), axis=0))
+    pad = np.ceil(float(margin_mm) / spacing).astype(int)
+    sl = []
+    for a in range(3):
+        idx = np.flatnonzero(lungs.any(axis=tuple(b for b in range(3) if b != a)))
+        sl.append(slice(max(0, int(idx[0]) - pad[a]), min(lungs.shape[a], int(idx[-1]) + 1 + pad[a])))
+    start = np.array([s.start for s in sl], dtype=np.float64)
+
+    def cut(v: Volume) -> Volume:
+        affine = v.affine.copy()
+        affine[:3, 3] = v.affine[:3, :3] @ start + v.affine[:3, 3]
+        return Volume(np.ascontiguousarray(v.data[tuple(sl)]), affine, modality=v.modality, source=v.source)
+
+    present = set(int(i) for i in np.unique(case.label.data[tuple(sl)]) if i)
+    names = {i: nm for i, nm in case.label_names.items() if i in present}
+    return replace(case, image=cut(case.image), label=cut(case.label), lesion_map=cut(case.lesion_map),
+                   label_names=names, terms=tuple(names.values()))
+
+
 def make_report_cohort(
     n: int,
     seed: int,
@@ -69,6 +108,8 @@ def make_report_cohort(
     min_nodule_mm: float = 12.0,
     lesion_rate: float = 0.9,
     max_scan: int | None = None,
+    field_of_view: str = "whole",
+    chest_margin_mm: float = 12.0,
 ) -> list[ReportPhantom]:
     """``n`` balanced report phantoms (see the module docstring).
 
@@ -80,12 +121,17 @@ def make_report_cohort(
         min_nodule_mm: a positive case's largest lung nodule is at least this wide.
         lesion_rate: passed to :func:`make_case` (how often a case has lesions at all).
         max_scan: give up after scanning this many cases (default ``50 * n``).
+        field_of_view: ``"whole"`` (the grid as rendered) or ``"chest"`` (cropped to the lungs'
+            box plus ``chest_margin_mm``; see the module docstring).
+        chest_margin_mm: the margin around the lungs for ``field_of_view="chest"``.
 
     Returns:
         The cohort, negative and positive cases alternating.
     """
     if int(n) < 2:
         raise ConfigError(f"a report cohort needs at least 2 cases (one of each class), got n={n!r}")
+    if field_of_view not in ("whole", "chest"):
+        raise ConfigError(f"field_of_view must be 'whole' or 'chest', got {field_of_view!r}")
     want_pos, want_neg = int(n) // 2, int(n) - int(n) // 2
     pos: list[ReportPhantom] = []
     neg: list[ReportPhantom] = []
@@ -96,9 +142,9 @@ def make_report_cohort(
         case = make_case(seed, index=j, shape=shape, spacing=spacing, lesion_rate=lesion_rate)
         nodules = [l for l in case.lesions if l.kind == "lung_nodule"]
         if not nodules and len(neg) < want_neg:
-            neg.append(ReportPhantom(case, nodule_report(case), False))
+            neg.append(ReportPhantom(_crop(case, field_of_view, chest_margin_mm), nodule_report(case), False))
         elif nodules and max(l.diameter_mm for l in nodules) >= min_nodule_mm and len(pos) < want_pos:
-            pos.append(ReportPhantom(case, nodule_report(case), True))
+            pos.append(ReportPhantom(_crop(case, field_of_view, chest_margin_mm), nodule_report(case), True))
     if len(pos) < want_pos or len(neg) < want_neg:
         raise ConfigError(
             f"found {len(pos)} of {want_pos} nodule and {len(neg)} of {want_neg} normal phantoms in {limit} cases; "

@@ -39,3 +39,37 @@ def test_impossible_cohorts_are_refused():
         make_report_cohort(1, seed=0)
     with pytest.raises(ConfigError, match="min_nodule_mm"):
         make_report_cohort(2, seed=0, min_nodule_mm=1000.0, max_scan=10)
+
+
+def test_chest_field_of_view_keeps_the_lungs_nodules_and_vessels_in_world_coordinates():
+    """``field_of_view="chest"`` crops every volume to the lungs' box plus the margin; the crop keeps
+    the world coordinates (the affine's origin moves), every lung voxel, the nodules and the vessels."""
+    import numpy as np
+
+    from volumed.data.phantoms import LESION_ID_BASE, make_case
+
+    kw = dict(shape=(96, 96, 64), spacing=(3.0, 3.0, 3.0))
+    whole = make_report_cohort(4, seed=0, **kw)
+    chest = make_report_cohort(4, seed=0, field_of_view="chest", **kw)
+    assert [p.case.case_id for p in chest] == [p.case.case_id for p in whole]
+    assert [p.report for p in chest] == [p.report for p in whole]
+    lungs = [10, 11, 12, 13, 14]
+    for w, c in zip(whole, chest):
+        wi, ci = w.case.image, c.case.image
+        assert ci.shape < wi.shape and np.prod(ci.shape) < 0.5 * np.prod(wi.shape)
+        assert c.case.label.shape == ci.shape == c.case.lesion_map.shape
+        # The crop's first voxel is the same world point as the voxel it came from.
+        start = np.rint(np.linalg.solve(wi.affine, ci.affine[:, 3])[:3]).astype(int)
+        sl = tuple(slice(s, s + n) for s, n in zip(start, ci.shape))
+        np.testing.assert_array_equal(wi.data[sl], ci.data)
+        np.testing.assert_allclose(ci.affine[:3, :3], wi.affine[:3, :3])
+        assert np.isin(c.case.label.data, lungs).sum() == np.isin(w.case.label.data, lungs).sum()
+        for k, lesion in enumerate(c.case.lesions, start=1):
+            if lesion.kind == "lung_nodule":
+                assert (c.case.lesion_map.data == LESION_ID_BASE + k).sum() == (w.case.lesion_map.data == LESION_ID_BASE + k).sum()
+        assert set(c.case.label_names) <= set(w.case.label_names)
+    # The whole field of view is the phantom unchanged.
+    case = make_case(0, index=whole[0].case.index, lesion_rate=0.9, **kw)
+    np.testing.assert_array_equal(whole[0].case.image.data, case.image.data)
+    with pytest.raises(ConfigError, match="field_of_view"):
+        make_report_cohort(2, seed=0, field_of_view="abdomen")
