@@ -121,6 +121,7 @@ class ClipDataModule(L.LightningDataModule):
         phantom_cases, phantom_val_cases: cohort sizes (validation uses ``phantom_seed + 1``:
             held-out phantoms).
         phantom_seed, phantom_shape, phantom_spacing, min_nodule_mm: the phantom cohort.
+        phantom_field_of_view: ``"whole"`` or ``"chest"`` (cropped to the lungs, for fine grids).
         phantom_report: ``"template"``: the cohort's nodule report ("There is a nodule in the right
             lower lobe." / "No lung nodule."); ``"full"``: the phantom's own report
             (:func:`volumed.data.phantoms.make_case`), which describes every lesion with its size
@@ -146,6 +147,7 @@ class ClipDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = (48, 48, 32),
         phantom_spacing: Sequence[float] = (6.0, 6.0, 6.0),
         min_nodule_mm: float = 12.0,
+        phantom_field_of_view: str = "whole",
         phantom_report: str = "template",
         input_size: Sequence[int] = (48, 48, 32),
         spacing: Sequence[float] | None = None,
@@ -184,7 +186,8 @@ class ClipDataModule(L.LightningDataModule):
         from volumed.data.report_phantoms import make_report_cohort
 
         h = self.hparams
-        cohort = make_report_cohort(n, seed, shape=h.phantom_shape, spacing=h.phantom_spacing, min_nodule_mm=h.min_nodule_mm)
+        cohort = make_report_cohort(n, seed, shape=h.phantom_shape, spacing=h.phantom_spacing, min_nodule_mm=h.min_nodule_mm,
+                                    field_of_view=h.phantom_field_of_view)
         return [(p.case.image, p.case.report if h.phantom_report == "full" else p.report, "CT") for p in cohort]
 
     def _load(self, items, train: bool) -> ClipPairs:

@@ -256,6 +256,7 @@ class ReportDataModule(L.LightningDataModule):
         val_datalist: a separate validation datalist (e.g. a CSV, which has no sections).
         phantom_cases, phantom_val_cases: cohort sizes (balanced; validation uses ``phantom_seed + 1``).
         phantom_seed, phantom_shape, phantom_spacing, min_nodule_mm: the phantom cohort.
+        phantom_field_of_view: ``"whole"`` or ``"chest"`` (cropped to the lungs, for fine grids).
         input_size: model input ``(X, Y, Z)`` voxels; must suit the encoder's strides.
         spacing: resample to this voxel size (mm) before the body crop (``None``: keep the grid).
         ct_window: CT HU mapped to ``[0, 1]``.
@@ -275,6 +276,7 @@ class ReportDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = (48, 48, 32),
         phantom_spacing: Sequence[float] = (6.0, 6.0, 6.0),
         min_nodule_mm: float = 12.0,
+        phantom_field_of_view: str = "whole",
         input_size: Sequence[int] = (48, 48, 32),
         spacing: Sequence[float] | None = None,
         ct_window: Sequence[float] = (-1000.0, 1000.0),
@@ -298,7 +300,8 @@ class ReportDataModule(L.LightningDataModule):
 
     def _phantom_items(self, n: int, seed: int) -> list[dict[str, Any]]:
         hp = self.hparams
-        cohort = make_report_cohort(n, seed, shape=hp.phantom_shape, spacing=hp.phantom_spacing, min_nodule_mm=hp.min_nodule_mm)
+        cohort = make_report_cohort(n, seed, shape=hp.phantom_shape, spacing=hp.phantom_spacing, min_nodule_mm=hp.min_nodule_mm,
+                                    field_of_view=hp.phantom_field_of_view)
         return [{"image": p.case.image, "report": p.report, "case_id": p.case.case_id} for p in cohort]
 
     def setup(self, stage: str | None = None) -> None:
