@@ -14,17 +14,15 @@ same network, weights, prompts and preprocessing as ``volumed segment``:
       -> ScaleIntensityRanged(package CT window -> [0, 1], clip)
       -> SlidingWindowInferer(package patch and overlap, gaussian) on the network with its prompts
          frozen in (volumed.bundle.promptseg.FixedPromptSegmenter: image (1, 1, X, Y, Z) -> logits
-         (1, N, X, Y, Z), a plain multi-channel network), followed by its sigmoid
-      -> Invertd(probabilities, bilinear) -> AsDiscreted(threshold 0.5)
+         (1, N, X, Y, Z), a plain multi-channel network)
+      -> Activationsd(sigmoid) -> Invertd(probabilities, bilinear) -> AsDiscreted(threshold 0.5)
       -> SaveImaged (one N-channel uint8 NIfTI)
 
-The sigmoid is applied per window, inside the inferer's network (``torch.sigmoid(network(x))``), so
-that the windows' *probabilities* are blended, as ``volumed segment`` blends them. A zoo bundle
-usually blends logits and applies ``Activationsd(sigmoid)`` afterwards: that is another function
-where overlapping windows disagree (sigmoid of the weighted mean of logits against the weighted
-mean of sigmoids), and on tcia_ccth_a01 it moved masks by up to 0.69 in probability (median Dice
-0.96, sacrum 0.00 against volumed, BENCHMARKS.md of 2026-12-01 12:29), although the preprocessed
-images were identical.
+Blending: the inferer blends the network's logits and ``Activationsd`` applies the sigmoid after,
+as zoo bundles (and nnU-Net) do; ``volumed segment`` computes the same function lazily
+(``volumed.inference.blending``). Until 2026-12-01 volumed blended the windows' sigmoid
+probabilities instead: the same preprocessed images gave masks up to 0.69 apart in probability
+where overlapping windows disagreed (median Dice 0.96, sacrum 0.00 on tcia_ccth_a01).
 
 The probabilities are inverted before the threshold (the spleen bundle's order, with
 ``nearest_interp=False``): that is the function ``volumed segment`` computes (trilinear inversion of
@@ -132,6 +130,7 @@ def run_baseline(image: Path, out_dir: Path, prompts: list[str], model_dir: Path
     import torch
     from monai.inferers import SlidingWindowInferer
     from monai.transforms import (
+        Activationsd,
         AsDiscreted,
         Compose,
         CropForegroundd,
@@ -186,6 +185,7 @@ def run_baseline(image: Path, out_dir: Path, prompts: list[str], model_dir: Path
     ])
     inferer = SlidingWindowInferer(roi_size=list(config.patch_size), sw_batch_size=1, overlap=config.overlap, mode="gaussian")
     postprocessing = Compose([
+        Activationsd(keys="pred", sigmoid=True),
         Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
         AsDiscreted(keys="pred", threshold=float(config.threshold)),
         SaveImaged(keys="pred", output_dir=str(out_dir), output_postfix="seg", output_dtype="uint8", resample=False,
@@ -195,7 +195,7 @@ def run_baseline(image: Path, out_dir: Path, prompts: list[str], model_dir: Path
     data = preprocessing({"image": str(image)})
     clock["preprocess"] = time.perf_counter()
     with torch.inference_mode():
-        data["pred"] = inferer(data["image"][None], lambda x: torch.sigmoid(network(x)))[0]
+        data["pred"] = inferer(data["image"][None], network)[0]
     clock["inference"] = time.perf_counter()
     postprocessing(data)
     clock["postprocess"] = time.perf_counter()

@@ -13,15 +13,17 @@ provably exceed the threshold:
   ``C``'s logit with its neighbours' with a weight of at most ``(s - 1) / 2s`` per axis, so window
   ``w``'s probability in ``C`` is at most a ``P_w(C)`` computed on the coarse grid
   (:func:`_cell_upper_bound`);
-* the blended probability ``sum(weight * p) / sum(weight)`` is a weighted mean of the windows'
-  probabilities, so in ``C`` it is at most ``max_w P_w(C)``: a bound computed on the coarse grid
-  for all terms at once (windows start on whole coarse cells);
+* the blended probability ``sigmoid(sum(weight * logit) / sum(weight))`` is the sigmoid of a
+  weighted mean of the windows' upsampled logits (MONAI's gaussian blending of the network's
+  logits, then ``Activationsd(sigmoid)``, as the model-zoo bundles and nnU-Net do), and the
+  sigmoid increases, so in ``C`` it is at most ``max_w P_w(C)``: a bound computed on the coarse
+  grid for all terms at once (windows start on whole coarse cells);
 * the cells whose bound exceeds the threshold (and, when the result will be resampled, the cells
   next to them) are blended exactly as MONAI blends them, for all terms of a chunk in one pass over
   the windows (:meth:`WindowLogits.blend_cells`): per window, the 27 coarse logits around each such
-  cell are gathered, one matrix product with the trilinear weights gives the cell's fine voxels,
-  then the sigmoid, times the same gaussian importance map, summed and divided by the summed
-  importance of all windows. The work is that of the hot cells, not of their bounding boxes (about
+  cell are gathered, one matrix product with the trilinear weights gives the cell's fine voxels'
+  logits, times the same gaussian importance map, summed, divided by the summed importance of all
+  windows, then the sigmoid. The work is that of the hot cells, not of their bounding boxes (about
   a fifth of it for organs) and not of the image;
 * :meth:`WindowLogits.hot_voxels` then hands out each term's voxels above the threshold and their
   values (enough when the masks are copied voxel for voxel to the image grid), and
@@ -172,7 +174,7 @@ class WindowLogits:
         weights: the window weights ``(X, Y, Z)`` (:func:`importance_map`).
 
     ``probs[a:b]`` gives ``(b - a, x, y, z)`` probabilities on the whole model grid, exactly as
-    MONAI's gaussian blending of the upsampled sigmoid outputs would (expensive: it is the full
+    MONAI's gaussian blending of the upsampled logits, then a sigmoid, would (expensive: it is the full
     computation); :meth:`regions` and :meth:`blend` give them per term only where they matter.
     """
 
@@ -254,8 +256,8 @@ class WindowLogits:
         whole = terms == list(range(self.num_terms))
         kept = self._kept_cells()
         shape = [b - a for a, b in kept]
-        # The blend is a weighted mean of the windows' probabilities: at most the largest of their
-        # bounds. (Weighting the bounds by the windows' gaussian weights, so that a window's edge
+        # The blend is the sigmoid of a weighted mean of the windows' logits: at most the sigmoid
+        # of the largest of their bounds. (Weighting the bounds by the windows' gaussian weights, so that a window's edge
         # counts less where a central window disagrees, marked 6-10% fewer cells on the real CTs
         # and took 1.5 times as long.)
         peak = torch.full((len(terms), *shape), -math.inf)
@@ -355,11 +357,11 @@ class WindowLogits:
         Returns:
             ``(M, sx * sy * sz)`` float32: the blend at each fine voxel ``(i, j, k)`` of each cell
             (``(i * sy + j) * sz + k``), equal (up to float rounding) to MONAI's gaussian blending of
-            each window's logits upsampled by ``F.interpolate(mode="trilinear", align_corners=False)``
-            and passed through a sigmoid. Per window, all rows it covers at once: the 27 coarse
-            logits around the cell (gathered from the window padded by its edge values, which is
-            the upsampling's clamping), one matrix product with the trilinear weights, sigmoid,
-            times the window weights; summed and divided by the summed window weights.
+            each window's logits upsampled by ``F.interpolate(mode="trilinear", align_corners=False)``,
+            then a sigmoid. Per window, all rows it covers at once: the 27 coarse logits around
+            the cell (gathered from the window padded by its edge values, which is the
+            upsampling's clamping), one matrix product with the trilinear weights, times the
+            window weights; summed, divided by the summed window weights, then the sigmoid.
         """
         tab = self._tables()
         terms = list(terms)
@@ -380,11 +382,11 @@ class WindowLogits:
             logits = F.pad((w if whole else w[terms])[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
             corner = t[rows] * math.prod(p) + (lx * p[1] + ly) * p[2] + lz  # cell (-1, -1, -1) in the padded window
             near = logits.view(-1).index_select(0, (corner[:, None] + tab["taps27"]).view(-1)).view(-1, 27)
-            fine = F.linear(near, tab["interp"]).sigmoid_()
+            fine = F.linear(near, tab["interp"])
             fine.mul_(tab["weights"].index_select(0, (lx * c[1] + ly) * c[2] + lz))
             total.index_add_(0, rows, fine)
         g = tab["grid"].tolist()
-        return total.div_(tab["count"].index_select(0, (x * g[1] + y) * g[2] + z))
+        return total.div_(tab["count"].index_select(0, (x * g[1] + y) * g[2] + z)).sigmoid_()
 
     def hot_regions(
         self, terms: Sequence[int], threshold: float, margin_cells: int = 1
@@ -490,9 +492,9 @@ class WindowLogits:
             size = [(b - a) * s for a, b, s in zip(clo, chi, self.stride)]
             up = F.interpolate(block[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
             up = up[tuple(slice(a - c * s, b - c * s) for a, b, c, s in zip(lo, hi, clo, self.stride))]
-            part = torch.sigmoid(up).mul_(self.weights[tuple(slice(a, b) for a, b in zip(lo, hi))])
+            part = up.mul_(self.weights[tuple(slice(a, b) for a, b in zip(lo, hi))])
             total[tuple(slice(a + oo - s0, b + oo - s0) for a, b, oo, s0 in zip(lo, hi, o, start))] += part
-        return total.div_(self.count[tuple(slice(a, b) for a, b in zip(start, stop))])
+        return total.div_(self.count[tuple(slice(a, b) for a, b in zip(start, stop))]).sigmoid_()
 
     def __getitem__(self, terms: slice) -> torch.Tensor:
         whole: Box = tuple((0, n) for n in self.model_shape)  # type: ignore[assignment]

@@ -510,8 +510,8 @@ class PromptSegPredictor:
             also padded to a multiple of the stride), a
             :class:`WindowLogits`: every window's coarse logits, blended exactly on demand
             (gaussian weights, as MONAI's ``mode="gaussian"``) but only where each term can exceed
-            the threshold. Otherwise ``(N, x, y, z)`` float32 probabilities blended by MONAI at
-            full resolution.
+            the threshold. Otherwise ``(N, x, y, z)`` float32 probabilities: the windows' logits
+            blended by MONAI at full resolution, then the sigmoid.
         """
         segmenter = self.model.segmenter
         image = case.image.as_tensor()[None].to(torch.float32)  # (1, 1, x, y, z)
@@ -525,7 +525,8 @@ class PromptSegPredictor:
 
             def full_resolution(window: torch.Tensor) -> torch.Tensor:
                 # One encoder pass per window answers every term: the decoder is term-independent.
-                return torch.sigmoid(segmenter(window, queries))
+                # Logits are blended and the sigmoid follows, as in MONAI's model-zoo bundles.
+                return segmenter(window, queries)
 
             # Pad to at least the patch ourselves, as training did (MONAI would pad with 0), then
             # keep the model grid only.
@@ -534,7 +535,7 @@ class PromptSegPredictor:
             pads = [v for n, p, o in reversed(list(zip(model_shape, padded, offset))) for v in (o, p - n - o)]
             with torch.inference_mode():
                 probs = sliding_window_inference(pad_spatial(image, pads, pad_mode), predictor=full_resolution, **common)
-            probs = torch.as_tensor(probs)[0].float()
+            probs = torch.sigmoid(torch.as_tensor(probs)[0].float())
             return probs[(slice(None), *(slice(o, o + n) for o, n in zip(offset, model_shape)))].contiguous()
 
         # Pad (as the package's training did: mirrored, or 0, air for CT) to at least the patch and

@@ -284,7 +284,8 @@ def test_all_terms_adds_trained_terms_available_in_the_modality(package, text_en
 
 
 def _monai_full_resolution(predictor: PromptSegPredictor, case, queries, probs: WindowLogits) -> torch.Tensor:
-    """MONAI's own gaussian blending of full-resolution sigmoid outputs, on the same padded image."""
+    """MONAI's own gaussian blending of full-resolution logits, then the sigmoid (a model-zoo
+    bundle's SlidingWindowInferer + Activationsd), on the same padded image."""
     from monai.inferers import sliding_window_inference
 
     image = case.image.as_tensor()[None].float()
@@ -293,8 +294,8 @@ def _monai_full_resolution(predictor: PromptSegPredictor, case, queries, probs: 
     with torch.inference_mode():
         full = sliding_window_inference(
             torch.nn.functional.pad(image, pads), predictor.config.patch_size, 1,
-            lambda w: torch.sigmoid(segmenter(w, queries)), overlap=predictor.config.overlap, mode="gaussian",
-        )[0]  # fmt: skip
+            lambda w: segmenter(w, queries), overlap=predictor.config.overlap, mode="gaussian",
+        )[0].sigmoid()  # fmt: skip
     (x, y, z), (ox, oy, oz) = case.model_shape, probs.offset
     return full[:, ox : ox + x, oy : oy + y, oz : oz + z]
 
