@@ -251,6 +251,8 @@ def run_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Largest connected component of one-body structures."),
     strict_monai: bool = typer.Option(False, "--strict-monai", help="Refuse any MONAI version other than the bundle's monai_version (default: warn)."),
+    finding: List[str] = typer.Option([], "--finding", "-f", help="Grounding bundle: a finding sentence to ground, repeatable; default: the bundle's findings."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Grounding bundle: a report text file; each finding clause is grounded."),
 ) -> None:
     """Run a MONAI bundle's configs/inference.json on one image, after checking the bundle.
 
@@ -263,7 +265,8 @@ def run_command(
 
     results = run_bundle(bundle, image, output, prompts=prompt or None, all_terms=all_terms, device=device,
                          overwrite=overwrite, postprocess=postprocess, free_text=free_text,
-                         allow_untrained=allow_untrained, strict_monai=strict_monai)
+                         allow_untrained=allow_untrained, strict_monai=strict_monai, findings=finding or None,
+                         report=report)
     for result in results:
         for line in result.summary():
             typer.echo(line, err=line.startswith("warning:"))
@@ -347,8 +350,8 @@ def bundle_verify(
 @bundle_app.command("new")
 def bundle_new(
     name: str = typer.Argument(..., help="Folder name of the new bundle (under --bundles-dir)."),
-    from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors), or a weights file (.safetensors/.pt/.ckpt) with --config."),
-    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg."),
+    from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors; + grounding.json for --task ground), or a weights file (.safetensors/.pt/.ckpt) with --config."),
+    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg (text-prompted segmentation) or ground (finding grounding)."),
     bundles_dir: Path = typer.Option(Path("bundles"), "--bundles-dir", help="Where bundles live."),
     base: Optional[Path] = typer.Option(None, "--base", help="Bundle whose LICENSE, configs and docs to start from (default: the task's bundle)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Package config.json of a weights-file checkpoint's network."),

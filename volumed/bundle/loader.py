@@ -76,6 +76,18 @@ def check_bundle(path: str | Path, *, strict_monai: bool = False) -> tuple[Path,
     return root, metadata, [warning] if warning else [], {r.path: r.sha256 for r in records}
 
 
+def _network(model_dir: Path, config, build_model) -> torch.nn.Module:
+    """The untrained network of a bundle's ``models/``: a grounding package (``grounding.json``)
+    gives a :class:`~volumed.heads.grounding.GroundingModel`, a segmentation package its segmenter."""
+    from volumed.heads.grounding import is_grounding_package
+
+    if is_grounding_package(model_dir):
+        from volumed.bundle.ground import network_from_package
+
+        return network_from_package(model_dir)
+    return build_model(config)
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu", strict_monai: bool = False) -> Bundle:
     """Check a bundle and load its network.
 
@@ -96,7 +108,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", strict_monai: 
 
     root, metadata, warnings, hashes = check_bundle(path, strict_monai=strict_monai)
     config = read_config(root / "models")
-    network = build_model(config)
+    network = _network(root / "models", config, build_model)
     load_encoder_weights(network, root / "models" / WEIGHTS_NAME, key_map=None, strict=True)
     network = network.to(torch.device(device)).eval()
     return Bundle(root=root, metadata=metadata, version=str(metadata["version"]), network=network, config=config,

@@ -1,5 +1,5 @@
-"""``volumed bundle new --from-checkpoint CKPT --task promptseg NAME``: a complete bundle from a
-training result, so that fine-tuning ends in a bundle in one command.
+"""``volumed bundle new --from-checkpoint CKPT --task promptseg|ground NAME``: a complete bundle
+from a training result, so that fine-tuning ends in a bundle in one command.
 
 The new bundle is the base bundle (``bundles/volumed_promptseg_ct`` by default: LICENSE, configs,
 docs) with ``models/`` replaced by the checkpoint's package, and everything that depends on the
@@ -8,6 +8,12 @@ weights made to agree with them: the label names (``channel_def`` and ``num_chan
 bumped (minor) with a changelog entry, the MONAI / PyTorch / NumPy versions become the installed
 ones, and ``large_files.yml`` records the new weights' sha256. The result is validated against the
 schema before it is published; it is staged next to the destination and moved in whole.
+
+``--task ground`` (``bundles/volumed_ground_ct``): the checkpoint is a grounding package
+(config.json + grounding.json + model.safetensors, what ``volumed train ground`` writes) or a
+weights file whose ``--config`` has a grounding.json beside it. Its label names are the bundle's
+default finding sentences, which do not depend on the weights, so ``channel_def`` and
+``displayable_configs#findings`` are kept.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from volumed.errors import ConfigError, OutputExistsError
 
 __all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version"]
 
-TASKS = {"promptseg": "volumed_promptseg_ct"}  # task -> the bundle whose configs a new bundle starts from
+TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct"}  # task -> the bundle whose configs a new bundle starts from
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,16 @@ def bump_version(version: str) -> str:
     return f"{major}.{minor + 1}.0"
 
 
-def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
+def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path, task: str = "promptseg") -> None:
     """Write ``staging_models`` (config.json + model.safetensors) from a package folder, or from a
     weights file (.safetensors / .pt / .pth / .ckpt, read without unpickling code) and a package
     ``config.json`` describing its network (``config``, default: the one beside the file)."""
     from volumed.encoders.weights import load_encoder_weights, read_state_dict
     from volumed.inference.package import CONFIG_NAME, build_model, load_package, read_config, save_package
 
+    if task == "ground":
+        _grounding_package_from_checkpoint(checkpoint, config, staging_models)
+        return
     if checkpoint.is_dir():
         if config is not None:
             raise ConfigError("--config is for a weights file; a package folder brings its own config.json", config)
@@ -74,6 +83,44 @@ def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_mode
     save_package(model, package, staging_models)
 
 
+def _grounding_package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
+    """``staging_models`` (config.json + grounding.json + model.safetensors) from a grounding
+    package folder, or from a weights file and the package ``config.json`` (with its grounding.json
+    beside it) describing its network."""
+    from volumed.encoders.weights import load_encoder_weights, read_state_dict
+    from volumed.heads.grounding import (
+        GROUNDING_CONFIG_NAME,
+        build_grounding_model,
+        load_grounding_package,
+        save_grounding_package,
+    )
+    from volumed.inference.package import CONFIG_NAME, read_config
+
+    if checkpoint.is_dir():
+        if config is not None:
+            raise ConfigError("--config is for a weights file; a package folder brings its own config.json", config)
+        save_grounding_package(*load_grounding_package(checkpoint), staging_models)  # strict: every key, every shape
+        return
+    if not checkpoint.is_file():
+        raise ConfigError("no such checkpoint (a grounding package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
+    config_path = Path(config or checkpoint.parent / CONFIG_NAME)
+    if config_path.name != CONFIG_NAME or not config_path.is_file():
+        raise ConfigError(f"a weights file needs the grounding package {CONFIG_NAME} of its network (--config); none at "
+                          f"{config_path}", checkpoint)
+    if not (config_path.parent / GROUNDING_CONFIG_NAME).is_file():
+        raise ConfigError(f"--config of a grounding checkpoint needs {GROUNDING_CONFIG_NAME} beside it", config_path)
+    from volumed.bundle.ground import read_grounding_config
+
+    package = read_config(config_path.parent)
+    grounding = read_grounding_config(config_path.parent)
+    model = build_grounding_model(package, gate_kernel=grounding.gate_kernel)
+    state = read_state_dict(checkpoint).state_dict
+    if any(k.startswith("net.") for k in state):  # a GroundingModule (Lightning) checkpoint
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    load_encoder_weights(model, state, key_map=None, strict=True)
+    save_grounding_package(model, package, grounding, staging_models)
+
+
 def new_bundle(
     checkpoint: str | Path,
     name: str,
@@ -91,7 +138,7 @@ def new_bundle(
         checkpoint: a package folder (``config.json`` + ``model.safetensors``, what
             ``volumed train promptseg --package_dir`` writes) or a weights file with ``config``.
         name: the bundle's folder name (letters, digits, ``_``, ``-``).
-        task: ``"promptseg"``.
+        task: ``"promptseg"`` or ``"ground"`` (a grounding package; see the module docstring).
         bundles_dir: where bundles live.
         base: the bundle whose LICENSE, configs and docs are copied; default ``bundles_dir/<task's bundle>``.
             When ``name`` already exists (an update, with ``overwrite``), that bundle is the base.
@@ -128,12 +175,12 @@ def new_bundle(
                 shutil.copytree(src, staging / item)
             elif src.is_file():
                 shutil.copy2(src, staging / item)
-        _package_from_checkpoint(checkpoint, Path(config) if config else None, staging / "models")
+        _package_from_checkpoint(checkpoint, Path(config) if config else None, staging / "models", task)
         package = read_config(staging / "models")
         terms = list(package.terms)
-        if not terms:
+        if not terms and task == "promptseg":
             raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
-        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}")
+        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}", channels=task == "promptseg")
         (sha,) = [r.sha256 for r in record_hashes(staging, name)]
         metadata = validate_metadata(staging)
         _plain_modes(staging)
@@ -143,7 +190,9 @@ def new_bundle(
     return NewBundle(dest, str(metadata["version"]), tuple(terms), sha)
 
 
-def _update_configs(staging: Path, terms: list[str], changelog: str) -> None:
+def _update_configs(staging: Path, terms: list[str], changelog: str, *, channels: bool = True) -> None:
+    """Version, changelog and software versions; with ``channels``, the label names (``pred``'s
+    channel_def, ``displayable_configs#prompts``) become ``terms``."""
     import monai
     import numpy
     import torch
@@ -158,6 +207,9 @@ def _update_configs(staging: Path, terms: list[str], changelog: str) -> None:
     meta["monai_version"] = monai.__version__.split("+")[0]
     meta["pytorch_version"] = torch.__version__.split("+")[0]
     meta["numpy_version"] = numpy.__version__
+    if not channels:
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n", overwrite=True)
+        return
     pred = meta["network_data_format"]["outputs"]["pred"]
     pred["num_channels"] = len(terms)
     pred["channel_def"] = {str(k): t for k, t in enumerate(terms)}

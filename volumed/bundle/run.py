@@ -36,6 +36,8 @@ def bundle_overrides(
     allow_untrained: bool = False,
     progress: bool = False,
     dicom_uids=None,
+    findings: Sequence[str] | None = None,
+    report: str | Path | None = None,
 ) -> dict:
     """The config-id overrides that ``volumed run`` passes, the same ids a user passes to
     ``python -m monai.bundle run`` (``--input_image``, ``--output_dir``, ``--prompts``, ...).
@@ -44,6 +46,11 @@ def bundle_overrides(
     unless ``all_terms``, which then segments every trained term. ``dicom_uids`` (a
     :class:`volumed.io.writer.DicomOutputUids`) fixes the UIDs of the DICOM SEG and SR
     (``evaluator#dicom_uids``, a bundle-runner argument, not a top-level config id).
+
+    For the grounding bundle (``bundles/volumed_ground_ct``), ``findings`` replaces its default
+    finding sentences (``displayable_configs#findings``) and ``report`` (a text or a text file)
+    adds a report's finding clauses, as ``volumed ground --finding/--report`` do; a report alone
+    grounds the report only.
     """
     overrides: dict = {"bundle_root": str(bundle), "input_image": str(image), "output_dir": str(output_dir),
                        "overwrite": bool(overwrite), "free_text": bool(free_text),
@@ -55,6 +62,12 @@ def bundle_overrides(
         overrides["prompts"] = []
     if all_terms:
         overrides["all_terms"] = True
+    if findings:
+        overrides["findings"] = list(findings)
+    elif report:
+        overrides["findings"] = []
+    if report:
+        overrides["report"] = str(report)
     if device is not None:
         overrides["device"] = f"$torch.device({device!r})"
     if not postprocess:
@@ -70,7 +83,8 @@ def run_bundle(bundle: str | Path, image: str | Path, output_dir: str | Path, *,
     """Check ``bundle`` (:func:`volumed.bundle.loader.check_bundle`), then run its
     ``configs/inference.json`` on ``image`` into ``output_dir``; ``options`` as in
     :func:`bundle_overrides`. Returns what the config's ``run`` returns (for the promptseg bundle,
-    one :class:`volumed.inference.segment.SegmentationResult` per image).
+    one :class:`volumed.inference.segment.SegmentationResult` per image; for the grounding bundle, one
+    :class:`volumed.inference.ground.GroundingResult`).
 
     Raises:
         ConfigError, WeightsLoadError: the bundle's checks (naming the file and the problem).

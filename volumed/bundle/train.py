@@ -9,7 +9,9 @@ LightningModule (``train#module``) on its DataModule (``train#dataset``):
 * :class:`LightningBundleTrainer`: fit, checkpoints under ``output_dir/checkpoints`` (``last.ckpt``
   always), plus the ``callbacks`` the config gives (what to write at the end: an encoder, weights);
 * :class:`PromptSegBundleTrainer`: the same, writing a promptseg package (config.json +
-  model.safetensors) that ``volumed bundle new --from-checkpoint`` turns into a bundle.
+  model.safetensors) that ``volumed bundle new --from-checkpoint`` turns into a bundle;
+* :class:`GroundingBundleTrainer`: the same for the grounding head (a grounding package:
+  config.json + grounding.json + model.safetensors; ``--task ground``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LightningBundleTrainer", "PromptSegBundleTrainer"]
+__all__ = ["LightningBundleTrainer", "PromptSegBundleTrainer", "GroundingBundleTrainer"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,18 @@ class PromptSegBundleTrainer(LightningBundleTrainer):
         record = {**self.training, "max_epochs": self.max_epochs, "seed": self.seed, "runner": "configs/train.json"}
         return [*super()._callbacks(), PackageExport(self.package_dir, record)]
 
+    task = "promptseg"  # the ``volumed bundle new --task`` of the package this trainer writes
+
     def _result(self) -> Path:
         print(f"wrote {self.package_dir} ({self.trainer.global_step} steps); make it a bundle with: "
-              f"volumed bundle new --from-checkpoint {self.package_dir} --task promptseg NAME")
+              f"volumed bundle new --from-checkpoint {self.package_dir} --task {self.task} NAME")
         return self.package_dir
+
+
+class GroundingBundleTrainer(PromptSegBundleTrainer):
+    """Fit a :class:`~volumed.tasks.ground.GroundingModule` on a
+    :class:`~volumed.tasks.ground.GroundingDataModule`; ``run()`` returns the grounding package
+    folder (its ``export_package`` writes config.json, grounding.json and model.safetensors, with
+    ``training`` recorded in grounding.json)."""
+
+    task = "ground"

@@ -103,10 +103,14 @@ class GroundingPredictor:
         model, config, grounding: :func:`volumed.heads.grounding.load_grounding_package`.
         text_encoder: default: the one named by ``config.text_model``, checked against its hash.
         device, sw_batch_size: as :class:`volumed.inference.segment.PromptSegPredictor`.
+        preprocessing, inferer: a MONAI bundle's ``preprocessing`` and ``SlidingWindowInferer``
+            (``bundles/volumed_ground_ct``), as :class:`volumed.inference.segment.PromptSegPredictor`
+            takes them; default: the package's preprocessing and window.
     """
 
     def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
-                 text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1):
+                 text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1,
+                 preprocessing=None, inferer=None):
         from volumed.inference.segment import PromptSegPredictor
 
         self.model = model
@@ -115,7 +119,8 @@ class GroundingPredictor:
         # Full-resolution blending: the location gate acts on full-resolution logits, so the
         # lazy coarse-logit blending of `volumed segment` does not apply.
         self.predictor = PromptSegPredictor(model, config, text_encoder=text_encoder, device=device,
-                                            sw_batch_size=sw_batch_size, lazy_blending=False)
+                                            sw_batch_size=sw_batch_size, lazy_blending=False,
+                                            preprocessing=preprocessing, inferer=inferer)
 
     @classmethod
     def from_package(cls, path: str | Path, **kwargs) -> GroundingPredictor:
@@ -279,6 +284,7 @@ def ground(
     series_uid: str | None = None,
     modality: str | None = None,
     device: str = "cpu",
+    predictor: GroundingPredictor | None = None,
 ) -> GroundingResult:
     """Ground finding sentences (and a report's findings) in one image; write masks,
     ``grounding.json`` and, for DICOM input, a DICOM SEG (see the module docstring).
@@ -287,6 +293,8 @@ def ground(
         findings: sentences, each one query ("12 mm nodule in the right lower lobe").
         report: a report text, or the path of a text file holding one; each finding clause is a query.
         model_dir: a grounding package (``volumed train ground``).
+        predictor: ground with this predictor (a bundle's network, preprocessing and inferer:
+            :class:`volumed.bundle.ground.GroundingRunner`) instead of loading ``model_dir``'s.
 
     Raises:
         OutputExistsError: outputs exist and not ``overwrite`` (checked first).
@@ -325,7 +333,8 @@ def ground(
     if volume.modality not in config.modalities:
         raise ConfigError(f"the model was trained on {', '.join(config.modalities)} images only; this image is "
                           f"{volume.modality}", model_dir)
-    predictor = GroundingPredictor.from_package(model_dir, device=device)
+    if predictor is None:
+        predictor = GroundingPredictor.from_package(model_dir, device=device)
     t_read = time.perf_counter()
     results = predictor.ground(volume, queries)
     t_pred = time.perf_counter()
@@ -358,7 +367,7 @@ def ground(
             "modality": volume.modality,
             "shape": list(volume.shape),
             "spacing_mm": list(volume.spacing),
-            "threshold": float(config.threshold),
+            "threshold": float(predictor.config.threshold),
             "confidence": "mean probability inside the mask (the model's, not a measured accuracy)",
             "model": {"path": str(model_dir), "encoder": config.encoder, "version": config.version},
             "findings": records,

@@ -23,3 +23,35 @@ def default_prompts() -> list[str]:
 VOCO = BUNDLES / "volumed_voco_pretrain"
 #: Bundles with no inference: they train an encoder, they predict nothing (no configs/inference.json).
 TRAIN_ONLY = {"volumed_voco_pretrain"}
+
+GROUND = BUNDLES / "volumed_ground_ct"
+
+
+def default_findings() -> list[str]:
+    """The grounding bundle's default finding sentences (inference.json's displayable_configs#findings)."""
+    return json.loads((GROUND / "configs" / "inference.json").read_text())["displayable_configs"]["findings"]
+
+
+def tiny_ground_bundle(folder: Path) -> Path:
+    """``folder/volumed_ground_ct``: bundles/volumed_ground_ct's LICENSE, configs and docs around an
+    untrained tiny grounding package (STU-Net tiny on a 6 mm grid, 64 x 64 x 16 window; grounds in
+    a second), with its large_files.yml recorded anew."""
+    import shutil
+
+    import torch
+    from shared_helpers import tiny_config
+
+    from volumed.bundle.integrity import record_hashes
+    from volumed.heads.grounding import GroundingConfig, build_grounding_model, save_grounding_package
+
+    root = folder / "volumed_ground_ct"
+    root.mkdir()
+    for name in ("LICENSE", "configs", "docs"):
+        src = GROUND / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    torch.manual_seed(0)
+    config = tiny_config(["liver", "lung_lower_lobe_right"])
+    save_grounding_package(build_grounding_model(config), config, GroundingConfig(training={"max_steps": 2}),
+                           root / "models")
+    record_hashes(root)
+    return root
