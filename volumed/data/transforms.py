@@ -594,13 +594,13 @@ class BoxInverter:
 
         Returns:
             ``(slices, out)``: the original-grid box (every original voxel whose sample point lies
-            in the model box, or up to half a model voxel beyond the model grid's edge) and its
-            ``(C, ...)`` float32 values; ``None`` if it holds no original voxel. Original voxels
-            whose sample point falls outside the box take the box's border values. Exactness: an
-            original voxel whose 2 x 2 x 2 model neighbours all lie in the box gets exactly the
-            value of the whole-grid inversion (up to float rounding); so, when the values outside
-            the box are known to be at most a threshold and the box extends one voxel beyond every
-            value above it, thresholding gives the whole-grid result.
+            between the model box's voxel centres, or up to half a model voxel beyond the model
+            grid's edge) and its ``(C, ...)`` float32 values; ``None`` if it holds no original
+            voxel. Exactness: every returned voxel's 2 x 2 x 2 model neighbours lie in the box, so
+            it gets exactly the value of the whole-grid inversion (up to float rounding); so, when
+            the values outside the box are known to be at most a threshold and the box extends
+            one voxel beyond every value above it, thresholding gives the whole-grid result, even
+            where boxes overlap (no box returns a voxel it cannot compute).
         """
         if tuple(values.shape[1:]) != tuple(int(b) - int(a) for a, b in box):
             raise ConfigError(f"invert_box_to_original: values of shape {tuple(values.shape)} for box {list(box)}")
@@ -623,8 +623,13 @@ class BoxInverter:
                 lo[d], hi[d] = (lo[d] - 1, hi[d]) if side == 0 else (lo[d], hi[d] + 1)
         corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0] - 1) for y in (lo[1], hi[1] - 1) for z in (lo[2], hi[2] - 1)])
         mapped = (self.to_original @ corners.T)[:3]
-        start = np.maximum(np.floor(mapped.min(axis=1) + 1e-6).astype(int), 0)
-        stop = np.minimum(np.ceil(mapped.max(axis=1) - 1e-6).astype(int) + 1, self.original_shape)
+        # Only the original voxels whose sample point lies between the box's voxel centres (its
+        # hull; the rim above extends it at the model grid's edge): every one of them reads only
+        # values of the box. One further out would read the box's border value where the
+        # whole-grid inversion reads the next model voxel, which may be below the threshold
+        # where the border is above it (the border of one region's box inside another's core).
+        start = np.maximum(np.ceil(mapped.min(axis=1) - 1e-6).astype(int), 0)
+        stop = np.minimum(np.floor(mapped.max(axis=1) + 1e-6).astype(int) + 1, self.original_shape)
         if np.any(stop <= start):
             return None
         slices = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
