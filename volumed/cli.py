@@ -251,7 +251,7 @@ def run_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Largest connected component of one-body structures."),
     strict_monai: bool = typer.Option(False, "--strict-monai", help="Refuse any MONAI version other than the bundle's monai_version (default: warn)."),
-    finding: List[str] = typer.Option([], "--finding", "-f", help="Grounding bundle: a finding sentence to ground, repeatable; default: the bundle's findings."),
+    finding: List[str] = typer.Option([], "--finding", "-f", help="Grounding bundle: a finding sentence to ground; CLIP bundle: an abnormality to score. Repeatable; default: the bundle's list."),
     report: Optional[Path] = typer.Option(None, "--report", help="Grounding bundle: a report text file; each finding clause is grounded."),
 ) -> None:
     """Run a MONAI bundle's configs/inference.json on one image, after checking the bundle.
@@ -350,8 +350,8 @@ def bundle_verify(
 @bundle_app.command("new")
 def bundle_new(
     name: str = typer.Argument(..., help="Folder name of the new bundle (under --bundles-dir)."),
-    from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors; + grounding.json for --task ground), or a weights file (.safetensors/.pt/.ckpt) with --config."),
-    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg (text-prompted segmentation) or ground (finding grounding)."),
+    from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors; + grounding.json for --task ground; clip.json + model.safetensors for --task clip), or a weights file (.safetensors/.pt/.ckpt) with --config."),
+    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg (text-prompted segmentation), ground (finding grounding) or clip (CT-CLIP zero-shot classification)."),
     bundles_dir: Path = typer.Option(Path("bundles"), "--bundles-dir", help="Where bundles live."),
     base: Optional[Path] = typer.Option(None, "--base", help="Bundle whose LICENSE, configs and docs to start from (default: the task's bundle)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Package config.json of a weights-file checkpoint's network."),

@@ -23,7 +23,8 @@ class Bundle:
         metadata: ``configs/metadata.json`` (valid against the project's schema).
         version: the bundle's version.
         network: the network with the bundle's weights, eval mode, on the requested device.
-        config: the model package's config (``models/config.json``: preprocessing, patch, terms).
+        config: the model package's config (``models/config.json``: preprocessing, patch, terms; for
+            a CT-CLIP bundle ``models/clip.json``).
         hashes: ``{path relative to root: sha256}`` of the weights as checked.
         warnings: e.g. a MONAI minor version other than the bundle's.
     """
@@ -106,9 +107,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", strict_monai: 
     from volumed.encoders.weights import load_encoder_weights
     from volumed.inference.package import WEIGHTS_NAME, build_model, read_config
 
+    from volumed.heads.clip import build_clip_model, is_clip_package, read_clip_config
+
     root, metadata, warnings, hashes = check_bundle(path, strict_monai=strict_monai)
-    config = read_config(root / "models")
-    network = _network(root / "models", config, build_model)
+    if is_clip_package(root / "models"):  # a CT-CLIP bundle: clip.json instead of config.json
+        config = read_clip_config(root / "models")
+        network = build_clip_model(config)
+    else:
+        config = read_config(root / "models")
+        network = _network(root / "models", config, build_model)
     load_encoder_weights(network, root / "models" / WEIGHTS_NAME, key_map=None, strict=True)
     network = network.to(torch.device(device)).eval()
     return Bundle(root=root, metadata=metadata, version=str(metadata["version"]), network=network, config=config,

@@ -14,6 +14,11 @@ schema before it is published; it is staged next to the destination and moved in
 weights file whose ``--config`` has a grounding.json beside it. Its label names are the bundle's
 default finding sentences, which do not depend on the weights, so ``channel_def`` and
 ``displayable_configs#findings`` are kept.
+
+``--task clip`` (``bundles/volumed_clip_ct``): the checkpoint is a CLIP package (clip.json +
+model.safetensors, what ``volumed train clip`` writes) or a weights file with ``--config`` a
+clip.json. Its terms are the package's default findings; the bundle's label names (its default
+abnormalities) are kept.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from volumed.errors import ConfigError, OutputExistsError
 
 __all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version"]
 
-TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct"}  # task -> the bundle whose configs a new bundle starts from
+TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct", "clip": "volumed_clip_ct"}  # task -> the bundle whose configs a new bundle starts from
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_mode
 
     if task == "ground":
         _grounding_package_from_checkpoint(checkpoint, config, staging_models)
+        return
+    if task == "clip":
+        _clip_package_from_checkpoint(checkpoint, config, staging_models)
         return
     if checkpoint.is_dir():
         if config is not None:
@@ -121,6 +129,32 @@ def _grounding_package_from_checkpoint(checkpoint: Path, config: Path | None, st
     save_grounding_package(model, package, grounding, staging_models)
 
 
+def _clip_package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
+    """``staging_models`` (clip.json + model.safetensors) from a CLIP package folder, or from a
+    weights file and the ``clip.json`` describing its network."""
+    from volumed.encoders.weights import load_encoder_weights, read_state_dict
+    from volumed.heads.clip import CLIP_CONFIG_NAME, build_clip_model, load_clip_package, read_clip_config, save_clip_package
+
+    if checkpoint.is_dir():
+        if config is not None:
+            raise ConfigError("--config is for a weights file; a package folder brings its own clip.json", config)
+        save_clip_package(*load_clip_package(checkpoint), staging_models)  # strict: every key, every shape
+        return
+    if not checkpoint.is_file():
+        raise ConfigError("no such checkpoint (a CLIP package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
+    config_path = Path(config or checkpoint.parent / CLIP_CONFIG_NAME)
+    if config_path.name != CLIP_CONFIG_NAME or not config_path.is_file():
+        raise ConfigError(f"a weights file needs the {CLIP_CONFIG_NAME} of its network (--config); none at {config_path}",
+                          checkpoint)
+    package = read_clip_config(config_path.parent)
+    model = build_clip_model(package)
+    state = read_state_dict(checkpoint).state_dict
+    if any(k.startswith("net.") for k in state):  # a ClipModule (Lightning) checkpoint
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    load_encoder_weights(model, state, key_map=None, strict=True)
+    save_clip_package(model, package, staging_models)
+
+
 def new_bundle(
     checkpoint: str | Path,
     name: str,
@@ -138,7 +172,8 @@ def new_bundle(
         checkpoint: a package folder (``config.json`` + ``model.safetensors``, what
             ``volumed train promptseg --package_dir`` writes) or a weights file with ``config``.
         name: the bundle's folder name (letters, digits, ``_``, ``-``).
-        task: ``"promptseg"`` or ``"ground"`` (a grounding package; see the module docstring).
+        task: ``"promptseg"``, ``"ground"`` (a grounding package) or ``"clip"`` (a CLIP package);
+            see the module docstring.
         bundles_dir: where bundles live.
         base: the bundle whose LICENSE, configs and docs are copied; default ``bundles_dir/<task's bundle>``.
             When ``name`` already exists (an update, with ``overwrite``), that bundle is the base.
@@ -176,8 +211,12 @@ def new_bundle(
             elif src.is_file():
                 shutil.copy2(src, staging / item)
         _package_from_checkpoint(checkpoint, Path(config) if config else None, staging / "models", task)
-        package = read_config(staging / "models")
-        terms = list(package.terms)
+        if task == "clip":
+            from volumed.heads.clip import read_clip_config
+
+            terms = list(read_clip_config(staging / "models").findings)
+        else:
+            terms = list(read_config(staging / "models").terms)
         if not terms and task == "promptseg":
             raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
         _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}", channels=task == "promptseg")

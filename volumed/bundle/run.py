@@ -50,7 +50,8 @@ def bundle_overrides(
     For the grounding bundle (``bundles/volumed_ground_ct``), ``findings`` replaces its default
     finding sentences (``displayable_configs#findings``) and ``report`` (a text or a text file)
     adds a report's finding clauses, as ``volumed ground --finding/--report`` do; a report alone
-    grounds the report only.
+    grounds the report only. For the CT-CLIP bundle (``bundles/volumed_clip_ct``), ``findings``
+    are the abnormality names to score (default: the bundle's list).
     """
     overrides: dict = {"bundle_root": str(bundle), "input_image": str(image), "output_dir": str(output_dir),
                        "overwrite": bool(overwrite), "free_text": bool(free_text),
@@ -84,7 +85,8 @@ def run_bundle(bundle: str | Path, image: str | Path, output_dir: str | Path, *,
     ``configs/inference.json`` on ``image`` into ``output_dir``; ``options`` as in
     :func:`bundle_overrides`. Returns what the config's ``run`` returns (for the promptseg bundle,
     one :class:`volumed.inference.segment.SegmentationResult` per image; for the grounding bundle, one
-    :class:`volumed.inference.ground.GroundingResult`).
+    :class:`volumed.inference.ground.GroundingResult`; for the CT-CLIP bundle, one
+    :class:`volumed.inference.classify.ClassificationResult`).
 
     Raises:
         ConfigError, WeightsLoadError: the bundle's checks (naming the file and the problem).

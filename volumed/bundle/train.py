@@ -11,7 +11,9 @@ LightningModule (``train#module``) on its DataModule (``train#dataset``):
 * :class:`PromptSegBundleTrainer`: the same, writing a promptseg package (config.json +
   model.safetensors) that ``volumed bundle new --from-checkpoint`` turns into a bundle;
 * :class:`GroundingBundleTrainer`: the same for the grounding head (a grounding package:
-  config.json + grounding.json + model.safetensors; ``--task ground``).
+  config.json + grounding.json + model.safetensors; ``--task ground``);
+* :class:`ClipBundleTrainer`: the same for the CT-CLIP head (a CLIP package: clip.json +
+  model.safetensors; ``--task clip``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LightningBundleTrainer", "PromptSegBundleTrainer", "GroundingBundleTrainer"]
+__all__ = ["LightningBundleTrainer", "PromptSegBundleTrainer", "GroundingBundleTrainer", "ClipBundleTrainer"]
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +147,12 @@ class GroundingBundleTrainer(PromptSegBundleTrainer):
     ``training`` recorded in grounding.json)."""
 
     task = "ground"
+
+
+class ClipBundleTrainer(PromptSegBundleTrainer):
+    """Fit a :class:`~volumed.tasks.clip.ClipModule` on a :class:`~volumed.tasks.clip.ClipDataModule`;
+    ``run()`` returns the CLIP package folder (clip.json + model.safetensors, with ``training``
+    recorded in clip.json). Validation (zero-shot AUROC on the held-out pairs, when the data module
+    has some) runs after every epoch."""
+
+    task = "clip"

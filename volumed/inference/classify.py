@@ -81,6 +81,10 @@ class ClassificationResult:
             "seconds": self.seconds,
         }
 
+    def summary(self) -> list[str]:
+        """The table's lines, then where the JSON went (what ``volumed run`` prints)."""
+        return self.to_table().splitlines() + ([f"wrote {self.output}"] if self.output is not None else [])
+
     def to_table(self) -> str:
         width = max([len("finding"), *(len(f.finding) for f in self.findings)])
         rows = [f"{'finding':<{width}}  probability", f"{'-' * width}  -----------"]

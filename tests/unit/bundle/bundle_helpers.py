@@ -55,3 +55,33 @@ def tiny_ground_bundle(folder: Path) -> Path:
                            root / "models")
     record_hashes(root)
     return root
+
+CLIP = BUNDLES / "volumed_clip_ct"
+
+
+def clip_default_findings() -> list[str]:
+    """The CLIP bundle's default abnormalities (inference.json's displayable_configs#findings)."""
+    return json.loads((CLIP / "configs" / "inference.json").read_text())["displayable_configs"]["findings"]
+
+
+def tiny_clip_bundle(folder: Path) -> Path:
+    """``folder/volumed_clip_ct``: bundles/volumed_clip_ct's LICENSE, configs and docs around an
+    untrained CLIP package of the real one's architecture and preprocessing (it is small: 0.7 MB),
+    with its large_files.yml recorded anew."""
+    import shutil
+
+    import torch
+
+    from volumed.bundle.integrity import record_hashes
+    from volumed.heads.clip import build_clip_model, read_clip_config, save_clip_package
+
+    root = folder / "volumed_clip_ct"
+    root.mkdir()
+    for name in ("LICENSE", "configs", "docs"):
+        src = CLIP / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    torch.manual_seed(0)
+    config = read_clip_config(CLIP / "models")
+    save_clip_package(build_clip_model(config), config, root / "models")
+    record_hashes(root)
+    return root
