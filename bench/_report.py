@@ -1,8 +1,14 @@
-"""Shared by the benchmark scripts: the machine line and section-wise updates of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: the machine line, section-wise updates of BENCHMARKS.md, and
+spawning a measured child process (wall, CPU, peak RSS)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import subprocess
+import sys
+import tempfile
 import platform
 from pathlib import Path
 
@@ -37,3 +43,33 @@ def write_section(path: Path, heading: str, section: str) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text.rstrip("\n") + "\n")
     tmp.replace(path)
+
+
+# Runs the command and reports its rusage. A child's ru_maxrss starts from the high-water RSS of
+# the process it was spawned from (Linux keeps it across exec; with vfork, Python's default, that
+# is the parent's own peak): spawned straight from this driver, which may hold torch, embeddings
+# and resampled volumes, every run would read at least the driver's peak. Spawned from this
+# small launcher instead, the floor is the launcher's own few MiB.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+print(json.dumps({"wall": wall, "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Run ``argv`` in a fresh process through :data:`LAUNCHER`: (wall s, peak RSS MiB, CPU s
+    (user + system)) of the child, from ``os.wait4`` in the launcher: the peak RSS does not
+    include this process's own peak."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=err, text=True)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{shlex.join(argv[:6])} ... failed:\n{err.read().decode()[-3000:]}")
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    return usage["wall"], usage["maxrss_kib"] / 1024.0, usage["cpu"]  # ru_maxrss: KiB on Linux

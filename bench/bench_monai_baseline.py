@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import machine_description, write_section  # bench/ is on sys.path when run as a script
+from _report import machine_description, spawn, write_section  # bench/ is on sys.path when run as a script
 
 HEADING = "## Against plain MONAI at clinical size: 24 structures"
 REPO = Path(__file__).resolve().parents[1]
@@ -234,19 +234,6 @@ def dice_scores(volumed_dir: Path, baseline_dir: Path, prompts: list[str]) -> li
 
 
 # --------------------------------------------------------------------------------- the driver
-
-
-def spawn(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Run ``argv`` in a fresh process: (wall s, peak RSS MiB, CPU s (user + system) of the child, from ``os.wait4``)."""
-    with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise RuntimeError(f"{shlex.join(argv[:6])} ... failed:\n{err.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
 
 
 def measure_case(label: str, image: Path, prompts: list[str], repeats: int, work: Path, threads: int | None, model_dir: Path) -> dict:

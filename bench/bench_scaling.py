@@ -55,7 +55,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from _report import machine_description, write_section  # bench/ is on sys.path when run as a script
+from _report import machine_description, spawn, write_section  # bench/ is on sys.path when run as a script
 from bench_monai_baseline import IMAGE, MODEL, REPO, default_prompts, resample_keeping_fov
 
 HEADING = "## Scaling: slices and structures at clinical size"
@@ -97,36 +97,6 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError("need equally many runs of both, at least one")
     return statistics.median(n / d for n, d in zip(numerator, denominator))
-
-
-# Runs the command and reports its rusage. A child's ru_maxrss starts from the high-water RSS of
-# the process it was spawned from (Linux keeps it across exec; with vfork, Python's default, that
-# is the parent's own peak): spawned straight from this driver, which holds torch, the embeddings
-# and the resampled volumes, every run would read at least the driver's peak. Spawned from this
-# small launcher instead, the floor is the launcher's own few MiB.
-LAUNCHER = """
-import json, os, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
-_, status, usage = os.wait4(proc.pid, 0)
-wall = time.perf_counter() - start
-print(json.dumps({"wall": wall, "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def spawn(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Run ``argv`` in a fresh process through :data:`LAUNCHER`: (wall s, peak RSS MiB, CPU s
-    (user + system)) of the child, from ``os.wait4`` in the launcher. Unlike
-    ``bench_monai_baseline.spawn``, the peak RSS does not include this process's own peak."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, *argv], env=env, stdout=subprocess.PIPE,
-                              stderr=err, text=True)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{shlex.join(argv[:6])} ... failed:\n{err.read().decode()[-3000:]}")
-    usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    return usage["wall"], usage["maxrss_kib"] / 1024.0, usage["cpu"]  # ru_maxrss: KiB on Linux
 
 
 # ------------------------------------------------------------------------------ the stage worker
