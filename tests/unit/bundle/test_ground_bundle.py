@@ -327,3 +327,21 @@ def test_python_m_monai_bundle_run_on_the_real_ct_equals_volumed_run(ts_dir, tmp
     for rel in ("finding_01.nii.gz", "finding_02.nii.gz"):
         mask = nib.load(tmp_path / "bundle" / "masks" / rel)
         assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+
+def test_volumed_run_cli_report_and_findings(tiny_ground, ts_dir, tmp_path, capsys):
+    """`volumed run BUNDLE IMAGE -f ... --report FILE`: the sentences, then the report's finding clauses."""
+    from volumed.cli import main
+
+    report = tmp_path / "report.txt"
+    report.write_text("No pleural effusion. A 16 mm hypodense lesion in the right liver lobe.")
+    try:
+        main(["run", str(tiny_ground), str(ts_dir / "example_ct_sm.nii.gz"), "-o", str(tmp_path / "out"),
+              "-f", "12 mm nodule in the right lower lobe", "--report", str(report), "--device", "cpu"])
+    except SystemExit as exit_:
+        assert not exit_.code, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "negated: 'No pleural effusion.' (no mask)" in out and "wrote" in out
+    doc = json.loads((tmp_path / "out" / "grounding.json").read_text())
+    assert [f["sentence"] for f in doc["findings"]] == ["12 mm nodule in the right lower lobe", "No pleural effusion.",
+                                                        "A 16 mm hypodense lesion in the right liver lobe."]
