@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     # Time per step, Lightning over plain, minus 1.
     overhead = median_ratio(wall["plain"], wall["lightning"]) - 1.0
     overhead_cpu = median_ratio(cpu["plain"], cpu["lightning"]) - 1.0
+    # Paired within each repetition: Lightning's time per step over the plain loop's.
+    paired = [p / q for p, q in zip(wall["plain"], wall["lightning"])]
     consume = med["lightning"] * batch_size  # patches per second the model takes in
     consume_cpu = med_cpu["lightning"] * batch_size
     keeps_up = med["pipeline"] >= consume
@@ -229,8 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{med_cpu['pipeline']:.3f} patches/CPU-s | {med['pipeline'] / consume:.2f} x the model's consumption |",
         "",
         f"- **Lightning overhead**: {overhead * 100:+.1f} % time per step against the plain loop in wall time, "
-        f"{overhead_cpu * 100:+.1f} % in CPU time (target <= 5 %: "
-        f"{'met' if max(overhead, overhead_cpu) <= 0.05 else 'NOT met' if min(overhead, overhead_cpu) > 0.05 else 'met in one measure only'}).",
+        f"{overhead_cpu * 100:+.1f} % in CPU time (ratio of the medians). Within each repetition, Lightning's time "
+        f"per step over the plain loop's ranged {min(paired):.2f} to {max(paired):.2f}. Target <= 5 %: "
+        + (
+            "**met** (in every repetition)." if max(paired) <= 1.05
+            else "**not met** (in every repetition)." if min(paired) > 1.05
+            else "**not resolved by this run**: the paired ratios straddle 1.05, the spread coming from the other "
+            "load on the cores; the medians give the estimate above."
+        ),
         f"- **Pipeline against model**: the pipeline makes {med['pipeline']:.3f} patches/s ({med_cpu['pipeline']:.3f} per "
         f"CPU-s), the model consumes {consume:.3f} patches/s ({consume_cpu:.3f} per CPU-s; Lightning steps x batch "
         f"{batch_size}): the pipeline "
