@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from volumed.bundle.inputs import dataset_images
 from volumed.bundle.transforms import LoadVolumed
 from volumed.errors import ConfigError
 from volumed.heads.clip import VolumeTextCLIP, build_clip_model, embed_volume, read_clip_config, zero_shot_prompts
@@ -179,11 +180,7 @@ class ClipRunner:
         self.results: list = []
 
     def _images(self) -> list[str]:
-        data = getattr(self.dataset, "data", None) or []
-        images = [item.get("image") if isinstance(item, dict) else None for item in data]
-        if not images or any(i in (None, "") for i in images):
-            raise ConfigError("no input image: pass --input_image PATH (a NIfTI/NRRD file or a DICOM series folder)", "input_image")
-        return [str(i) for i in images]
+        return dataset_images(self.dataset)
 
     @torch.no_grad()
     def run(self) -> list:

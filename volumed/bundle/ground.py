@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from volumed.bundle.promptseg import load_bundle_weights
+from volumed.bundle.inputs import dataset_images
 from volumed.bundle.transforms import LoadVolumed
 from volumed.errors import ConfigError
 from volumed.heads.grounding import GROUNDING_CONFIG_NAME, GroundingConfig, GroundingModel, build_grounding_model
@@ -186,11 +187,7 @@ class GroundingRunner:
         self.results: list = []
 
     def _images(self) -> list[str]:
-        data = getattr(self.dataset, "data", None) or []
-        images = [item.get("image") if isinstance(item, dict) else None for item in data]
-        if not images or any(i in (None, "") for i in images):
-            raise ConfigError("no input image: pass --input_image PATH (a NIfTI/NRRD file or a DICOM series folder)", "input_image")
-        return [str(i) for i in images]
+        return dataset_images(self.dataset)
 
     def predictor(self):
         """The :class:`volumed.inference.ground.GroundingPredictor` of the config's components."""

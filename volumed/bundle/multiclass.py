@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from volumed.bundle.inputs import dataset_images
 from volumed.errors import ConfigError, OutputExistsError, VolumeReadError
 
 __all__ = ["WEIGHTS_NAME", "MultiClassResult", "MultiClassRunner", "load_bundle_weights"]
@@ -104,9 +105,7 @@ class MultiClassRunner:
         self.results: list[MultiClassResult] = []
 
     def _images(self) -> list[str]:
-        images = [item.get("image") if isinstance(item, Mapping) else None for item in getattr(self.dataset, "data", None) or []]
-        if not images or any(i in (None, "") for i in images):
-            raise ConfigError("no input image: pass --input_image PATH (a NIfTI/NRRD file or a DICOM series folder)", "input_image")
+        images = dataset_images(self.dataset)
         for image in images:
             if not Path(str(image)).exists():
                 raise VolumeReadError("no such file or folder", image)
