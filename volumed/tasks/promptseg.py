@@ -344,7 +344,7 @@ class PromptSegModule(L.LightningModule):
         from monai.metrics import compute_dice
 
         case = self.trainer.datamodule.validation_cases[int(batch)]
-        # Once per term list, not per validation: building the text encoder loads its model.
+        # Once per term list, not per validation: a cache miss loads the text model.
         if case.terms not in self._val_embeddings:
             self._val_embeddings[case.terms] = encode_terms(list(case.terms), self.hparams.text_model)[0]
         embeddings = self._val_embeddings[case.terms]
