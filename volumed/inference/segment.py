@@ -1066,15 +1066,32 @@ def segment(
         (staging / MASKS_DIR).mkdir()
         stats: dict[int, TermStatistics] = {}
 
+        from concurrent.futures import ThreadPoolExecutor
+
+        from volumed.io.writer import write_nifti
+
+        # Each mask is written (gzip, which releases the GIL) on a second thread while the next
+        # term is inverted and this one measured: about 0.4 s of CPU per full-grid mask at
+        # 512 x 512 x 200 otherwise adds up term by term. At most two writes wait, so memory
+        # holds a bounded number of masks, never all N.
+        pending: list = []
+
         def keep(k: int, mask: np.ndarray) -> None:
             # Written and measured as soon as it exists, so N masks are never all in memory.
-            from volumed.io.writer import write_nifti
-
-            write_nifti(volume.with_data(mask.astype(np.uint8), modality=volume.modality),
-                        staging / MASKS_DIR / f"{names[k]}.nii.gz")
+            while len(pending) >= 2:
+                pending.pop(0).result()  # re-raises a failed write here
+            data = volume.with_data(mask.astype(np.uint8), modality=volume.modality)
+            pending.append(writer.submit(write_nifti, data, staging / MASKS_DIR / f"{names[k]}.nii.gz"))
             stats[k] = compute_statistics(mask, volume, terms[k].name)
 
-        prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volumed-mask-writer") as writer:
+            try:
+                prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess)
+            finally:
+                outcomes = [f.exception() for f in pending]  # wait for every write, even on failure
+            for error in outcomes:
+                if error is not None:
+                    raise error
         t_pred = time.perf_counter()
 
         segmented = tuple(
