@@ -25,7 +25,6 @@ From here:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from volumed.bundle.promptseg import load_bundle_weights
 from volumed.bundle.inputs import dataset_images
 from volumed.bundle.transforms import LoadVolumed
 from volumed.errors import ConfigError
-from volumed.heads.grounding import GROUNDING_CONFIG_NAME, GroundingConfig, GroundingModel, build_grounding_model
+from volumed.heads.grounding import GroundingModel, build_grounding_model, read_grounding_config
 from volumed.inference.package import CONFIG_NAME, read_config
 
 __all__ = [
@@ -49,17 +48,6 @@ __all__ = [
     "GroundingPostprocessing",
     "GroundingRunner",
 ]
-
-
-def read_grounding_config(model_dir: str | Path) -> GroundingConfig:
-    """``model_dir/grounding.json`` (what makes a package folder a grounding package)."""
-    path = Path(model_dir) / GROUNDING_CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"not a grounding model folder: {GROUNDING_CONFIG_NAME} is missing", Path(model_dir))
-    try:
-        return GroundingConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"unreadable grounding config ({err})", path) from err
 
 
 def network_from_package(model_dir: str | Path) -> GroundingModel:

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,103 +57,80 @@ def bump_version(version: str) -> str:
     return f"{major}.{minor + 1}.0"
 
 
-def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path, task: str = "promptseg") -> None:
-    """Write ``staging_models`` (config.json + model.safetensors) from a package folder, or from a
-    weights file (.safetensors / .pt / .pth / .ckpt, read without unpickling code) and a package
-    ``config.json`` describing its network (``config``, default: the one beside the file)."""
-    from volumed.encoders.weights import load_encoder_weights, read_state_dict
+@dataclass(frozen=True)
+class _PackageKind:
+    """How one task's model package is read, built and written (``config_name`` is the file that
+    describes its network; ``build`` makes the untrained network from a folder holding it, with the
+    other arguments ``save`` takes after the model)."""
+
+    label: str
+    config_name: str
+    load: Callable[[Path], tuple]
+    build: Callable[[Path], tuple]
+    save: Callable[..., object]
+
+
+def _package_kind(task: str) -> _PackageKind:
     from volumed.inference.package import CONFIG_NAME, build_model, load_package, read_config, save_package
 
     if task == "ground":
-        _grounding_package_from_checkpoint(checkpoint, config, staging_models)
-        return
+        from volumed.heads.grounding import (
+            build_grounding_model,
+            load_grounding_package,
+            read_grounding_config,
+            save_grounding_package,
+        )
+
+        def build_ground(folder: Path) -> tuple:
+            package, grounding = read_config(folder), read_grounding_config(folder)  # refuses a folder without grounding.json
+            return build_grounding_model(package, gate_kernel=grounding.gate_kernel), (package, grounding)
+
+        return _PackageKind("grounding package", CONFIG_NAME, load_grounding_package, build_ground, save_grounding_package)
     if task == "clip":
-        _clip_package_from_checkpoint(checkpoint, config, staging_models)
-        return
-    if checkpoint.is_dir():
-        if config is not None:
-            raise ConfigError("--config is for a weights file; a package folder brings its own config.json", config)
-        model, package = load_package(checkpoint)  # strict: every key, every shape
-        save_package(model, package, staging_models)
-        return
-    if not checkpoint.is_file():
-        raise ConfigError("no such checkpoint (a package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
-    config_path = config or checkpoint.parent / CONFIG_NAME
-    if not Path(config_path).is_file():
-        raise ConfigError(f"a weights file needs the package config.json of its network (--config); none at {config_path}", checkpoint)
-    if Path(config_path).name != CONFIG_NAME:
-        raise ConfigError(f"--config must be a package's {CONFIG_NAME}", config_path)
-    package = read_config(Path(config_path).parent)
-    model = build_model(package)
-    state = read_state_dict(checkpoint).state_dict
-    if any(k.startswith("net.") for k in state):  # a PromptSegModule (Lightning) checkpoint
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    load_encoder_weights(model, state, key_map=None, strict=True)
-    save_package(model, package, staging_models)
+        from volumed.heads.clip import CLIP_CONFIG_NAME, build_clip_model, load_clip_package, read_clip_config, save_clip_package
+
+        def build_clip(folder: Path) -> tuple:
+            config = read_clip_config(folder)
+            return build_clip_model(config), (config,)
+
+        return _PackageKind("CLIP package", CLIP_CONFIG_NAME, load_clip_package, build_clip, save_clip_package)
+
+    def build_promptseg(folder: Path) -> tuple:
+        package = read_config(folder)
+        return build_model(package), (package,)
+
+    return _PackageKind("package", CONFIG_NAME, load_package, build_promptseg, save_package)
 
 
-def _grounding_package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
-    """``staging_models`` (config.json + grounding.json + model.safetensors) from a grounding
-    package folder, or from a weights file and the package ``config.json`` (with its grounding.json
-    beside it) describing its network."""
+def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path, task: str = "promptseg") -> None:
+    """Write ``staging_models`` (the task's package: config.json + model.safetensors, plus
+    grounding.json for ``ground``; clip.json + model.safetensors for ``clip``) from a package
+    folder, or from a weights file (.safetensors / .pt / .pth / .ckpt, read without unpickling code,
+    a Lightning checkpoint's ``net.`` prefix removed) and the package config describing its network
+    (``config``, default: the one beside the file)."""
     from volumed.encoders.weights import load_encoder_weights, read_state_dict
-    from volumed.heads.grounding import (
-        GROUNDING_CONFIG_NAME,
-        build_grounding_model,
-        load_grounding_package,
-        save_grounding_package,
-    )
-    from volumed.inference.package import CONFIG_NAME, read_config
 
+    kind = _package_kind(task)
     if checkpoint.is_dir():
         if config is not None:
-            raise ConfigError("--config is for a weights file; a package folder brings its own config.json", config)
-        save_grounding_package(*load_grounding_package(checkpoint), staging_models)  # strict: every key, every shape
+            raise ConfigError(f"--config is for a weights file; a package folder brings its own {kind.config_name}", config)
+        model, *rest = kind.load(checkpoint)  # strict: every key, every shape
+        kind.save(model, *rest, staging_models)
         return
     if not checkpoint.is_file():
-        raise ConfigError("no such checkpoint (a grounding package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
-    config_path = Path(config or checkpoint.parent / CONFIG_NAME)
-    if config_path.name != CONFIG_NAME or not config_path.is_file():
-        raise ConfigError(f"a weights file needs the grounding package {CONFIG_NAME} of its network (--config); none at "
+        raise ConfigError(f"no such checkpoint (a {kind.label} folder or a .safetensors/.pt/.ckpt file)", checkpoint)
+    config_path = Path(config or checkpoint.parent / kind.config_name)
+    if not config_path.is_file():
+        raise ConfigError(f"a weights file needs the {kind.label} {kind.config_name} of its network (--config); none at "
                           f"{config_path}", checkpoint)
-    if not (config_path.parent / GROUNDING_CONFIG_NAME).is_file():
-        raise ConfigError(f"--config of a grounding checkpoint needs {GROUNDING_CONFIG_NAME} beside it", config_path)
-    from volumed.bundle.ground import read_grounding_config
-
-    package = read_config(config_path.parent)
-    grounding = read_grounding_config(config_path.parent)
-    model = build_grounding_model(package, gate_kernel=grounding.gate_kernel)
+    if config_path.name != kind.config_name:
+        raise ConfigError(f"--config must be a {kind.label}'s {kind.config_name}", config_path)
+    model, rest = kind.build(config_path.parent)
     state = read_state_dict(checkpoint).state_dict
-    if any(k.startswith("net.") for k in state):  # a GroundingModule (Lightning) checkpoint
+    if any(k.startswith("net.") for k in state):  # a Lightning module's checkpoint
         state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     load_encoder_weights(model, state, key_map=None, strict=True)
-    save_grounding_package(model, package, grounding, staging_models)
-
-
-def _clip_package_from_checkpoint(checkpoint: Path, config: Path | None, staging_models: Path) -> None:
-    """``staging_models`` (clip.json + model.safetensors) from a CLIP package folder, or from a
-    weights file and the ``clip.json`` describing its network."""
-    from volumed.encoders.weights import load_encoder_weights, read_state_dict
-    from volumed.heads.clip import CLIP_CONFIG_NAME, build_clip_model, load_clip_package, read_clip_config, save_clip_package
-
-    if checkpoint.is_dir():
-        if config is not None:
-            raise ConfigError("--config is for a weights file; a package folder brings its own clip.json", config)
-        save_clip_package(*load_clip_package(checkpoint), staging_models)  # strict: every key, every shape
-        return
-    if not checkpoint.is_file():
-        raise ConfigError("no such checkpoint (a CLIP package folder or a .safetensors/.pt/.ckpt file)", checkpoint)
-    config_path = Path(config or checkpoint.parent / CLIP_CONFIG_NAME)
-    if config_path.name != CLIP_CONFIG_NAME or not config_path.is_file():
-        raise ConfigError(f"a weights file needs the {CLIP_CONFIG_NAME} of its network (--config); none at {config_path}",
-                          checkpoint)
-    package = read_clip_config(config_path.parent)
-    model = build_clip_model(package)
-    state = read_state_dict(checkpoint).state_dict
-    if any(k.startswith("net.") for k in state):  # a ClipModule (Lightning) checkpoint
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    load_encoder_weights(model, state, key_map=None, strict=True)
-    save_clip_package(model, package, staging_models)
+    kind.save(model, *rest, staging_models)
 
 
 def new_bundle(

@@ -79,6 +79,7 @@ __all__ = [
     "finding_queries",
     "is_grounding_package",
     "load_grounding_package",
+    "read_grounding_config",
     "location_text",
     "save_grounding_package",
 ]
@@ -337,6 +338,23 @@ def save_grounding_package(model: GroundingModel, config: PromptSegConfig, groun
     return out
 
 
+def read_grounding_config(model_dir: str | Path) -> GroundingConfig:
+    """``model_dir/grounding.json``, what makes a package folder a grounding package.
+
+    Raises:
+        ConfigError: no ``grounding.json`` (a segmentation model folder), or an unreadable one.
+    """
+    root = Path(model_dir)
+    path = root / GROUNDING_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"not a grounding model folder: {GROUNDING_CONFIG_NAME} is missing (a `volumed segment` "
+                          "model cannot ground sentences; train one with `volumed train ground`)", root)
+    try:
+        return GroundingConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"unreadable grounding config ({err})", path) from err
+
+
 def load_grounding_package(path: str | Path) -> tuple[GroundingModel, PromptSegConfig, GroundingConfig]:
     """Rebuild and load a grounding package (strict: every key must fit).
 
@@ -347,15 +365,8 @@ def load_grounding_package(path: str | Path) -> tuple[GroundingModel, PromptSegC
     from volumed.encoders.weights import load_encoder_weights
 
     root = Path(path)
-    gpath = root / GROUNDING_CONFIG_NAME
-    if not gpath.is_file():
-        raise ConfigError(f"not a grounding model folder: {GROUNDING_CONFIG_NAME} is missing (a `volumed segment` "
-                          "model cannot ground sentences; train one with `volumed train ground`)", root)
+    grounding = read_grounding_config(root)
     config = read_config(root)
-    try:
-        grounding = GroundingConfig.from_dict(json.loads(gpath.read_text(encoding="utf-8")), gpath)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"unreadable grounding config ({err})", gpath) from err
     if not (root / WEIGHTS_NAME).is_file():
         raise WeightsLoadError(f"{WEIGHTS_NAME} is missing", root)
     model = build_grounding_model(config, gate_kernel=grounding.gate_kernel)
