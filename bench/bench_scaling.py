@@ -109,7 +109,7 @@ def run_stages(image: Path, out_dir: Path, prompts: list[str], model_dir: Path) 
     import resource
 
     import volumed.inference.segment as seg
-    import volumed.io.writer as writer
+    import volumed.io.masks as masks
 
     def rss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -129,7 +129,7 @@ def run_stages(image: Path, out_dir: Path, prompts: list[str], model_dir: Path) 
                 extra[key] += time.perf_counter() - start
         return wrapper
 
-    writer.write_nifti = timed(writer.write_nifti, "mask_writes")  # the per-term masks (on_mask)
+    masks.write_mask_nifti = timed(masks.write_mask_nifti, "mask_writes")  # the per-term masks (on_mask)
     seg.compute_statistics = timed(seg.compute_statistics, "mask_statistics")
 
     start = time.perf_counter()

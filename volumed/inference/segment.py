@@ -127,6 +127,7 @@ from volumed.inference.stats import (
 from volumed.io import read_volume
 from volumed.environment import software_versions
 from volumed.io.atomic import atomic_write_text, check_creatable
+from volumed.io.masks import BoxMask
 from volumed.io.volume import Volume
 from volumed.text.encoder import TextEncoder
 
@@ -292,7 +293,8 @@ class Prediction:
     Attributes:
         label_map: ``(X, Y, Z)`` uint8/uint16, value ``k + 1`` for term ``k`` (priority rule above).
         masks: ``N`` bool arrays ``(X, Y, Z)`` (overlaps kept), or ``None`` when they were handed
-            to an ``on_mask`` callback instead of being kept (bounded memory on large images).
+            to an ``on_mask`` callback instead of being kept (bounded memory on large images), as
+            :class:`volumed.io.masks.BoxMask`.
         evidence: per term, whether it was found and how sure the model is: mean and peak
             probability inside a present mask (exact), an upper bound of the probability of an
             absent one (:class:`volumed.inference.stats.MaskEvidence`).
@@ -326,6 +328,25 @@ def _box_above(
     if lo is None:
         return None
     return tuple((max(0, a0 + a - 1), min(n, a0 + b + 1)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
+
+
+def _pieces_box(pieces, shape: Sequence[int]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The start and an all-False bool crop of the box that holds every piece of
+    :meth:`PromptSegPredictor.iter_original` (boxes of slices, or voxel index arrays)."""
+    lo, hi = [None] * 3, [None] * 3
+    for where, _ in pieces:
+        if isinstance(where[0], slice):
+            bounds = [(w.start, w.stop) for w in where]
+        elif len(where[0]):
+            bounds = [(int(a.min()), int(a.max()) + 1) for a in where]
+        else:
+            continue
+        for d, (a, b) in enumerate(bounds):
+            lo[d] = a if lo[d] is None else min(lo[d], a)
+            hi[d] = b if hi[d] is None else max(hi[d], b)
+    if lo[0] is None:
+        return (0, 0, 0), np.zeros((0, 0, 0), dtype=bool)
+    return tuple(int(a) for a in lo), np.zeros([b - a for a, b in zip(lo, hi)], dtype=bool)
 
 
 def _windowing_of(inferer, config: PromptSegConfig) -> tuple[PromptSegConfig, int]:
@@ -711,8 +732,10 @@ class PromptSegPredictor:
         """Segment ``volume`` for ``terms`` (resolved for its modality): masks on the original grid.
 
         Args:
-            on_mask: called as ``on_mask(k, mask)`` with each term's bool mask ``(X, Y, Z)`` as soon
-                as it exists; the masks are then not kept (``Prediction.masks`` is ``None``).
+            on_mask: called as ``on_mask(k, mask)`` with each term's mask as soon as it exists, a
+                :class:`volumed.io.masks.BoxMask` (the box of its voxels; ``np.asarray(mask)`` is
+                the full ``(X, Y, Z)`` bool array); the masks are then not kept
+                (``Prediction.masks`` is ``None``).
             postprocess: connected-component post-processing (:meth:`postprocess_rules`): True
                 applies each term's rule, a mapping overrides rules per term, False keeps every
                 component of every term (the raw output).
@@ -737,7 +760,10 @@ class PromptSegPredictor:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         rejected: dict[int, MaskEvidence] = {}
         for k, pieces in self.iter_original(probs, case, components):
-            mask = np.zeros(volume.shape, dtype=bool)
+            # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
+            # not the image's. The label map and the running best probability are full-grid
+            # arrays, written only inside the pieces.
+            origin, crop = _pieces_box(pieces or (), volume.shape)
             # The mask's voxels are counted and their probabilities summed as they are set: pieces
             # may overlap (with equal values above the threshold), so each voxel counts once, and
             # no full-grid probability map is ever made.
@@ -750,7 +776,7 @@ class PromptSegPredictor:
                 # terms with a probability map arrive in prompt order.
                 if isinstance(where[0], slice):  # a box: basic slices are views
                     above = prob > threshold
-                    mask_box = mask[where]
+                    mask_box = crop[tuple(slice(w.start - o, w.stop - o) for w, o in zip(where, origin))]
                     new = above & ~mask_box
                     voxels += int(np.count_nonzero(new))
                     total += float(prob[new].sum(dtype=np.float64))
@@ -760,26 +786,29 @@ class PromptSegPredictor:
                     best_box[win] = prob[win]
                     label_box[win] = k + 1
                 else:  # voxels, all above the threshold
-                    new = ~mask[where]
+                    local = tuple(a - o for a, o in zip(where, origin))
+                    new = ~crop[local]
                     voxels += int(np.count_nonzero(new))
                     total += float(prob[new].sum(dtype=np.float64))
-                    mask[where] = True
+                    crop[local] = True
                     win = prob > best[where]
                     winners = tuple(a[win] for a in where)
                     best[winners] = prob[win]
                     label[winners] = k + 1
+            mask = BoxMask(volume.shape, origin, crop)
             found[k] = (voxels, total, peak)
             if voxels and presence_rejects(presence, voxels * voxel_ml, total / voxels):
                 # Small and unsure: reported absent (the evidence keeps what was seen). Its voxels
                 # leave the label map; another term's lower probability there is not restored.
                 rejected[k] = rejected_evidence(presence, voxels, total, peak, voxel_ml)
-                label[mask & (label == k + 1)] = 0
-                mask[:] = False
+                label_box = label[mask.box]
+                label_box[crop & (label_box == k + 1)] = 0
+                mask = BoxMask.empty(volume.shape)
                 found[k] = (0, 0.0, None)
             if on_mask is not None:
                 on_mask(k, mask)
             else:
-                kept[k] = mask
+                kept[k] = mask.full()
         if masks is not None:
             masks.extend(kept[k] for k in range(len(terms)))
         # Absent terms: the evidence is a bound of their probability (exact values were computed
@@ -1068,20 +1097,18 @@ def segment(
 
         from concurrent.futures import ThreadPoolExecutor
 
-        from volumed.io.writer import write_nifti
+        from volumed.io.masks import write_mask_nifti
 
-        # Each mask is written (gzip, which releases the GIL) on a second thread while the next
-        # term is inverted and this one measured: about 0.4 s of CPU per full-grid mask at
-        # 512 x 512 x 200 otherwise adds up term by term. At most two writes wait, so memory
-        # holds a bounded number of masks, never all N.
+        # Each mask arrives as the box of its voxels and is written (gzip, which releases the GIL)
+        # on a second thread while the next term is inverted and this one measured; the file and
+        # the statistics cost what the structure's box costs, not the 512 x 512 x 200 grid
+        # (volumed.io.masks). At most two writes wait, so memory holds a bounded number of masks.
         pending: list = []
 
-        def keep(k: int, mask: np.ndarray) -> None:
-            # Written and measured as soon as it exists, so N masks are never all in memory.
+        def keep(k: int, mask: BoxMask) -> None:
             while len(pending) >= 2:
                 pending.pop(0).result()  # re-raises a failed write here
-            data = volume.with_data(mask.astype(np.uint8), modality=volume.modality)
-            pending.append(writer.submit(write_nifti, data, staging / MASKS_DIR / f"{names[k]}.nii.gz"))
+            pending.append(writer.submit(write_mask_nifti, mask, volume, staging / MASKS_DIR / f"{names[k]}.nii.gz"))
             stats[k] = compute_statistics(mask, volume, terms[k].name)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volumed-mask-writer") as writer:
