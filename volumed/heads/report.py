@@ -12,6 +12,7 @@ Data flow for an image ``(B, C, X, Y, Z)`` (``N = num_visual_tokens``, ``D = res
            "perceiver": tokens (B, x*y*z, C_f) ─▶ Linear to D, + 3D sin-cos position
                         N learned latents ─▶ num_layers x [cross-attention to the tokens, FFN]
            "conv":      1x1x1 Conv3d to D ─▶ adaptive average pool to ``token_grid`` ─▶ flatten
+           "max":       1x1x1 Conv3d to D ─▶ adaptive max pool to ``token_grid`` ─▶ flatten
       ─▶ (B, N, D) ─▶ projector Linear-GELU-Linear ─▶ visual prefix (B, N, H)
 
     LM input:  [visual prefix (N)] [prompt embeddings (P)] [report embeddings (T)]
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 LM_MODES: tuple[str, ...] = ("frozen", "lora", "full")
-POOLINGS: tuple[str, ...] = ("perceiver", "conv")
+POOLINGS: tuple[str, ...] = ("perceiver", "conv", "max")
 #: Label value that cross-entropy ignores (prefix, prompt and padding positions).
 IGNORE_INDEX = -100
 
@@ -71,13 +72,14 @@ class VisualPrefix(nn.Module):
     Args:
         in_channels: channels ``C_f`` of the feature map used.
         lm_dim: the LM's embedding width ``H``.
-        num_tokens: ``N``; for ``"conv"`` it must equal ``prod(token_grid)``.
+        num_tokens: ``N``; for ``"conv"`` and ``"max"`` it must equal ``prod(token_grid)``.
         pooling: ``"perceiver"`` (learned latents cross-attend to every feature voxel, with 3D
-            sin-cos positions on the keys) or ``"conv"`` (1x1x1 convolution, then adaptive average
-            pooling to ``token_grid``).
+            sin-cos positions on the keys), ``"conv"`` (1x1x1 convolution, then adaptive average
+            pooling to ``token_grid``) or ``"max"`` (the same with adaptive max pooling: a finding
+            of a few voxels is not averaged away over its region).
         dim: resampler width ``D``.
         num_layers, num_heads: perceiver depth and heads (``num_heads`` divides ``dim``).
-        token_grid: ``(gx, gy, gz)`` of the ``"conv"`` pooling; default: ``N`` split as evenly as
+        token_grid: ``(gx, gy, gz)`` of the ``"conv"`` and ``"max"`` poolings; default: ``N`` split as evenly as
             powers of two allow, e.g. 8 -> ``(2, 2, 2)``.
         stride: the feature map's stride in input voxels (positions of the perceiver's keys).
 
@@ -135,7 +137,8 @@ class VisualPrefix(nn.Module):
                 latents = layer(latents, zero, memory, pos)
             tokens = self.norm(latents)
         else:
-            pooled = F.adaptive_avg_pool3d(self.input_proj(feature), self.token_grid)  # (B, D, gx, gy, gz)
+            pool = F.adaptive_max_pool3d if self.pooling == "max" else F.adaptive_avg_pool3d
+            pooled = pool(self.input_proj(feature), self.token_grid)  # (B, D, gx, gy, gz)
             tokens = self.norm(pooled.flatten(2).transpose(1, 2))
         return self.projector(tokens)
 
@@ -317,12 +320,18 @@ class ReportGenerator(nn.Module):
 
     def forward(self, image: torch.Tensor, reports: Sequence[str]) -> torch.Tensor:
         """Mean next-token cross-entropy over the report tokens (EOS included)."""
+        return self.loss_and_visual(image, reports)[0]
+
+    def loss_and_visual(self, image: torch.Tensor, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s loss and the visual prefix ``(B, N, H)`` it was computed with (for an
+        auxiliary loss on the prefix, e.g. ``ReportModule``'s finding loss)."""
         inputs = self.build_inputs(image, reports)
         logits = self.lm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
         # Position t predicts token t + 1.
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
+        return loss, inputs.inputs_embeds[:, : self.visual.num_tokens]
 
     def max_new_tokens_for(self, requested: int | None) -> int:
         """The max-length guard: ``requested`` (default ``max_report_tokens``) capped by

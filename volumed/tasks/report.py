@@ -41,7 +41,7 @@ from volumed.io.volume import Volume
 from volumed.metrics.report import ClinicalEfficacy, clinical_efficacy
 from volumed.tasks.optim import adamw_warmup_cosine
 from volumed.text.causal_lm import load_causal_lm
-from volumed.text.labels import label_report
+from volumed.text.labels import ABNORMALITIES, label_report
 
 __all__ = ["ReportDataModule", "ReportModule", "ReportVolumeLoader", "score_reports"]
 
@@ -81,6 +81,13 @@ class ReportModule(L.LightningModule):
         weight_decay, warmup_steps: AdamW and the warm-up/cosine schedule
             (:func:`volumed.tasks.optim.adamw_warmup_cosine`).
         num_beams, max_new_tokens: generation settings for validation and :meth:`predict_step`.
+        finding_loss_weight: weight of an auxiliary loss on the visual prefix (0: off). Each
+            training report is labelled with the 18 CT-RATE abnormalities by the extractor
+            (:func:`volumed.text.labels.label_report`: no annotation beyond the report), and a linear
+            head on the mean visual token is trained on them with binary cross-entropy. The
+            language loss alone decides a finding with one token after the prefix, a weak signal
+            for the encoder to learn it from; this gives the visual path the finding directly
+            (docs/reports.md, "Finding loss"). The head is used only in training.
     """
 
     def __init__(
@@ -113,9 +120,12 @@ class ReportModule(L.LightningModule):
         warmup_steps: int = 0,
         num_beams: int = 1,
         max_new_tokens: int | None = None,
+        finding_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if float(finding_loss_weight) < 0:
+            raise ConfigError(f"finding_loss_weight must be >= 0, got {finding_loss_weight!r}")
         language_model = load_causal_lm(lm, tokenizer=tokenizer, tiny_config=tiny_lm)
         self.generator: ReportGenerator = create_report_generator(
             encoder, language_model, in_channels=in_channels, encoder_kwargs=encoder_kwargs, lm_mode=lm_mode,
@@ -131,6 +141,11 @@ class ReportModule(L.LightningModule):
             self.encoder_load_report = load_encoder_weights(self.generator.encoder, encoder_weights)
         if freeze_encoder:
             self.generator.encoder.requires_grad_(False)
+        self.finding_head: torch.nn.Linear | None = None
+        if float(finding_loss_weight) > 0:
+            hidden = int(self.generator.lm.get_input_embeddings().weight.shape[1])
+            self.finding_head = torch.nn.Linear(hidden, len(ABNORMALITIES))
+        self._finding_labels: dict[str, list[int]] = {}
         # Frozen LM weights are not saved (on_save_checkpoint), so loading must not insist on them.
         self.strict_loading = False
         self._val_predictions: list[str] = []
@@ -139,9 +154,30 @@ class ReportModule(L.LightningModule):
     # -- steps --------------------------------------------------------------------------------
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.generator(batch["image"], list(batch["report"]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["report"]))
+        reports = list(batch["report"])
+        if self.finding_head is None:
+            loss = self.generator(batch["image"], reports)
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(reports))
+            return loss
+        lm_loss, visual = self.generator.loss_and_visual(batch["image"], reports)
+        logits = self.finding_head(visual.float().mean(1))  # (B, 18)
+        # Summed over the 18 findings, averaged over the batch: a finding that is never present
+        # soon costs nothing, so a mean over findings would dilute the ones a cohort has 18-fold.
+        finding_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, self.finding_targets(reports).to(logits), reduction="sum") / len(reports)
+        loss = lm_loss + float(self.hparams.finding_loss_weight) * finding_loss
+        self.log_dict({"train/loss": loss, "train/lm_loss": lm_loss, "train/finding_loss": finding_loss},
+                      prog_bar=True, batch_size=len(reports))
         return loss
+
+    def finding_targets(self, reports: Sequence[str]) -> torch.Tensor:
+        """The extractor's 18 labels of each report ``(B, 18)`` (cached per report text)."""
+        rows = []
+        for text in reports:
+            if text not in self._finding_labels:
+                self._finding_labels[text] = label_report(text).vector()
+            rows.append(self._finding_labels[text])
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
 
     def generate(self, image: torch.Tensor) -> list[str]:
         """Reports for ``(B, C, X, Y, Z)`` with the module's generation settings."""
@@ -173,14 +209,23 @@ class ReportModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: the visual path (encoder, pooling, projector, finding head) at
+        ``visual_lr``, the LM's trainable weights at ``lr``."""
         hp = self.hparams
         lm_params = [p for p in self.generator.lm.parameters() if p.requires_grad]
         lm_ids = {id(p) for p in self.generator.lm.parameters()}
         visual = [p for p in self.generator.parameters() if p.requires_grad and id(p) not in lm_ids]
+        if self.finding_head is not None:
+            visual += list(self.finding_head.parameters())
         groups = [{"params": visual, "lr": hp.visual_lr if hp.visual_lr is not None else hp.lr}]
         if lm_params:
             groups.append({"params": lm_params, "lr": hp.lr})
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.param_groups()
         return adamw_warmup_cosine(self, groups, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps)
 
     # -- checkpoints --------------------------------------------------------------------------

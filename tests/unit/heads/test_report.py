@@ -23,7 +23,7 @@ def _generator(tokenizer_dir, mode="full", **kwargs):
     return create_report_generator("stunet_tiny", lm, **{**defaults, **kwargs})
 
 
-@pytest.mark.parametrize("pooling", ["perceiver", "conv"])
+@pytest.mark.parametrize("pooling", ["perceiver", "conv", "max"])
 def test_visual_prefix_gives_a_fixed_number_of_tokens_in_the_lm_width(pooling):
     prefix = VisualPrefix(in_channels=16, lm_dim=24, num_tokens=8, pooling=pooling, dim=32, num_layers=1, num_heads=4)
     for size in [(4, 4, 2), (3, 5, 2)]:

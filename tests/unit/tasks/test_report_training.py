@@ -109,3 +109,30 @@ def test_train_report_recipes_parse(capsys):
         assert exit_info.value.code in (0, None)
         printed = capsys.readouterr().out
         assert "lm_mode: lora" in printed and "lm: smollm2" in printed
+
+
+def test_finding_loss_trains_a_head_on_the_extractors_labels_of_the_reports(tokenizer_dir):
+    """The auxiliary finding loss: targets are the CT-RATE extractor's labels of each report, the
+    head and the visual path get its gradient, and a negative weight is refused."""
+    from volumed.errors import ConfigError
+    from volumed.text.labels import ABNORMALITIES
+
+    model = _module(tokenizer_dir, finding_loss_weight=1.0)
+    reports = ["There is a nodule in the right lower lobe. No pleural effusion.", "No lung nodule. Bilateral pleural effusion."]
+    targets = model.finding_targets(reports)
+    assert targets.shape == (2, len(ABNORMALITIES))
+    positives = [[ABNORMALITIES[j] for j in row.nonzero().flatten().tolist()] for row in targets]
+    assert positives == [["Lung nodule"], ["Pleural effusion"]]
+
+    L.seed_everything(0, verbose=False)
+    image = torch.rand(2, 1, 48, 48, 32)
+    loss = model.training_step({"image": image, "report": reports}, 0)
+    lm_only = model.generator(image, reports)
+    assert float(loss) > float(lm_only)  # the finding loss is added
+    loss.backward()
+    assert model.finding_head.weight.grad.abs().sum() > 0
+    assert model.generator.visual.projector[0].weight.grad.abs().sum() > 0
+    optimised = {id(p) for group in model.param_groups() for p in group["params"]}
+    assert all(id(p) in optimised for p in model.finding_head.parameters())
+    with pytest.raises(ConfigError, match="finding_loss_weight"):
+        _module(tokenizer_dir, finding_loss_weight=-1.0)
