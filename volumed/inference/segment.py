@@ -751,7 +751,9 @@ class PromptSegPredictor:
         clock.append(time.perf_counter())
         threshold = float(self.config.threshold)
         components = ComponentFilter(self.postprocess_rules(terms, postprocess), threshold)
-        best = np.full(volume.shape, threshold, dtype=np.float32)
+        # The running best probability above the threshold (0 where none is): zeros, not the
+        # threshold, so that the pages of the grid no piece touches are never written (calloc).
+        best = np.zeros(volume.shape, dtype=np.float32)
         label = np.zeros(volume.shape, dtype=np.uint8 if len(terms) < 256 else np.uint16)
         masks: list[np.ndarray] | None = [] if on_mask is None else None
         kept: dict[int, np.ndarray] = {}
@@ -782,10 +784,10 @@ class PromptSegPredictor:
                     total += float(prob[new].sum(dtype=np.float64))
                     mask_box |= above
                     best_box, label_box = best[where], label[where]
-                    win = prob > best_box
+                    win = above & (prob > best_box)
                     best_box[win] = prob[win]
                     label_box[win] = k + 1
-                else:  # voxels, all above the threshold
+                else:  # voxels, all above the threshold (and so above ``best``'s initial 0)
                     local = tuple(a - o for a, o in zip(where, origin))
                     new = ~crop[local]
                     voxels += int(np.count_nonzero(new))

@@ -13,7 +13,9 @@ pieces, each ended by a full flush (no back-reference crosses a piece):
 * the NIfTI header (nibabel's, as for the full array),
 * one precomputed piece per all-zero slice before and after the box's slices (a 512 x 512 zero
   slice compresses once, at level 9, to a few hundred bytes, and is reused),
-* the slab of the box's slices, compressed at level 1 as nibabel does,
+* per slice of the box: a precomputed piece for the zero rows before the box's rows, those rows
+  (compressed at level 1, as nibabel does, with a full flush after each slice) and a piece for the
+  zero rows after them,
 
 and the gzip trailer's CRC-32 of the zero slices is computed from the CRC's affine map over one
 zero slice (32 precomputed columns), not by scanning the zeros. Writing nibabel's way costs about
@@ -146,20 +148,33 @@ def mask_nifti_bytes(mask: BoxMask, affine: np.ndarray) -> bytes:
     parts = [_deflate_piece(header, 1)]
     crc = zlib.crc32(header)
     if mask.crop.size:
-        z0, z1 = mask.start[2], mask.start[2] + mask.crop.shape[2]
-        slab = np.zeros((nx, ny, z1 - z0), dtype=np.uint8, order="F")
-        slab[mask.box[0], mask.box[1], :] = mask.crop
-        data = memoryview(slab.T).cast("B") if slab.size else b""  # slab.T is C-contiguous: Fortran bytes
+        (x0, y0, z0), (bx, by, bz) = mask.start, mask.crop.shape
+        z1, y1 = z0 + bz, y0 + by
+        # The rows y0..y1 of each of the box's slices (x varies fastest in the file: Fortran order).
+        rows = np.zeros((bz, by, nx), dtype=np.uint8)
+        rows[:, :, x0 : x0 + bx] = mask.crop.transpose(2, 1, 0)
     else:
         z0 = z1 = nz
-        data = b""
     piece, b, columns = _zero_slice(slice_bytes) if slice_bytes else (b"", 0, ())
     if z0:
         parts.append(piece * z0)
         crc = _crc_after_zero_slices(crc, z0, b, columns)
-    if len(data):
-        parts.append(_deflate_piece(data, 1))
-        crc = zlib.crc32(data, crc)
+    if z1 > z0:
+        # Per slice: the zero rows before y0 and after y1 (one precomputed piece each, reused), and
+        # the box's rows, deflated at level 1 with a full flush after each slice.
+        before, after = nx * y0, nx * (ny - y1)
+        zeros = memoryview(bytes(max(before, after)))
+        lead, trail = zeros[:before], zeros[:after]
+        head = _deflate_piece(lead, 9) if before else b""
+        tail = _deflate_piece(trail, 9) if after else b""
+        c = zlib.compressobj(1, zlib.DEFLATED, -15)
+        for k in range(bz):
+            middle = memoryview(rows[k]).cast("B")
+            parts.append(head)
+            parts.append(c.compress(middle) + c.flush(zlib.Z_FULL_FLUSH))
+            parts.append(tail)
+            crc = zlib.crc32(middle, zlib.crc32(lead, crc))
+            crc = zlib.crc32(trail, crc)
     if nz - z1:
         parts.append(piece * (nz - z1))
         crc = _crc_after_zero_slices(crc, nz - z1, b, columns)

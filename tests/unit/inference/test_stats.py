@@ -110,3 +110,16 @@ def test_hu_check_flags_a_mask_on_the_wrong_tissue():
     # No prior: not CT, no mean, or a structure no rule knows.
     assert hu_check("liver", 53.0, "intensity") is None and hu_check("liver", None, "HU") is None
     assert hu_check("a mass", 10.0, "HU") is None
+
+
+def test_component_count_is_scipys_26_connected_count_on_random_masks():
+    """cc3d's count (what statistics.json reports) equals scipy.ndimage.label's with the full
+    3x3x3 structure, on sparse random masks with many corner- and edge-touching fragments."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    image = Volume(np.zeros((30, 25, 20), np.float32), np.eye(4), modality="CT")
+    for density in (0.05, 0.15, 0.3):
+        mask = rng.random(image.shape) < density
+        expected = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]
+        assert compute_statistics(mask, image, "x").components == expected > 1
