@@ -293,8 +293,8 @@ class Prediction:
     Attributes:
         label_map: ``(X, Y, Z)`` uint8/uint16, value ``k + 1`` for term ``k`` (priority rule above).
         masks: ``N`` bool arrays ``(X, Y, Z)`` (overlaps kept), or ``None`` when they were handed
-            to an ``on_mask`` callback instead of being kept (bounded memory on large images), as
-            :class:`volumed.io.masks.BoxMask`.
+            to an ``on_mask`` callback instead of being kept (each as a
+            :class:`volumed.io.masks.BoxMask`: bounded memory on large images).
         evidence: per term, whether it was found and how sure the model is: mean and peak
             probability inside a present mask (exact), an upper bound of the probability of an
             absent one (:class:`volumed.inference.stats.MaskEvidence`).
@@ -330,7 +330,7 @@ def _box_above(
     return tuple((max(0, a0 + a - 1), min(n, a0 + b + 1)) for (a0, _), a, b, n in zip(box, lo, hi, grid))
 
 
-def _pieces_box(pieces, shape: Sequence[int]) -> tuple[tuple[int, int, int], np.ndarray]:
+def _pieces_box(pieces) -> tuple[tuple[int, int, int], np.ndarray]:
     """The start and an all-False bool crop of the box that holds every piece of
     :meth:`PromptSegPredictor.iter_original` (boxes of slices, or voxel index arrays)."""
     lo, hi = [None] * 3, [None] * 3
@@ -765,7 +765,7 @@ class PromptSegPredictor:
             # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
             # not the image's. The label map and the running best probability are full-grid
             # arrays, written only inside the pieces.
-            origin, crop = _pieces_box(pieces or (), volume.shape)
+            origin, crop = _pieces_box(pieces or ())
             # The mask's voxels are counted and their probabilities summed as they are set: pieces
             # may overlap (with equal values above the threshold), so each voxel counts once, and
             # no full-grid probability map is ever made.

@@ -52,7 +52,7 @@ import cc3d
 import numpy as np
 
 from volumed.errors import ConfigError
-from volumed.io.masks import BoxMask
+from volumed.io.masks import BoxMask, bounding_box
 from volumed.io.volume import Volume
 
 __all__ = ["IntensityStatistics", "MaskEvidence", "TermStatistics", "compute_statistics", "mask_evidence"]
@@ -122,12 +122,7 @@ def compute_statistics(mask: "np.ndarray | BoxMask", image: Volume, name: str) -
     intensity = IntensityStatistics(
         float(values.mean()), float(values.std()), float(values.min()), float(values.max()), unit
     )
-    # The bounding box from the mask's projections on the three axes (no np.argwhere, no uint8 copy).
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(crop.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    box = tuple(box)
+    box = bounding_box(crop)
     lo = tuple(int(s.start) + o for s, o in zip(box, offset))
     hi = tuple(int(s.stop) - 1 + o for s, o in zip(box, offset))
     corners = np.array(list(itertools.product(*[(a - 0.5, b + 0.5) for a, b in zip(lo, hi)])))  # (8, 3)

@@ -38,6 +38,18 @@ from volumed.io.atomic import atomic_output
 from volumed.io.volume import Volume
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The tight box of the True voxels of a 3-D bool array, as slices (``None`` when there are
+    none), from its projections on the three axes: no ``np.argwhere``, no integer copy."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class BoxMask:
     """A bool mask of a grid of ``shape``, stored as the box ``crop`` that starts at ``start``
@@ -62,14 +74,10 @@ class BoxMask:
     def from_array(cls, mask: np.ndarray) -> "BoxMask":
         """The tight box of a full-grid mask (empty when it holds no voxel)."""
         mask = np.asarray(mask).astype(bool, copy=False)
-        if not mask.any():
+        box = bounding_box(mask)
+        if box is None:
             return cls.empty(mask.shape)
-        lo, hi = [], []
-        for axis in range(3):
-            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            lo.append(int(hit[0]))
-            hi.append(int(hit[-1]) + 1)
-        return cls(tuple(mask.shape), tuple(lo), mask[tuple(slice(a, b) for a, b in zip(lo, hi))].copy())
+        return cls(tuple(mask.shape), tuple(s.start for s in box), mask[box].copy())
 
     @property
     def box(self) -> tuple[slice, slice, slice]:

@@ -155,11 +155,10 @@ class ReportModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         reports = list(batch["report"])
-        if self.finding_head is None:
-            loss = self.generator(batch["image"], reports)
-            self.log("train/loss", loss, prog_bar=True, batch_size=len(reports))
-            return loss
         lm_loss, visual = self.generator.loss_and_visual(batch["image"], reports)
+        if self.finding_head is None:
+            self.log("train/loss", lm_loss, prog_bar=True, batch_size=len(reports))
+            return lm_loss
         logits = self.finding_head(visual.float().mean(1))  # (B, 18)
         # Summed over the 18 findings, averaged over the batch: a finding that is never present
         # soon costs nothing, so a mean over findings would dilute the ones a cohort has 18-fold.
