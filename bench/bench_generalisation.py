@@ -83,6 +83,13 @@ VARIANTS: dict[str, list[str]] = {
         "--model.decoder_kwargs", json.dumps({"embed_dim": 96, "num_layers": 2, "num_heads": 8, "pixel_dim": 32,
                                               "num_memory_levels": 2, "pixel_levels": [1, 2, 3, 4, 5]}),
     ],
+    # A recipe rather than a size: S, started from the S synthetic-only run's weights (a model that
+    # saw no real CT, so every fold stays honest) and fine-tuned on the mix with 70% of the patches
+    # synthetic (docs/synthesis.md, round 9). Needs runs/generalisation/S/synthetic_only first.
+    "S-ft": [
+        "--model.init_weights", "runs/generalisation/S/synthetic_only/package/model.safetensors",
+        "--model.lr", "1.5e-3", "--model.warmup_steps", "50", "--data.synthetic_share", "0.7",
+    ],
 }  # fmt: skip
 
 

@@ -716,7 +716,13 @@ class PromptSegPatchDataset(Dataset):
         patch_size: ``(px, py, pz)`` voxels; smaller images are padded (``pad_mode``).
         fg_rate: probability that a patch is centred on a foreground voxel; otherwise on a
             background voxel.
-        length: samples per epoch (cases are drawn round robin, ``index % len(cases)``).
+        length: samples per epoch (cases are drawn round robin, ``index % len(cases)``, unless
+            ``synthetic_share`` is set).
+        synthetic_share: fraction of the indices that go to the synthetic cases (round robin
+            among them; the rest round robin among the real ones). ``None``: every case equally
+            often. With 4 label maps and 3 real CTs, equal shares give the real CTs 43% of the
+            patches; a model that saw synthesis only transferred better to unseen scans than one
+            trained on that mix (docs/synthesis.md, round 8).
         sampling: how the foreground centre is chosen. ``"class"`` (default, nnU-Net style): pick
             one of the case's *present* annotated structures uniformly, then a voxel of it (MONAI
             ``RandCropByLabelClassesd``), so a 1,000-voxel aorta is sampled as often as a
@@ -768,6 +774,7 @@ class PromptSegPatchDataset(Dataset):
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         pad_mode: str = "constant",
+        synthetic_share: float | None = None,
     ):
         if pad_mode not in PAD_MODES:
             raise ConfigError(f"pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}", "pad_mode")
@@ -790,6 +797,7 @@ class PromptSegPatchDataset(Dataset):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.fg_rate = float(fg_rate)
         self.length = int(length) if length else len(self.cases)
+        self.case_of = self._case_order(synthetic_share)
         self.sampling = sampling
         self.augment = patch_augmentation() if augment else None
         self.synthesizers = [
@@ -899,8 +907,26 @@ class PromptSegPatchDataset(Dataset):
         finally:
             torch.random.set_rng_state(state)
 
+    def _case_order(self, share: float | None) -> list[int]:
+        """The case of each index ``0 .. length - 1``."""
+        n = len(self.cases)
+        if share is None:
+            return [i % n for i in range(self.length)]
+        share = float(share)
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"synthetic_share must be a fraction in [0, 1], got {share!r}", "synthetic_share")
+        synth = [k for k, c in enumerate(self.cases) if c.synthetic is not None]
+        real = [k for k, c in enumerate(self.cases) if c.synthetic is None]
+        if (share > 0 and not synth) or (share < 1 and not real):
+            kind = "synthetic" if share > 0 and not synth else "real"
+            raise ConfigError(f"synthetic_share {share} needs {kind} cases, and there are none", "synthetic_share")
+        n_synth = int(round(share * self.length))
+        if 0 < share < 1:  # both kinds at least once per epoch
+            n_synth = min(max(n_synth, 1), self.length - 1)
+        return [synth[i % len(synth)] for i in range(n_synth)] + [real[i % len(real)] for i in range(self.length - n_synth)]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        k = i % len(self.cases)
+        k = self.case_of[i % self.length]
         case = self.cases[k]
         out = dict(self.transforms[k](dict(self.base[k]))[0])
         if case.synthetic is not None:
@@ -979,6 +1005,8 @@ class PromptSegDataModule(L.LightningDataModule):
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
+        synthetic_share: fraction of the patches drawn from synthetic cases (:class:`PromptSegPatchDataset`;
+            ``None``: every case equally often).
         terms: train only these terms of the image entries (:func:`restrict_terms`; entries
             annotating none of them are dropped). ``None``: every annotated term.
         max_cases: use only the first ``max_cases`` image entries (few-shot fine-tuning).
@@ -1019,6 +1047,7 @@ class PromptSegDataModule(L.LightningDataModule):
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         pad_mode: str = "constant",
+        synthetic_share: float | None = None,
         terms: Sequence[str] | None = None,
         max_cases: int | None = None,
         val_datalist: str | None = None,
@@ -1077,7 +1106,7 @@ class PromptSegDataModule(L.LightningDataModule):
             self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
-            synthetic_texture=hp.synthetic_texture, pad_mode=hp.pad_mode,
+            synthetic_texture=hp.synthetic_texture, pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         if hp.val_datalist:

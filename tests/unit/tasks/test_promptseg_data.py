@@ -157,6 +157,32 @@ def test_datamodule_selects_real_synthetic_and_leaves_one_out(label_maps):
         PromptSegDataModule(**common, real=False, synthetic=False).setup()
 
 
+def test_synthetic_share_sets_the_patch_mix(label_maps):
+    path = _datalist(
+        label_maps,
+        [{"name": "ts", "masks_dir": "ts", "terms": ["liver", "aorta"]}, {"masks_dir": "aa", "structure_terms": {"postcava": "inferior_vena_cava"}}],
+        [{"image": "ct.nii.gz", "label": "seg.nii.gz", "terms": ["liver", "aorta", "spleen"]}],
+    )  # fmt: skip
+    common = dict(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=20)
+    equal = PromptSegDataModule(**common)
+    equal.setup()
+    assert [equal.train_set.case_of.count(k) for k in range(3)] == [7, 7, 6]  # round robin
+    dm = PromptSegDataModule(**common, synthetic_share=0.8)
+    dm.setup()
+    order = dm.train_set.case_of
+    assert len(order) == 20 and order.count(0) == 4 and order.count(1) == 8 and order.count(2) == 8
+    synthetic = sum(bool(dm.train_set[i]["synthetic"]) for i in range(20))
+    assert synthetic == 16
+    # Extremes keep at least one patch of each kind; a share with no cases of a kind is refused.
+    tiny = PromptSegDataModule(**{**common, "samples_per_epoch": 4}, synthetic_share=0.99)
+    tiny.setup()
+    assert tiny.train_set.case_of.count(0) == 1
+    with pytest.raises(ConfigError, match="synthetic_share 0.5 needs real cases"):
+        PromptSegDataModule(**common, real=False, synthetic_share=0.5).setup()
+    with pytest.raises(ConfigError, match=r"synthetic_share must be a fraction in \[0, 1\], got 1.5"):
+        PromptSegDataModule(**common, synthetic_share=1.5).setup()
+
+
 def test_shipped_datalist_resolves(shared_data):
     """The default model's datalist: four real CTs and four label maps, every term mapped."""
     from volumed.tasks.promptseg_data import load_promptseg_datalist
