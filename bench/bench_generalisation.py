@@ -271,21 +271,67 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+VARIANT_TEXT = {
+    "S": "the default recipe from scratch (size S)",
+    "M": "the default recipe from scratch (size M)",
+    "S-ft": "size S fine-tuned from the S synthetic-only model with 70% synthetic patches",
+}
+
+
+def _stored(variant: str) -> dict:
+    path = RESULTS / f"generalisation_{variant}.json"
+    return json.loads(path.read_text()).get("results", {}) if path.exists() else {}
+
+
+def comparison(base: dict) -> str:
+    """One table: each left-out scan's target (and baseline) structures, Dice of every variant's
+    fold and of the synthetic-only run, against the baseline and the target."""
+    stored = {v: _stored(v) for v in VARIANTS}
+    cols = [v for v in VARIANTS if any(f"loso_{s}" in stored[v] for s in SCANS)]
+    if not cols:
+        return ""
+    synth = {v: stored[v]["synthetic_only"] for v in VARIANTS if "synthetic_only" in stored[v]}
+    head = "| left-out scan | structure | " + " | ".join(f"`{v}`" for v in cols)
+    head += "".join(f" | synthetic only (`{v}`)" for v in synth) + " | HU baseline | target |"
+    lines = ["### Recipes compared", "",
+             "Leave-one-out Dice of the target structures, and of those with a threshold baseline, run by run: "
+             + "; ".join(f"`{v}`: {VARIANT_TEXT.get(v, v)}" for v in cols) + ". "
+             "The synthetic-only runs saw no real CT at all. **Bold**: target met.", "",
+             head, "|---|---|" + "---:|" * (len(cols) + len(synth) + 2)]  # fmt: skip
+    for scan in SCANS:
+        fold = f"loso_{scan}"
+        terms: set[str] = set()
+        for v in cols:
+            terms |= set(stored[v].get(fold, {}).get("scans", {}).get(scan, {}).get("dice", {}))
+        terms = {t for t in terms if t in TARGETS or t in base.get(scan, {})}
+        for t in sorted(terms):
+            def cell(entry: dict | None) -> str:
+                v = (entry or {}).get("scans", {}).get(scan, {}).get("dice", {}).get(t)
+                if v is None:
+                    return "-"
+                return f"**{v:.3f}**" if t in TARGETS and v >= TARGETS[t] else f"{v:.3f}"
+            row = [cell(stored[v].get(fold)) for v in cols] + [cell(e) for e in synth.values()]
+            b = base.get(scan, {}).get(t)
+            row += [f"{b[0]:.3f}" if b else "", _fmt(TARGETS[t]) if t in TARGETS else ""]
+            lines.append(f"| {scan} | {t} | " + " | ".join(row) + " |")
+    return "\n".join(lines + [""])
+
+
 def report(results: dict, base: dict, variant: str) -> str:
-    lines = [HEADING, "", f"Written by `python bench/bench_generalisation.py` ({machine_description()}).", ""]
-    lines += [
-        "Every number is Dice on a scan the model **never trained on**, on the scan's original grid, through the path of "
-        "`volumed segment`. Each run is the default recipe (`configs/train_promptseg-cpu.yaml`: the same data mix as the "
-        "default model, four real CTs plus label-map synthesis, with contrast-phase, field-of-view and slice-thickness "
-        f"augmentation) with one scan left out, and the recipe overrides listed with the run (`training.command` of its "
-        f"package); model size `{variant}`. The threshold baseline is tuned on the test scan "
-        "itself (optimistic). **Bold**: the issue's target met (liver >= 0.80; spleen, kidneys, aorta, lobes, heart >= 0.75).",
+    """The detailed tables of one variant's runs."""
+    lines = [
+        f"### Runs of `{variant}`: {VARIANT_TEXT.get(variant, variant)}", "",
+        "Each run is the default recipe (`configs/train_promptseg-cpu.yaml`: the same data mix as the default model, "
+        "four real CTs plus label-map synthesis, with contrast-phase, field-of-view and slice-thickness augmentation) "
+        f"with one scan left out, the variant's overrides (`VARIANTS['{variant}']` in the bench) and those listed with "
+        "the run (`training.command` of its package). **Bold**: the issue's target met (liver >= 0.80; spleen, kidneys, "
+        "aorta, lobes, heart >= 0.75).",
         "",
     ]  # fmt: skip
     missing = [r.name for r in runs() if r.name not in results]
     if missing:
         lines += [
-            "Not run yet (each fold is a full training run, about two hours on one CPU thread; results accumulate across "
+            "Not run (each fold is a full training run, 1.5 hours or more on one CPU thread; results accumulate across "
             f"sessions in bench/results/generalisation_{variant}.json): " + ", ".join(f"`{m}`" for m in missing) + ".",
             "",
         ]  # fmt: skip
@@ -293,7 +339,7 @@ def report(results: dict, base: dict, variant: str) -> str:
         rows = {n: r for n, r in results.items() if scans_of(n)}
         if not rows:
             continue
-        lines += [f"### {title}", ""]
+        lines += [f"#### {title} (`{variant}`)", ""]
         for name, entry in rows.items():
             info = _run_info(entry.get("run", {}))
             for scan, res in entry["scans"].items():
@@ -317,7 +363,7 @@ def report(results: dict, base: dict, variant: str) -> str:
 
 
 def capacity_table() -> str:
-    """Model size against Dice: for each variant with results, its size, training time and the
+    """Model size (or recipe) against Dice: for each variant with results, its size, training time and the
     mean leave-one-out Dice of the target structures, per left-out scan and fold by fold."""
     rows = []
     folds = [f"loso_{s}" for s in SCANS]
@@ -342,11 +388,12 @@ def capacity_table() -> str:
         rows.append(f"| {variant} | {size} | {', '.join(f'{m:g}' for m in mins) or '?'} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
-    head = "| size | parameters (float32) | training min per fold (1 thread) | " + " | ".join(f"left out: {s}" for s in SCANS) + " |"
+    head = "| variant | parameters (float32) | training min per fold (1 thread) | " + " | ".join(f"left out: {s}" for s in SCANS) + " |"
     return "\n".join([
         "### Model size against Dice", "",
         "Mean leave-one-out Dice of the target structures the left-out scan has (their number in brackets); "
-        "same recipe and data, only the widths differ (`VARIANTS` in the bench); steps as listed with each run.", "",
+        "same data; S and M differ in widths only, S-ft in its recipe (`VARIANTS` in the bench); steps as listed "
+        "with each run.", "",
         head, "|---|---|---|" + "---:|" * len(SCANS), *rows, "",
     ])  # fmt: skip
 
@@ -429,7 +476,15 @@ def main(argv: list[str] | None = None) -> None:
     tmp = store.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"results": results, "baselines": base}, indent=2))
     tmp.replace(store)
-    text = report(results, base, args.variant) + "\n" + capacity_table()
+    head = [HEADING, "", f"Written by `python bench/bench_generalisation.py` ({machine_description()}).", "",
+            "Every number is Dice on a scan the model **never trained on**, on the scan's original grid, through the "
+            "path of `volumed segment`. The threshold baseline is tuned on the test scan itself (optimistic).", ""]  # fmt: skip
+    parts = ["\n".join(head), comparison(base)]
+    for v in VARIANTS:
+        res = results if v == args.variant else _stored(v)
+        if res:
+            parts.append(report(res, base, v))
+    text = "\n".join(parts) + "\n" + capacity_table()
     print(text)
     if not args.no_write:
         write_section(args.output, HEADING, text)
