@@ -130,12 +130,17 @@ def test_synthetic_patches_follow_the_deformed_labels(label_maps):
     assert torch.equal(again[3]["image"], ds.set_random_state(0)[3]["image"])
 
 
-def test_datamodule_selects_real_synthetic_and_leaves_one_out(label_maps):
-    path = _datalist(
-        label_maps,
+def _mixed_datalist(root: Path) -> Path:
+    """One real CT (liver, aorta, spleen) and two label-map sources."""
+    return _datalist(
+        root,
         [{"name": "ts", "masks_dir": "ts", "terms": ["liver", "aorta"]}, {"masks_dir": "aa", "structure_terms": {"postcava": "inferior_vena_cava"}}],
         [{"image": "ct.nii.gz", "label": "seg.nii.gz", "terms": ["liver", "aorta", "spleen"]}],
     )  # fmt: skip
+
+
+def test_datamodule_selects_real_synthetic_and_leaves_one_out(label_maps):
+    path = _mixed_datalist(label_maps)
     common = dict(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=4, contrast_phase=1.0, field_of_view=0.5,
                   slice_thickness=0.5, augment=True)  # fmt: skip
     dm = PromptSegDataModule(**common)
@@ -158,11 +163,7 @@ def test_datamodule_selects_real_synthetic_and_leaves_one_out(label_maps):
 
 
 def test_synthetic_share_sets_the_patch_mix(label_maps):
-    path = _datalist(
-        label_maps,
-        [{"name": "ts", "masks_dir": "ts", "terms": ["liver", "aorta"]}, {"masks_dir": "aa", "structure_terms": {"postcava": "inferior_vena_cava"}}],
-        [{"image": "ct.nii.gz", "label": "seg.nii.gz", "terms": ["liver", "aorta", "spleen"]}],
-    )  # fmt: skip
+    path = _mixed_datalist(label_maps)
     common = dict(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=20)
     equal = PromptSegDataModule(**common)
     equal.setup()
