@@ -275,7 +275,7 @@ class CTSynthesizer:
         structure_jitter_hu: how far a structure's mean may stray from its tissue's, HU (each
             tissue gets one mean per patch; see ``__call__``).
         texture: add the texture a CT has and a label map lacks (:meth:`add_texture`): vessels
-            in the lungs, a cortical shell on bones, a myocardial wall around the heart's blood.
+            in the lungs, a cortical shell on bones.
 
     Call: ``(classes (1, px, py, pz) int) -> (image (1, px, py, pz) float32 in [0, 1],
     deformed classes (1, px, py, pz) int16, phase)``.
@@ -306,7 +306,6 @@ class CTSynthesizer:
         self.texture = bool(texture)
         self._lung = torch.tensor([t == "lung" for t in self.class_tissues])
         self._bone = torch.tensor([t == "bone" for t in self.class_tissues])
-        self._heart = torch.tensor([t == "heart" for t in self.class_tissues])
         self.deform = (
             tio.RandomElasticDeformation(num_control_points=6, max_displacement=float(deform_mm), locked_borders=2)
             if deform_mm > 0 else None
@@ -366,7 +365,7 @@ class CTSynthesizer:
             subject = tio.Subject(label=tio.LabelMap(tensor=contiguous.reshape(deformed.shape), affine=self._affine()))
             subject = tio.RandomLabelsToImage(label_key="label", image_key="image", mean=means, std=stds)(subject)
             if self.texture:
-                subject["image"].set_data(self.add_texture(subject["image"].data, deformed, phase))
+                subject["image"].set_data(self.add_texture(subject["image"].data, deformed))
             subject = self.post(subject)
             hu = subject["image"].data.float() - 1000.0
         finally:
@@ -376,7 +375,7 @@ class CTSynthesizer:
         return image, deformed, phase
 
 
-    def add_texture(self, attenuation: torch.Tensor, classes: torch.Tensor, phase: str = "native") -> torch.Tensor:
+    def add_texture(self, attenuation: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Texture of a real CT that a class map lacks, on the drawn image (HU + 1000), before blur.
 
         * **Lung**: vessels and bronchial walls. The lobes of tcia_ccth_a01 at 4 mm measure a
@@ -385,12 +384,6 @@ class CTSynthesizer:
           the lung voxels marks vessel-like blobs, raised by 200-600 HU.
         * **Bone**: the cortical shell. The femurs of tcia_ccth_a01 measure 650 HU on their
           boundary voxels and 451 inside (std 433): boundary voxels raised by 200-700 HU.
-        * **Heart**: a TotalSegmentator v2 label map has one ``heart`` class, so a flat draw
-          makes it one uniform blob. In a contrast CT the chambers are blood (the thorax crop's
-          heart mask: median 466 HU, 90th percentile 578) inside a myocardial wall of about
-          80-150 HU; the leave-one-out model found only the left ventricle there
-          (docs/synthesis.md, round 9). Outside the native phase, a wall of 1-2 voxels
-          (4-8 mm at 4 mm) on the heart's boundary is drawn at 60-160 HU.
         """
         import torch.nn.functional as F
         from monai.transforms import GaussianSmooth
@@ -415,17 +408,6 @@ class CTSynthesizer:
             interior = F.max_pool3d(outside, 3, stride=1, padding=1)[0] == 0
             shell = bone & ~interior
             out[shell] += float(self.rng.uniform(200.0, 700.0))
-        heart = self._heart[lut]
-        if phase != "native" and bool(heart.any()):
-            r = int(self.rng.integers(1, 3))
-            outside = (~heart).float()[None]
-            interior = F.max_pool3d(outside, 2 * r + 1, stride=1, padding=r)[0] == 0
-            wall = heart & ~interior
-            if bool(interior.any()):  # a heart too small for a cavity stays flat
-                mean, sd = float(self.rng.uniform(60.0, 160.0)), float(self.rng.uniform(10.0, 30.0))
-                gen = torch.Generator().manual_seed(int(self.rng.integers(0, 2**31 - 1)))
-                n = int(wall.sum())
-                out[wall] = 1000.0 + mean + sd * torch.randn(n, generator=gen, dtype=out.dtype)
         return out
 
 
