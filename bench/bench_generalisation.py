@@ -3,7 +3,7 @@ and HU-threshold baselines, one command.
 
 Usage::
 
-    python bench/bench_generalisation.py --train [--jobs 2] [--variant S] [--folds tcia_ccth_a01 ...]
+    python bench/bench_generalisation.py --train [--jobs 2] [--variant S] [--only loso_tcia_ccth_a01 ...]
     python bench/bench_generalisation.py            # evaluate the runs that exist, write BENCHMARKS.md
 
 Runs (``--runs``, default ``runs/generalisation/<variant>/``), each trained with the default recipe
@@ -15,7 +15,8 @@ Runs (``--runs``, default ``runs/generalisation/<variant>/``), each trained with
   (``--data.real false``), tested on all four real CTs.
 
 A variant is a model size (``VARIANTS``: encoder and decoder widths), for the size-against-Dice
-trade-off. Each test goes through the path of ``volumed segment`` (``predict_probabilities``: the
+trade-off, or a recipe (``S-ft``: S fine-tuned from the S synthetic-only run with 70 % synthetic
+patches). "Recipes compared" in BENCHMARKS.md puts every variant's folds side by side. Each test goes through the path of ``volumed segment`` (``predict_probabilities``: the
 package's preprocessing, sliding window, exact blending, inversion to the scan's original grid,
 threshold); Dice is taken on the original grid against the scan's reference masks (MONAI
 ``compute_dice``). References under 1 mL are listed, not scored.
