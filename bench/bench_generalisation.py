@@ -16,7 +16,9 @@ Runs (``--runs``, default ``runs/generalisation/<variant>/``), each trained with
 
 A variant is a model size (``VARIANTS``: encoder and decoder widths), for the size-against-Dice
 trade-off, or a recipe (``S-ft``: S fine-tuned from the S synthetic-only run with 70 % synthetic
-patches). "Recipes compared" in BENCHMARKS.md puts every variant's folds side by side. Each test goes through the path of ``volumed segment`` (``predict_probabilities``: the
+patches); "Recipes compared" in BENCHMARKS.md puts every variant's folds side by side.
+
+Each test goes through the path of ``volumed segment`` (``predict_probabilities``: the
 package's preprocessing, sliding window, exact blending, inversion to the scan's original grid,
 threshold); Dice is taken on the original grid against the scan's reference masks (MONAI
 ``compute_dice``). References under 1 mL are listed, not scored.
@@ -272,6 +274,11 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _dice_cell(term: str, v: float | None) -> str:
+    """A Dice value, bold where it meets the term's target."""
+    return f"**{v:.3f}**" if v is not None and term in TARGETS and v >= TARGETS[term] else _fmt(v)
+
+
 VARIANT_TEXT = {
     "S": "the default recipe from scratch (size S)",
     "M": "the default recipe from scratch (size M)",
@@ -307,10 +314,8 @@ def comparison(base: dict) -> str:
         terms = {t for t in terms if t in TARGETS or t in base.get(scan, {})}
         for t in sorted(terms):
             def cell(entry: dict | None) -> str:
-                v = (entry or {}).get("scans", {}).get(scan, {}).get("dice", {}).get(t)
-                if v is None:
-                    return "-"
-                return f"**{v:.3f}**" if t in TARGETS and v >= TARGETS[t] else f"{v:.3f}"
+                return _dice_cell(t, (entry or {}).get("scans", {}).get(scan, {}).get("dice", {}).get(t))
+
             row = [cell(stored[v].get(fold)) for v in cols] + [cell(e) for e in synth.values()]
             b = base.get(scan, {}).get(t)
             row += [f"{b[0]:.3f}" if b else "", _fmt(TARGETS[t]) if t in TARGETS else ""]
@@ -350,7 +355,7 @@ def report(results: dict, base: dict, variant: str) -> str:
                 lines.append("|---|---:|---:|---|")
                 for t, v in sorted(res["dice"].items(), key=lambda kv: (kv[0] not in TARGETS, kv[0])):
                     target = TARGETS.get(t)
-                    cell = f"**{v:.3f}**" if target is not None and v >= target else _fmt(v)
+                    cell = _dice_cell(t, v)
                     b = base.get(scan, {}).get(t)
                     bcell = f"{b[0]:.3f} ({b[1]})" if b else ""
                     if b and v < b[0]:
@@ -364,15 +369,14 @@ def report(results: dict, base: dict, variant: str) -> str:
 
 
 def capacity_table() -> str:
-    """Model size (or recipe) against Dice: for each variant with results, its size, training time and the
-    mean leave-one-out Dice of the target structures, per left-out scan and fold by fold."""
+    """Model size (or recipe) against Dice: for each variant with results, its size, training time
+    and the mean leave-one-out Dice of the target structures, per left-out scan and fold by fold."""
     rows = []
     folds = [f"loso_{s}" for s in SCANS]
     for variant in sorted(VARIANTS):
-        path = RESULTS / f"generalisation_{variant}.json"
-        if not path.exists():
+        res = _stored(variant)
+        if not res:
             continue
-        res = json.loads(path.read_text())["results"]
         cells, minutes, params = [], [], None
         for fold in folds:
             if fold not in res:
