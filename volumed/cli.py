@@ -351,7 +351,7 @@ def bundle_verify(
 def bundle_new(
     name: str = typer.Argument(..., help="Folder name of the new bundle (under --bundles-dir)."),
     from_checkpoint: Path = typer.Option(..., "--from-checkpoint", help="A trained package folder (config.json + model.safetensors; + grounding.json for --task ground; clip.json + model.safetensors for --task clip), or a weights file (.safetensors/.pt/.ckpt) with --config."),
-    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg (text-prompted segmentation), ground (finding grounding) or clip (CT-CLIP zero-shot classification)."),
+    task: str = typer.Option("promptseg", "--task", help="What the model does: promptseg (text-prompted segmentation), ground (finding grounding), clip (CT-CLIP zero-shot classification) or report (segmentation, then the structured report)."),
     bundles_dir: Path = typer.Option(Path("bundles"), "--bundles-dir", help="Where bundles live."),
     base: Optional[Path] = typer.Option(None, "--base", help="Bundle whose LICENSE, configs and docs to start from (default: the task's bundle)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Package config.json of a weights-file checkpoint's network."),

@@ -19,6 +19,10 @@ default finding sentences, which do not depend on the weights, so ``channel_def`
 model.safetensors, what ``volumed train clip`` writes) or a weights file with ``--config`` a
 clip.json. Its terms are the package's default findings; the bundle's label names (its default
 abnormalities) are kept.
+
+``--task report`` (``bundles/volumed_report_ct``): the checkpoint is a segmentation package, as for
+``promptseg`` (the report bundle segments, then writes the structured report), and the label names
+become its terms in the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from volumed.errors import ConfigError, OutputExistsError
 
 __all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version"]
 
-TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct", "clip": "volumed_clip_ct"}  # task -> the bundle whose configs a new bundle starts from
+TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct", "clip": "volumed_clip_ct",
+         "report": "volumed_report_ct"}  # task -> the bundle whose configs a new bundle starts from
 
 
 @dataclass(frozen=True)
@@ -195,9 +200,9 @@ def new_bundle(
             terms = list(read_clip_config(staging / "models").findings)
         else:
             terms = list(read_config(staging / "models").terms)
-        if not terms and task == "promptseg":
+        if not terms and task in ("promptseg", "report"):
             raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
-        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}", channels=task == "promptseg")
+        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}", channels=task in ("promptseg", "report"))
         (sha,) = [r.sha256 for r in record_hashes(staging, name)]
         metadata = validate_metadata(staging)
         _plain_modes(staging)

@@ -226,7 +226,7 @@ class PromptSegRunner:
 
     def run(self) -> list:
         """Segment each image; returns the :class:`volumed.inference.segment.SegmentationResult` list."""
-        from volumed.inference.segment import PromptSegPredictor, segment
+        from volumed.inference.segment import PromptSegPredictor
 
         if (self.bundle_root / "models" / CONFIG_NAME).is_file() is False:
             raise ConfigError(f"bundle has no models/{CONFIG_NAME}", self.bundle_root)
@@ -242,13 +242,20 @@ class PromptSegRunner:
         self.results = []
         for image in images:
             out = self.output_dir if len(images) == 1 else self.output_dir / Path(image.rstrip("/")).name.split(".")[0]
-            result = segment(image, self.prompts, model_dir=self.model_dir, out_dir=out, all_terms=self.all_terms,
-                             allow_free_text=self._allow_free_text(config), allow_untrained=self.allow_untrained,
-                             overwrite=self.overwrite, progress=self.progress,
-                             postprocess=self.postprocessing.segment_argument, predictor=predictor,
-                             dicom_uids=self.dicom_uids, **read_options)
+            result = self._process(image, out, dict(
+                model_dir=self.model_dir, all_terms=self.all_terms, allow_free_text=self._allow_free_text(config),
+                allow_untrained=self.allow_untrained, overwrite=self.overwrite, progress=self.progress,
+                postprocess=self.postprocessing.segment_argument, predictor=predictor, dicom_uids=self.dicom_uids,
+                **read_options))
             if self.print_summary:
                 for line in result.summary():
                     print(line)
             self.results.append(result)
         return self.results
+
+    def _process(self, image: str, out: Path, options: dict):
+        """One image's outputs into ``out``: :func:`volumed.inference.segment.segment` with ``options``
+        (the runner's settings and predictor, the reader's options). Subclasses write more from it."""
+        from volumed.inference.segment import segment
+
+        return segment(image, self.prompts, out_dir=out, **options)

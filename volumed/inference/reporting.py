@@ -114,7 +114,7 @@ def _seg_segments(seg_path: Path) -> tuple[object, dict[str, int]]:
 
 
 def _write_sr(report: StructuredReport, stats: dict, volume: Volume, seg_dir: Path, seg, numbers: dict[str, int],
-              path: Path) -> None:
+              path: Path, uids=None) -> None:
     """The TID 1500 SR of ``stats`` with the report's sentences in their subjects' groups."""
     from volumed.io import read_label
     from volumed.io.sr import StructureFinding, write_dicom_sr
@@ -129,12 +129,16 @@ def _write_sr(report: StructuredReport, stats: dict, volume: Volume, seg_dir: Pa
         findings.append(StructureFinding.from_statistics(entry, segment_number=number, segment_voxels=voxels))
     narrative = {term: [s.text for s in sentences] for term, sentences in report.by_term().items()}
     write_dicom_sr(findings, volume, seg, path, overwrite=True, threshold=stats.get("threshold"),
-                   series_description=SR_REPORT_DESCRIPTION, narrative=narrative)
+                   series_description=SR_REPORT_DESCRIPTION, narrative=narrative,
+                   series_instance_uid=uids.sr_series if uids is not None else None,
+                   sop_instance_uid=uids.sr_instance if uids is not None else None)
 
 
-def _report_files(seg_dir: Path, volume: Volume, staging: Path, shown_dir: Path, warnings: list[str]) -> tuple[StructuredReport, bool]:
+def _report_files(seg_dir: Path, volume: Volume, staging: Path, shown_dir: Path, warnings: list[str],
+                  uids=None) -> tuple[StructuredReport, bool]:
     """Build the report of ``seg_dir`` and write its files into ``staging``; ``shown_dir`` is the
-    segmentation folder as report.json names it. Returns the report and whether an SR was written."""
+    segmentation folder as report.json names it; ``uids`` (a :class:`volumed.io.writer.DicomOutputUids`)
+    fixes the SR's UIDs. Returns the report and whether an SR was written."""
     stats = read_statistics(seg_dir)
     seg_path = seg_dir / SEG_NAME
     seg, numbers = (None, {})
@@ -149,7 +153,7 @@ def _report_files(seg_dir: Path, volume: Volume, staging: Path, shown_dir: Path,
     has_sr = False
     dicom = None
     if seg is not None:
-        _write_sr(report, stats, volume, seg_dir, seg, numbers, staging / SR_NAME)
+        _write_sr(report, stats, volume, seg_dir, seg, numbers, staging / SR_NAME, uids)
         import pydicom
 
         sr = pydicom.dcmread(str(staging / SR_NAME), stop_before_pixels=True)
@@ -176,6 +180,9 @@ def write_report(
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    all_terms: bool | None = None,
+    dicom_uids=None,
+    **segment_options,
 ) -> ReportResult:
     """Write the structured report of ``image`` into ``out_dir`` (module docstring).
 
@@ -186,6 +193,13 @@ def write_report(
             it the image is segmented first (``prompts``, or every trained term when empty).
         model_dir: segmentation package; default: bundles/volumed_promptseg_ct/models.
         overwrite: replace the outputs of an earlier run.
+        all_terms: segment every trained term as well as ``prompts``; default: only when
+            ``prompts`` is empty.
+        dicom_uids: a :class:`volumed.io.writer.DicomOutputUids` (or its fields as a mapping):
+            the UIDs of the DICOM SEG and of the report's SR, for DICOM input.
+        segment_options: passed to :func:`volumed.inference.segment.segment` (e.g. ``predictor``,
+            ``allow_free_text``, ``allow_untrained``, ``postprocess``), as the report bundle's
+            runner does.
 
     Raises:
         OutputExistsError: outputs exist and not ``overwrite`` (checked first).
@@ -194,8 +208,11 @@ def write_report(
     """
     from volumed.inference.segment import _check_output_dir, _publish, segment
     from volumed.io import read_volume
+    from volumed.io.writer import DicomOutputUids
 
     out = Path(out_dir)
+    if isinstance(dicom_uids, dict):
+        dicom_uids = DicomOutputUids(**dicom_uids)
     warnings: list[str] = []
     if from_segmentation is not None:
         seg_dir = Path(from_segmentation)
@@ -205,7 +222,7 @@ def write_report(
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.volumed-report-", dir=out.parent))
         try:
-            report, has_sr = _report_files(seg_dir, volume, staging, seg_dir, warnings)
+            report, has_sr = _report_files(seg_dir, volume, staging, seg_dir, warnings, dicom_uids)
             out.mkdir(parents=True, exist_ok=True)
             for name in REPORT_FILES:
                 if (staging / name).exists():
@@ -221,11 +238,12 @@ def write_report(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.volumed-report-", dir=out.parent))
     try:
         seg_out = staging / "out"
-        result = segment(image, prompts, model_dir=model_dir, out_dir=seg_out, all_terms=not prompts,
-                         series_uid=series_uid, modality=modality, device=device, progress=progress)
+        result = segment(image, prompts, model_dir=model_dir, out_dir=seg_out,
+                         all_terms=not prompts if all_terms is None else bool(all_terms), series_uid=series_uid,
+                         modality=modality, device=device, progress=progress, dicom_uids=dicom_uids, **segment_options)
         volume = read_volume(image, series_uid=series_uid, modality=modality)
         # The report replaces segment's findings list (report.txt) and its SR with the narrative one.
-        report, has_sr = _report_files(seg_out, volume, seg_out, out, warnings)
+        report, has_sr = _report_files(seg_out, volume, seg_out, out, warnings, dicom_uids)
         _publish(seg_out, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

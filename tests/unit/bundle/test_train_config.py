@@ -101,8 +101,8 @@ def test_one_epoch_on_phantoms_then_bundle_new(tiny_bundle, tmp_path):
 
 
 def test_bundle_new_refuses_bad_requests(tiny_bundle, tmp_path):
-    with pytest.raises(ConfigError, match="unknown bundle task 'report'; available: clip, ground, promptseg"):
-        new_bundle(tiny_bundle / "models", "x", task="report", bundles_dir=tmp_path, base=tiny_bundle)
+    with pytest.raises(ConfigError, match="unknown bundle task 'caption'; available: clip, ground, promptseg, report"):
+        new_bundle(tiny_bundle / "models", "x", task="caption", bundles_dir=tmp_path, base=tiny_bundle)
     with pytest.raises(ConfigError, match="bundle name must be letters"):
         new_bundle(tiny_bundle / "models", "../x", bundles_dir=tmp_path, base=tiny_bundle)
     with pytest.raises(ConfigError, match="no such checkpoint"):
