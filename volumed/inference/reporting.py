@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +211,7 @@ def write_report(
     from volumed.io.writer import DicomOutputUids
 
     out = Path(out_dir)
-    if isinstance(dicom_uids, dict):
+    if isinstance(dicom_uids, Mapping):
         dicom_uids = DicomOutputUids(**dicom_uids)
     warnings: list[str] = []
     if from_segmentation is not None:
