@@ -155,6 +155,7 @@ def ground_command(
     modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
+    anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="Segmentation model folder that answers sentences naming one structure only ('The right lower lobe of the lung.'); default: the default segmenter; 'self': the grounding model's own location query."),
 ) -> None:
     """Ground finding sentences: one mask per positive sentence on the input's grid, grounding.json
     (sentence -> mask file, confidence, volume, location) and a DICOM SEG for DICOM input."""
@@ -163,7 +164,7 @@ def ground_command(
     if report is not None and not report.is_file():
         raise ConfigError("report file does not exist", report)
     result = ground(image, finding, report=report, model_dir=model, out_dir=output, overwrite=overwrite,
-                    series_uid=series_uid, modality=modality, device=device)
+                    series_uid=series_uid, modality=modality, device=device, anatomy_model=anatomy_model)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 

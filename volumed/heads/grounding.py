@@ -106,6 +106,10 @@ class FindingQuery:
         side: "left", "right", "bilateral" or None.
         size_mm: the stated size per axis, in mm (empty if none).
         uncertain: the finding is hedged ("cannot be excluded").
+        anatomy: the sentence names one structure and nothing else ("The right lower lobe of the
+            lung.", "the abdominal aorta"): it is grounded to that structure, by the anatomy
+            model's answer for ``location_term`` (the gate's query, undilated), not by the
+            sentence head, which learnt findings.
     """
 
     text: str
@@ -116,6 +120,7 @@ class FindingQuery:
     side: str | None = None
     size_mm: tuple[float, ...] = ()
     uncertain: bool = False
+    anatomy: bool = False
 
     @property
     def location(self) -> str | None:
@@ -124,7 +129,8 @@ class FindingQuery:
 
     def to_dict(self) -> dict:
         return {"negated": self.negated, "finding_type": self.finding_type, "location_term": self.location_term,
-                "region": self.region, "side": self.side, "size_mm": list(self.size_mm), "uncertain": self.uncertain}
+                "region": self.region, "side": self.side, "size_mm": list(self.size_mm), "uncertain": self.uncertain,
+                "anatomy": self.anatomy}
 
 
 def location_text(location_term: str | None, side: str | None = None) -> str | None:
@@ -168,9 +174,30 @@ def finding_queries(sentences: Sequence[str] = (), report: str | None = None) ->
     return out
 
 
+#: Words an anatomy sentence may hold besides its one structure ("The right lower lobe of the lung.").
+_ANATOMY_FILLER = frozenset({"the", "a", "an", "of", "in", "its", "whole", "entire", "structure", "organ", "region"})
+
+
+def _anatomy_query(text: str) -> FindingQuery:
+    """An anatomy query when ``text`` (which holds no finding) names exactly one vocabulary
+    structure and otherwise only filler words; else a free query without a location."""
+    import re
+
+    from volumed.text.reports import find_locations
+
+    locations = find_locations(text)
+    if len(locations) != 1 or locations[0].term is None:
+        return FindingQuery(text)
+    loc = locations[0]
+    rest = text[: loc.span.start] + " " + text[loc.span.end :]
+    if any(w not in _ANATOMY_FILLER for w in re.findall(r"[a-z]+", rest.lower())):
+        return FindingQuery(text)
+    return FindingQuery(text, location_term=loc.term, side=loc.side, anatomy=True)
+
+
 def _query(text: str, findings: Sequence) -> FindingQuery:
     if not findings:
-        return FindingQuery(text)
+        return _anatomy_query(text)
     positive = [f for f in findings if not f.negated]
     f = positive[0] if positive else findings[0]
     return FindingQuery(text, negated=not positive, finding_type=f.finding_type, location_term=f.location_term,
@@ -238,10 +265,14 @@ class GroundingModel(TextPromptedSegmenter):
         q = self.condition(self.location(sentence, location, has_location), modality)
         return torch.cat([q, self.condition(location, modality)], dim=0)
 
-    def gate(self, logits: torch.Tensor, has_location: torch.Tensor) -> torch.Tensor:
+    def gate(self, logits: torch.Tensor, has_location: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
         """``logits`` ``(B, 2N, ...)`` (sentence queries, then gate queries) -> gated ``(B, N, ...)``.
-        ``has_location`` ``(N,)`` or ``(B, N)``."""
+        ``has_location`` ``(N,)`` or ``(B, N)``. ``anatomy`` ``(N,)`` bool: those channels are the
+        location query's own logits, undilated (an anatomy sentence is its structure)."""
         n = logits.shape[1] // 2
+        if anatomy is not None and bool(anatomy.any()):
+            gated = self.gate(logits, has_location)
+            return torch.where(anatomy.to(torch.bool)[None, :, None, None, None], logits[:, n:], gated)
         # The gate is the anatomy model's answer and gets no gradient: otherwise the cheapest way
         # to say "nothing" for an absent sentence is to close the gate (forget the organ), after
         # which no finding in that organ can be found either.
@@ -263,17 +294,19 @@ class GatedSegmenter(nn.Module):
     logits``), with the location gate applied: ``queries`` are :meth:`GroundingModel.queries`
     (2N rows), the output has N channels. ``decoder`` is the wrapped decoder's."""
 
-    def __init__(self, model: GroundingModel, has_location: torch.Tensor):
+    def __init__(self, model: GroundingModel, has_location: torch.Tensor, anatomy: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.register_buffer("has_location", has_location.to(torch.bool), persistent=False)
+        self.register_buffer("anatomy", torch.zeros_like(self.has_location) if anatomy is None else anatomy.to(torch.bool),
+                             persistent=False)
 
     @property
     def decoder(self):
         return self.model.segmenter.decoder
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return self.model.gate(self.model.segmenter(image, queries), self.has_location)
+        return self.model.gate(self.model.segmenter(image, queries), self.has_location, self.anatomy)
 
 
 @dataclass

@@ -6,6 +6,9 @@ Pipeline (one image, ``N`` sentences)::
       -> sentences (--finding, repeatable) and the findings of a report (--report), parsed
          (volumed.text.reports): negated, type, location term, side, size (mm)
       -> negated sentences: listed, no mask, never run through the model
+      -> anatomy sentences (one structure and nothing else: "The right lower lobe of the lung."):
+         answered by a segmenter (--anatomy-model; default: the default segmenter) for that
+         term, when it trained on it; otherwise by the grounding model's own location query
       -> the others: sentence + location embeddings (TextEncoder) -> GroundingModel.queries (N', D)
       -> the shared predictor (volumed.inference.segment.PromptSegPredictor): the package's
          preprocessing, MONAI sliding windows (the encoder runs once per window for all
@@ -21,7 +24,7 @@ existing outputs are refused unless ``overwrite``, and then replaced as a whole)
 * ``grounding.json``: per sentence: ``sentence``, ``negated``, ``mask`` (file, or null for a
   negated one), ``found``, ``confidence`` (mean probability inside the mask), ``max_probability``,
   ``volume_ml``, ``location`` (term, region, side and the text the query was conditioned on),
-  ``finding_type``, ``size_mm``, ``uncertain`` and ``instances`` (components: voxels, mL, centre in
+  ``finding_type``, ``size_mm``, ``uncertain``, ``anatomy`` and ``instances`` (components: voxels, mL, centre in
   voxels and RAS mm, bounding box, confidence);
 * ``grounding_seg.dcm``: for a DICOM series, a DICOM SEG with one segment per found sentence
   (where sentences overlap, a voxel goes to the sentence with the highest probability; the
@@ -106,13 +109,22 @@ class GroundingPredictor:
         preprocessing, inferer: a MONAI bundle's ``preprocessing`` and ``SlidingWindowInferer``
             (``bundles/volumed_ground_ct``), as :class:`volumed.inference.segment.PromptSegPredictor`
             takes them; default: the package's preprocessing and window.
+        anatomy_model: the segmentation package that answers *anatomy sentences* (a sentence that
+            names one structure and nothing else, :attr:`FindingQuery.anatomy`): ``None`` for the
+            default segmenter (``bundles/volumed_promptseg_ct/models``, loaded on the first such
+            sentence), a package folder, or ``"self"`` for the grounding model's own location
+            query. The grounding head's segmenter was fine-tuned on finding phantoms and no longer
+            segments anatomy on real CT (BENCHMARKS.md, "Grounding: anatomy sentences on the
+            real CTs"), so by default the segmenter it started from answers.
     """
 
     def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
                  text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1,
-                 preprocessing=None, inferer=None):
+                 preprocessing=None, inferer=None, anatomy_model: str | Path | None = None):
         from volumed.inference.segment import PromptSegPredictor
 
+        self.anatomy_model = anatomy_model
+        self._anatomy = None
         self.model = model
         self.config = config
         self.grounding = grounding
@@ -137,18 +149,20 @@ class GroundingPredictor:
         with torch.inference_mode():
             return self.model.queries(sentence.to(device), location.to(device), has.to(device), modality), has
 
-    def ground(self, volume: Volume, queries: Sequence[FindingQuery]) -> list[GroundedFinding]:
-        """Ground every query in ``volume`` (modality CT or MR); negated ones get no mask."""
-        queries = list(queries)
-        out = [GroundedFinding(q, None) for q in queries]
-        todo = [k for k, q in enumerate(queries) if not q.negated]
-        if not todo:
-            return out
-        threshold = float(self.config.threshold)
-        seg = self.predictor
-        case = seg.preprocess(volume)
-        q, has = self.queries([queries[k] for k in todo], volume.modality)
-        probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device)), case, q)
+    def anatomy_predictor(self):
+        """The :class:`~volumed.inference.segment.PromptSegPredictor` that answers anatomy
+        sentences, or None to answer them with the grounding model's location query."""
+        if str(self.anatomy_model) == "self":
+            return None
+        if self._anatomy is None:
+            from volumed.inference.segment import PromptSegPredictor, default_model_dir
+
+            path = Path(self.anatomy_model) if self.anatomy_model is not None else default_model_dir()
+            self._anatomy = PromptSegPredictor.from_package(path, device=self.predictor.device)
+        return self._anatomy
+
+    def _finish(self, volume: Volume, queries: Sequence[FindingQuery], seg, case, probs, todo: list[int],
+                threshold: float, out: list[GroundedFinding]) -> None:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         done = set()
         for j, pieces in seg.iter_original(probs, case, None):
@@ -166,6 +180,32 @@ class GroundingPredictor:
         for k in todo:
             if k not in done:
                 out[k] = GroundedFinding(queries[k], np.zeros(volume.shape, dtype=bool))
+
+    def ground(self, volume: Volume, queries: Sequence[FindingQuery]) -> list[GroundedFinding]:
+        """Ground every query in ``volume`` (modality CT or MR); negated ones get no mask; anatomy
+        sentences are answered by :meth:`anatomy_predictor` (see the class)."""
+        queries = list(queries)
+        out = [GroundedFinding(q, None) for q in queries]
+        todo = [k for k, q in enumerate(queries) if not q.negated]
+        anatomy = self.anatomy_predictor() if any(queries[k].anatomy for k in todo) else None
+        # Terms the anatomy model never trained on stay with the grounding model's location query.
+        by_anatomy = [k for k in todo if anatomy is not None and queries[k].anatomy
+                      and queries[k].location_term in anatomy.config.terms]
+        if by_anatomy:
+            todo = [k for k in todo if k not in by_anatomy]
+            case = anatomy.preprocess(volume)
+            terms = anatomy.resolve_prompts([queries[k].location_term for k in by_anatomy], volume.modality)
+            probs = anatomy.predict_probabilities(case, anatomy.term_queries(terms, volume.modality))
+            self._finish(volume, queries, anatomy, case, probs, by_anatomy, float(anatomy.config.threshold), out)
+        if not todo:
+            return out
+        threshold = float(self.config.threshold)
+        seg = self.predictor
+        case = seg.preprocess(volume)
+        q, has = self.queries([queries[k] for k in todo], volume.modality)
+        anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
+        probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), anatomy), case, q)
+        self._finish(volume, queries, seg, case, probs, todo, threshold, out)
         return out
 
 
@@ -269,6 +309,7 @@ def _finding_record(k: int, f: GroundedFinding, mask_name: str | None) -> dict:
         "finding_type": q.finding_type,
         "size_mm": list(q.size_mm),
         "uncertain": q.uncertain,
+        "anatomy": q.anatomy,
         "instances": [i.to_dict() for i in f.instances],
     }
 
@@ -285,6 +326,7 @@ def ground(
     modality: str | None = None,
     device: str = "cpu",
     predictor: GroundingPredictor | None = None,
+    anatomy_model: str | Path | None = None,
 ) -> GroundingResult:
     """Ground finding sentences (and a report's findings) in one image; write masks,
     ``grounding.json`` and, for DICOM input, a DICOM SEG (see the module docstring).
@@ -295,6 +337,8 @@ def ground(
         model_dir: a grounding package (``volumed train ground``).
         predictor: ground with this predictor (a bundle's network, preprocessing and inferer:
             :class:`volumed.bundle.ground.GroundingRunner`) instead of loading ``model_dir``'s.
+        anatomy_model: who answers anatomy sentences (:class:`GroundingPredictor`); default: the
+            default segmenter.
 
     Raises:
         OutputExistsError: outputs exist and not ``overwrite`` (checked first).
@@ -334,7 +378,7 @@ def ground(
         raise ConfigError(f"the model was trained on {', '.join(config.modalities)} images only; this image is "
                           f"{volume.modality}", model_dir)
     if predictor is None:
-        predictor = GroundingPredictor.from_package(model_dir, device=device)
+        predictor = GroundingPredictor.from_package(model_dir, device=device, anatomy_model=anatomy_model)
     t_read = time.perf_counter()
     results = predictor.ground(volume, queries)
     t_pred = time.perf_counter()

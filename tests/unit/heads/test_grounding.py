@@ -88,6 +88,26 @@ def test_location_gate_suppresses_findings_outside_the_dilated_organ():
     assert out.shape == (1, 2, 64, 64, 16) and wrapped.decoder is model.segmenter.decoder
     with pytest.raises(ConfigError, match="odd"):
         build_grounding_model(tiny_config(), gate_kernel=4)
+    # An anatomy sentence is its structure: the location query's own logits, undilated.
+    both = model.gate(logits, torch.tensor([True, True]), anatomy=torch.tensor([True, False]))
+    assert torch.equal(both[0, 0], logits[0, 2])
+    assert torch.equal(both[0, 1], model.gate(logits, torch.tensor([True, True]))[0, 1])
+    out = GatedSegmenter(model, torch.tensor([True, True]), torch.tensor([True, False]))(
+        torch.rand(1, 1, 64, 64, 16), torch.randn(4, 384))
+    assert out.shape == (1, 2, 64, 64, 16)
+
+
+def test_a_sentence_that_only_names_a_structure_is_an_anatomy_query():
+    q = finding_queries(["The right lower lobe of the lung.", "the abdominal aorta", "Urinary bladder.",
+                         "Streak artefact over the liver.", "The liver and the spleen.",
+                         "A 12 mm nodule in the right lower lobe."])
+    assert [(x.anatomy, x.location_term) for x in q] == [
+        (True, "lung_lower_lobe_right"), (True, "aorta"), (True, "urinary_bladder"),
+        (False, None),  # more than a structure, and no finding the parser knows: a free query
+        (False, None),  # two structures
+        (False, "lung_lower_lobe_right"),  # a finding
+    ]
+    assert q[0].side == "right" and q[0].finding_type is None and q[0].to_dict()["anatomy"] is True
 
 
 def test_connected_components_are_instances_largest_first():

@@ -136,3 +136,34 @@ def test_cli_ground(gpackage, phantom_image, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "found: '12 mm nodule in the right lower lobe' -> masks/finding_01.nii.gz" in printed
     assert "negated: 'No pleural effusion.' (no mask)" in printed
+
+
+@pytest.mark.realdata
+def test_anatomy_sentences_on_a_real_ct_are_grounded_to_their_structure(ts_dir, tmp_path, capsys):
+    """ "The liver." names one structure and nothing else: `volumed ground` answers it with the
+    default segmenter (the grounding bundle's own segmenter was fine-tuned on finding phantoms and
+    gives Dice 0.03 here, BENCHMARKS.md), on the input grid, against the real reference masks.
+    Both models trained on this scan: this checks the routing, not unseen-scan accuracy."""
+    from pathlib import Path
+
+    from volumed.cli import main
+    from volumed.io import read_label
+
+    bundle = Path(__file__).resolve().parents[3] / "bundles" / "volumed_ground_ct" / "models"
+    image = ts_dir / "example_ct_sm.nii.gz"
+    volume = read_volume(image)
+    labels = read_label(ts_dir / "example_seg.nii.gz", reference=volume).data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ground", str(image), "-f", "The liver.", "-f", "the left kidney", "-f", "No ascites.",
+              "--model", str(bundle), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code in (0, None)
+    record = json.loads((tmp_path / "out" / "grounding.json").read_text())
+    findings = record["findings"]
+    assert [(f["anatomy"], f["location"]["term"]) for f in findings[:2]] == [(True, "liver"), (True, "kidney_left")]
+    assert findings[2]["negated"] and findings[2]["mask"] is None
+    for f, label, least in zip(findings[:2], (5, 3), (0.88, 0.80)):
+        img = nib.load(str(tmp_path / "out" / f["mask"]))
+        assert np.allclose(img.affine, nib.load(str(image)).affine, atol=1e-4) and img.shape == volume.shape
+        pred, ref = np.asarray(img.dataobj) > 0, labels == label
+        dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+        assert dice >= least, (f["sentence"], dice)

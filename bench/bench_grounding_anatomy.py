@@ -1,0 +1,150 @@
+"""Anatomy sentences grounded on the real CTs (issue 19, item 3: "the right lower lobe of the
+lung", "the abdominal aorta", "the urinary bladder" against the reference masks).
+
+Each sentence goes through ``volumed ground``'s path (:class:`volumed.inference.ground.GroundingPredictor`
+of the grounding bundle: parsing, preprocessing, sliding window, inversion to the scan's original
+grid, threshold). A sentence that names one structure and nothing else is an *anatomy query*: it is
+answered by the anatomy model under the grounding head (the location term's query), not by the
+sentence head, which learnt findings (docs/grounding.md, "Anatomy sentences"). Dice is taken on
+the original grid against the scan's reference masks (MONAI ``compute_dice``), next to
+``volumed segment``'s Dice of the same term with the default segmenter, the model the grounding
+bundle started from.
+
+Both models trained on these four CTs (the default segmenter's datalist holds them all), so these
+are **training-scan** figures: they show that the sentence reaches the right structure, not how
+well an unseen scan is segmented (that is BENCHMARKS.md, "Generalisation: unseen scans").
+
+    python bench/bench_grounding_anatomy.py            # writes BENCHMARKS.md's section
+    python bench/bench_grounding_anatomy.py --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _report import machine_description, write_section  # noqa: E402
+from bench_generalisation import SCANS, _sources  # noqa: E402
+from bench_promptseg_dice import dice, reference_masks  # noqa: E402
+
+HEADING = "## Grounding: anatomy sentences on the real CTs"
+GROUND_BUNDLE = REPO / "bundles" / "volumed_ground_ct" / "models"
+SEGMENTER = REPO / "bundles" / "volumed_promptseg_ct" / "models"
+
+#: The sentences, as a report or a user would write them, by the term of their reference mask.
+SENTENCES: dict[str, str] = {
+    "liver": "The liver.",
+    "spleen": "The spleen.",
+    "kidney_left": "The left kidney.",
+    "kidney_right": "The right kidney.",
+    "aorta": "The abdominal aorta.",
+    "heart": "The heart.",
+    "lung_upper_lobe_left": "The left upper lobe of the lung.",
+    "lung_lower_lobe_left": "The left lower lobe of the lung.",
+    "lung_upper_lobe_right": "The right upper lobe of the lung.",
+    "lung_middle_lobe_right": "The middle lobe of the right lung.",
+    "lung_lower_lobe_right": "The right lower lobe of the lung.",
+    "urinary_bladder": "The urinary bladder.",
+    "femur_left": "The left femur.",
+    "femur_right": "The right femur.",
+    "small_bowel": "The small bowel.",
+    "stomach": "The stomach.",
+    "pancreas": "The pancreas.",
+    "gallbladder": "The gallbladder.",
+}  # fmt: skip
+
+
+def run(min_ml: float = 1.0) -> tuple[list[dict], list[str]]:
+    from volumed.heads.grounding import finding_queries
+    from volumed.inference.ground import GroundingPredictor
+    from volumed.inference.package import load_package
+    from volumed.io import read_volume
+    from volumed.tasks.promptseg import encode_terms, predict_probabilities
+
+    grounder = GroundingPredictor.from_package(GROUND_BUNDLE)
+    own = GroundingPredictor.from_package(GROUND_BUNDLE, anatomy_model="self")
+    seg_model, seg_config = load_package(SEGMENTER)
+    rows, notes = [], []
+    for scan, source in _sources().items():
+        volume = read_volume(source.image, modality=source.modality)
+        refs = reference_masks(source, volume, list(SENTENCES))
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        small = [t for t, m in refs.items() if m.sum() * voxel_ml < min_ml]
+        if small:
+            notes.append(f"{scan}: not scored (reference under {min_ml:g} mL): {', '.join(small)}")
+        terms = [t for t in SENTENCES if t in refs and t not in small]
+        queries = finding_queries([SENTENCES[t] for t in terms])
+        start = time.perf_counter()
+        grounded = grounder.ground(volume, queries)
+        seconds = time.perf_counter() - start
+        own_masks = [g.mask for g in own.ground(volume, queries)]
+        emb, _ = encode_terms(terms, seg_config.text_model)
+        probs = predict_probabilities(seg_model, seg_config, volume, terms, emb)
+        for i, (term, g, own_mask) in enumerate(zip(terms, grounded, own_masks)):
+            q = g.query
+            rows.append({
+                "scan": scan, "term": term, "sentence": q.text, "parsed": q.location_term, "anatomy": q.anatomy,
+                "ground_dice": dice(g.mask, refs[term]) if g.mask is not None else 0.0,
+                "segment_dice": dice(probs[i] > seg_config.threshold, refs[term]),
+                "own_dice": dice(own_mask, refs[term]),
+                "volume_ml": g.volume_ml, "reference_ml": float(refs[term].sum()) * voxel_ml, "seconds": seconds,
+            })
+        print(f"{scan}: {len(terms)} sentences in {seconds:.1f} s", flush=True)
+    return rows, notes
+
+
+def render(rows: list[dict], notes: list[str]) -> str:
+    lines = [
+        HEADING,
+        "",
+        f"Written by `python bench/bench_grounding_anatomy.py` ({machine_description()}).",
+        "",
+        "Each sentence is grounded through `volumed ground`'s path with `bundles/volumed_ground_ct`; a sentence "
+        "that names one structure and nothing else is answered by the anatomy model under the grounding head "
+        "(its location term's query, undilated). Dice on the scan's original grid against its reference mask, "
+        "next to `volumed segment`'s Dice of the same term with the default segmenter (the model the grounding "
+        "bundle started from). **Training-scan figures:** both models trained on these four CTs; unseen-scan "
+        "Dice is in \"Generalisation: unseen scans\". The last column is the grounding model's own location query "
+        "(`--anatomy-model self`): its segmenter, fine-tuned on finding phantoms, no longer finds organs on real CT.",
+        "",
+        "| scan | sentence | parsed term | grounded Dice | `volumed segment` Dice | grounded mL | reference mL | "
+        "`--anatomy-model self` Dice |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        parsed = f"`{r['parsed']}`" if r["anatomy"] else "(not an anatomy query)"
+        lines.append(f"| {r['scan']} | {r['sentence']} | {parsed} | {r['ground_dice']:.3f} | {r['segment_dice']:.3f} | "
+                     f"{r['volume_ml']:.1f} | {r['reference_ml']:.1f} | {r['own_dice']:.3f} |")
+    by_scan: dict[str, list[float]] = {}
+    for r in rows:
+        by_scan.setdefault(r["scan"], []).append(r["ground_dice"])
+    lines += ["", "Mean grounded Dice per scan: " + ", ".join(f"{s} {np.mean(v):.3f} ({len(v)})" for s, v in by_scan.items()) + "."]
+    lines += [f"\n{n}." for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows, notes = run()
+    section = render(rows, notes)
+    print(section)
+    if not args.no_write:
+        write_section(args.output, HEADING, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
