@@ -4,8 +4,9 @@ lung", "the abdominal aorta", "the urinary bladder" against the reference masks)
 Each sentence goes through ``volumed ground``'s path (:class:`volumed.inference.ground.GroundingPredictor`
 of the grounding bundle: parsing, preprocessing, sliding window, inversion to the scan's original
 grid, threshold). A sentence that names one structure and nothing else is an *anatomy query*: it is
-answered by the anatomy model under the grounding head (the location term's query), not by the
-sentence head, which learnt findings (docs/grounding.md, "Anatomy sentences"). Dice is taken on
+answered by the default segmenter for the parsed term, not by the sentence head, which learnt
+findings (docs/grounding.md, "Anatomy sentences"); the grounding model's own location query
+(``--anatomy-model self``) is scored next to it. Dice is taken on
 the original grid against the scan's reference masks (MONAI ``compute_dice``), next to
 ``volumed segment``'s Dice of the same term with the default segmenter, the model the grounding
 bundle started from.
@@ -108,8 +109,8 @@ def render(rows: list[dict], notes: list[str]) -> str:
         f"Written by `python bench/bench_grounding_anatomy.py` ({machine_description()}).",
         "",
         "Each sentence is grounded through `volumed ground`'s path with `bundles/volumed_ground_ct`; a sentence "
-        "that names one structure and nothing else is answered by the anatomy model under the grounding head "
-        "(its location term's query, undilated). Dice on the scan's original grid against its reference mask, "
+        "that names one structure and nothing else is answered by the default segmenter for the parsed term "
+        "(`volumed ground`'s default `--anatomy-model`). Dice on the scan's original grid against its reference mask, "
         "next to `volumed segment`'s Dice of the same term with the default segmenter (the model the grounding "
         "bundle started from). **Training-scan figures:** both models trained on these four CTs; unseen-scan "
         "Dice is in \"Generalisation: unseen scans\". The last column is the grounding model's own location query "
