@@ -73,6 +73,7 @@ CLIP_CONFIG_NAME = "clip.json"
 WEIGHTS_NAME = "model.safetensors"
 #: CLIP's cap on the learned logit scale (a temperature of at least 0.01).
 MAX_LOGIT_SCALE = 100.0
+CLIP_POOLINGS = ("mean", "max")
 
 
 class VolumeTextCLIP(nn.Module):
@@ -88,6 +89,10 @@ class VolumeTextCLIP(nn.Module):
         in_channels: image channels.
         init_temperature: start of the temperature (CLIP: 0.07).
         max_logit_scale: the clamp on ``exp(logit_scale)``.
+        pooling: ``"mean"`` over the feature map's tokens (CT-CLIP's choice: the whole volume) or
+            ``"max"`` (a small focal finding, a nodule, is a few tokens that a mean dilutes).
+        feature_level: which of the encoder's maps is pooled (``-1``: the deepest; ``1``: a finer
+            one, where a small lesion still has its own voxels).
     """
 
     def __init__(
@@ -100,8 +105,12 @@ class VolumeTextCLIP(nn.Module):
         in_channels: int = 1,
         init_temperature: float = 0.07,
         max_logit_scale: float = MAX_LOGIT_SCALE,
+        pooling: str = "mean",
+        feature_level: int = -1,
     ) -> None:
         super().__init__()
+        if pooling not in CLIP_POOLINGS:
+            raise ConfigError(f"VolumeTextCLIP: pooling must be one of {', '.join(CLIP_POOLINGS)}, got {pooling!r}")
         if embed_dim < 1 or text_dim < 1 or text_hidden < 0:
             raise ConfigError(f"VolumeTextCLIP: embed_dim and text_dim must be >= 1 and text_hidden >= 0, "
                               f"got {embed_dim}, {text_dim}, {text_hidden}")
@@ -109,7 +118,13 @@ class VolumeTextCLIP(nn.Module):
             raise ConfigError(f"VolumeTextCLIP: init_temperature in (0, 1] and max_logit_scale >= 1, "
                               f"got {init_temperature}, {max_logit_scale}")
         self.encoder = create_encoder(encoder, in_channels=in_channels, **dict(encoder_kwargs or {}))
-        feature_dim = int(self.encoder.feature_info[-1].channels)
+        info = self.encoder.feature_info
+        try:
+            feature_dim = int(info[int(feature_level)].channels)
+        except IndexError:
+            raise ConfigError(f"VolumeTextCLIP: feature_level {feature_level} out of range: the encoder "
+                              f"{encoder!r} returns {len(info)} maps") from None
+        self.pooling, self.feature_level = pooling, int(feature_level)
         self.visual_projection = nn.Linear(feature_dim, embed_dim, bias=False)
         if text_hidden:
             self.text_projection: nn.Module = nn.Sequential(
@@ -122,9 +137,13 @@ class VolumeTextCLIP(nn.Module):
         self.text_dim = int(text_dim)
 
     def pooled_features(self, image: torch.Tensor) -> torch.Tensor:
-        """``image`` ``(B, C, X, Y, Z)`` -> ``(B, feature_dim)``: the mean of the encoder's last
-        (coarsest) feature map over its tokens (for CT-ViT exactly ``CTViTOutput.pooled``)."""
-        return self.encoder(image)[-1].mean(dim=(2, 3, 4))
+        """``image`` ``(B, C, X, Y, Z)`` -> ``(B, feature_dim)``: the mean (or the maximum, with
+        ``pooling="max"``) of the encoder's map ``feature_level`` over its tokens (mean of the
+        last map: for CT-ViT exactly ``CTViTOutput.pooled``)."""
+        feature = self.encoder(image)[self.feature_level]
+        if self.pooling == "max":
+            return feature.amax(dim=(2, 3, 4))
+        return feature.mean(dim=(2, 3, 4))
 
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, feature_dim)`` -> unit-norm volume embeddings ``(B, E)``."""
@@ -233,7 +252,8 @@ def embed_volume(model: VolumeTextCLIP, image: torch.Tensor, input_size: Sequenc
     ``image`` ``(C, X, Y, Z)``: padded with 0 up to ``input_size`` where smaller, then tiled with
     ``input_size`` tiles (MONAI's :func:`monai.data.utils.dense_patch_slices`, interval
     ``input_size * (1 - overlap)``, the last tile flush with the edge); tile features are pooled by
-    the encoder and averaged, then projected. Peak memory: ``sw_batch_size`` tiles.
+    the encoder and averaged (their maximum, for a model with ``pooling="max"``: then the result is
+    the maximum over every token of the volume), then projected. Peak memory: ``sw_batch_size`` tiles.
     """
     from monai.data.utils import dense_patch_slices
 
@@ -250,11 +270,13 @@ def embed_volume(model: VolumeTextCLIP, image: torch.Tensor, input_size: Sequenc
     interval = tuple(max(1, int(r * (1.0 - float(overlap)))) for r in roi)
     slices = dense_patch_slices(size, roi, interval)
     device = next(model.parameters()).device
-    total = torch.zeros(model.feature_dim, dtype=torch.float64, device=device)
+    use_max = getattr(model, "pooling", "mean") == "max"
+    total = torch.full((model.feature_dim,), -math.inf if use_max else 0.0, dtype=torch.float64, device=device)
     for start in range(0, len(slices), int(sw_batch_size)):
         batch = torch.stack([image[(slice(None), *s)] for s in slices[start : start + int(sw_batch_size)]]).to(device)
-        total += model.pooled_features(batch.float()).double().sum(0)
-    pooled = (total / len(slices)).float()[None]
+        features = model.pooled_features(batch.float()).double()
+        total = torch.maximum(total, features.amax(0)) if use_max else total + features.sum(0)
+    pooled = (total if use_max else total / len(slices)).float()[None]
     return model.embed_pooled(pooled)[0], len(slices)
 
 
@@ -319,7 +341,8 @@ class ClipConfig:
     """What ``clip.json`` records: the network, the text model, the preprocessing and the input size.
 
     Attributes:
-        encoder, encoder_kwargs, embed_dim, text_hidden, in_channels: :class:`VolumeTextCLIP` arguments.
+        encoder, encoder_kwargs, embed_dim, text_hidden, in_channels, pooling, feature_level:
+            :class:`VolumeTextCLIP` arguments.
         text_model: ``"default"`` (MiniLM) or a local Hugging Face folder; text_model_hash: its
             sha256, checked at load (other embeddings would mean nothing to the projection).
         text_dim: D.
@@ -336,6 +359,8 @@ class ClipConfig:
     embed_dim: int = 256
     text_hidden: int = 0
     in_channels: int = 1
+    pooling: str = "mean"
+    feature_level: int = -1
     text_model: str = "default"
     text_model_hash: str = ""
     text_dim: int = 384
@@ -367,7 +392,8 @@ class ClipConfig:
 def build_clip_model(config: ClipConfig) -> VolumeTextCLIP:
     """The untrained network described by ``config``."""
     return VolumeTextCLIP(config.encoder, config.encoder_kwargs, text_dim=config.text_dim, embed_dim=config.embed_dim,
-                          text_hidden=config.text_hidden, in_channels=config.in_channels)
+                          text_hidden=config.text_hidden, in_channels=config.in_channels, pooling=config.pooling,
+                          feature_level=config.feature_level)
 
 
 def is_clip_package(path: str | Path) -> bool:

@@ -243,6 +243,8 @@ class ClipModule(L.LightningModule):
     Args:
         encoder, encoder_kwargs: a registry preset and its overrides (CT-ViT by default).
         embed_dim, text_hidden: the shared embedding size; the text projection's hidden width (0: linear).
+        pooling, feature_level: how the volume embedding is pooled (``"mean"`` or ``"max"``) and from
+            which encoder map (``-1``: the deepest); see :class:`~volumed.heads.clip.VolumeTextCLIP`.
         init_temperature: CLIP's 0.07.
         text_model: ``"default"`` (MiniLM) or a local Hugging Face folder (linked to the data's).
         findings: zero-shot findings for validation and the package default (empty: CT-RATE's 18).
@@ -266,12 +268,14 @@ class ClipModule(L.LightningModule):
         input_size: Sequence[int] = (48, 48, 32),
         overlap: float = 0.0,
         max_report_words: int = 2000,
+        pooling: str = "mean",
+        feature_level: int = -1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.clip_config = ClipConfig(
             encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}), embed_dim=int(embed_dim),
-            text_hidden=int(text_hidden), text_model=text_model, input_size=tuple(int(s) for s in input_size),
+            text_hidden=int(text_hidden), pooling=pooling, feature_level=int(feature_level), text_model=text_model, input_size=tuple(int(s) for s in input_size),
             overlap=float(overlap), findings=list(findings), max_report_words=int(max_report_words))
         self.net: VolumeTextCLIP = build_clip_model(self.clip_config)
         if init_temperature != 0.07:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -129,6 +130,27 @@ def test_a_larger_volume_is_tiled_and_the_pooled_features_averaged():
     assert not torch.allclose(emb, m.embed_image(x[None, :, :16, :, :8])[0], atol=1e-3)
 
 
+def test_max_pooling_of_a_finer_map_is_the_maximum_over_every_token_of_the_volume():
+    """pooling="max" (a focal finding is a few tokens that a mean dilutes): tiles combine by their
+    maximum, so the tiled embedding is that of the whole volume's maximum, whichever tile holds it."""
+    torch.manual_seed(0)
+    m = VolumeTextCLIP(encoder="stunet_tiny", encoder_kwargs={"strides": [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2},
+                       embed_dim=16, pooling="max", feature_level=1).eval()
+    assert m.feature_dim == m.encoder.feature_info[1].channels
+    x = torch.rand(1, 32, 16, 16)  # 2 x 1 x 2 tiles of 16 x 16 x 8
+    emb, tiles = embed_volume(m, x, INPUT)
+    with torch.no_grad():
+        maps = [m.encoder(x[None, :, i:i + 16, :, k:k + 8])[1] for i in (0, 16) for k in (0, 8)]
+        expected = m.embed_pooled(torch.stack([f.amax(dim=(2, 3, 4)) for f in maps]).amax(0))[0]
+        mean_pooled = m.embed_pooled(torch.stack([f.mean(dim=(2, 3, 4)) for f in maps]).mean(0))[0]
+    assert tiles == 4 and torch.allclose(emb, expected, atol=1e-5)
+    assert not torch.allclose(emb, mean_pooled, atol=1e-3)
+    with pytest.raises(ConfigError, match="pooling"):
+        VolumeTextCLIP(**TINY, pooling="attention")
+    with pytest.raises(ConfigError, match="feature_level 7"):
+        VolumeTextCLIP(**TINY, feature_level=7)
+
+
 def test_a_smaller_volume_is_padded_with_air():
     m = tiny_model()
     x = torch.rand(1, 10, 16, 8)
@@ -199,3 +221,8 @@ def test_any_registry_encoder_can_be_the_volume_encoder():
     emb = m.embed_image(torch.rand(2, 1, 16, 16, 8))
     assert emb.shape == (2, 8) and m.feature_dim == 16
     assert math.isclose(float(emb.norm(dim=1)[0]), 1.0, rel_tol=1e-5)
+    # The pooling and the pooled level travel with the package's config.
+    cfg.pooling, cfg.feature_level = "max", 1
+    m = build_clip_model(cfg)
+    assert (m.pooling, m.feature_level, m.feature_dim) == ("max", 1, 8)
+    assert ClipConfig.from_dict(json.loads(cfg.to_json())) == cfg
