@@ -14,6 +14,7 @@ model.safetensors) in ``--package_dir`` (default ``<out>/package``), read by ``v
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     package_dir = Path(cfg["package_dir"]) if cfg["package_dir"] else out / "package"
     data = cfg["data"]
     training = {
-        "command": "volumed train ground " + " ".join(args),
+        "command": "volumed train ground " + shlex.join(args),
         "config": [str(p) for p in (cfg.get("config") or [])],
         "seed": int(cfg["seed_everything"]) if cfg["seed_everything"] is not None else None,
         "data": data["datalist"] or f"phantoms(n={data['phantoms']}, seed={data['phantom_seed']})",

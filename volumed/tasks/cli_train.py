@@ -15,6 +15,7 @@ Every recipe value can be overridden on the command line (``--model.lr 1e-3``,
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     package_dir = Path(cfg["package_dir"]) if cfg["package_dir"] else out / "package"
     config_files = [str(p) for p in (cfg.get("config") or [])]
     training = {
-        "command": "volumed train promptseg " + " ".join(args),
+        "command": "volumed train promptseg " + shlex.join(args),
         "config": config_files,
         "seed": int(cfg["seed_everything"]) if cfg["seed_everything"] is not None else None,
         "data": cfg["data"]["datalist"] or f"phantoms(n={cfg['data']['phantom_cases']}, seed={cfg['data']['phantom_seed']})",
