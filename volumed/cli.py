@@ -496,6 +496,41 @@ def evaluate_reports_command(
         typer.echo(f"wrote {output}")
 
 
+@app.command("evaluate-grounding")
+def evaluate_grounding_command(
+    datalist: Path = typer.Argument(..., help="Finding-level datalist (JSON: image, findings[{text, mask, mask_label, category}])."),
+    model: Path = typer.Option(..., "--model", help="Grounding model folder (config.json, grounding.json, model.safetensors)."),
+    section: str = typer.Option("validation", "--section", help="Datalist section to score."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file: the summary and one row per finding."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="As for `volumed ground`."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
+) -> None:
+    """ReXGroundingCT-style scores of a grounding model on a finding-level datalist: per-finding
+    Dice, hit rate (all, focal, non-focal), component hit rate, false positives on negated and
+    absent sentences."""
+    from dataclasses import asdict
+
+    from volumed.data.grounding_datalist import load_grounding_datalist
+    from volumed.inference.ground import GroundingPredictor, evaluate_grounding
+    from volumed.io.atomic import atomic_write_text, check_writable
+
+    if output is not None:
+        check_writable(output, overwrite)
+    cases = load_grounding_datalist(datalist, section=section)
+    predictor = GroundingPredictor.from_package(model, device=device, anatomy_model=anatomy_model)
+    metrics, rows = evaluate_grounding(predictor, cases)
+    summary = asdict(metrics)
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        typer.echo(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if output is not None:
+        record = {"datalist": str(datalist), "section": section, "model": str(model), "summary": summary,
+                  "findings": [{"image": str(image), "text": text, **asdict(score)} for image, text, score in rows]}
+        atomic_write_text(output, json.dumps(record, indent=2) + "\n", overwrite=overwrite)
+        typer.echo(f"wrote {output}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -75,6 +77,21 @@ def test_phantom_training_lowers_the_loss_and_exports_a_package_that_grounds(pha
     assert 0.0 <= metrics.hit_rate <= 1.0 and 0.0 <= metrics.false_positive_rate <= 1.0
     negated = [s for _, text, s in rows if text.startswith("No ")]
     assert negated and not any(s.false_positive for s in negated)  # never predicted
+    # The command: the same scores as a table and a JSON record, one row per finding.
+    from volumed.cli import main
+
+    out = tmp_path / "scores.json"
+    args = ["evaluate-grounding", str(phantoms[1]), "--model", str(pkg), "--section", "training", "-o", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    record = json.loads(out.read_text())
+    assert record["summary"]["n_present"] == metrics.n_present and record["summary"]["n_absent"] == metrics.n_absent
+    assert record["summary"]["hit_rate"] == pytest.approx(metrics.hit_rate)
+    assert len(record["findings"]) == len(rows) and {"text", "dice", "hit", "false_positive"} <= set(record["findings"][0])
+    with pytest.raises(SystemExit) as exit_info:  # an existing output is refused
+        main(args)
+    assert exit_info.value.code == 2
 
 
 def test_train_ground_command_parses(capsys):
