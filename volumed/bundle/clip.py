@@ -102,6 +102,8 @@ class FixedPromptCLIP(VolumeTextCLIP):
         self.max_logit_scale = network.max_logit_scale
         self.feature_dim = network.feature_dim
         self.text_dim = network.text_dim
+        self.pooling = network.pooling
+        self.feature_level = network.feature_level
         self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -226,3 +226,17 @@ def test_any_registry_encoder_can_be_the_volume_encoder():
     m = build_clip_model(cfg)
     assert (m.pooling, m.feature_level, m.feature_dim) == ("max", 1, 8)
     assert ClipConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_the_bundle_export_wrapper_keeps_the_pooling():
+    """FixedPromptCLIP (the bundle's TorchScript network) pools as the network it wraps."""
+    from volumed.bundle.clip import FixedPromptCLIP
+
+    torch.manual_seed(0)
+    m = VolumeTextCLIP(encoder="stunet_tiny", encoder_kwargs={"strides": [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2},
+                       embed_dim=16, pooling="max", feature_level=1).eval()
+    text = torch.randn(4, 384)
+    wrapped = FixedPromptCLIP(m, text).eval()
+    x = torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), m(x, text), atol=1e-5)
