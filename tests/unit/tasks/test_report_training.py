@@ -52,7 +52,19 @@ PHANTOM_MODEL = dict(encoder="cnn_tiny", encoder_kwargs={}, pooling="max", num_v
 PHANTOM_STEPS = 600
 
 
-@pytest.mark.slow
+def _train_and_generate(tokenizer_dir, data: ReportDataModule) -> tuple[list[str], list[str]]:
+    """The phantom recipe trained on ``data``; greedy reports of its held-out images and their references."""
+    model = _module(tokenizer_dir, **PHANTOM_MODEL)
+    _trainer(max_steps=PHANTOM_STEPS, limit_val_batches=0).fit(model, datamodule=data)
+    model.eval()
+    predictions, references = [], []
+    for batch in data.val_dataloader():
+        predictions += model.generate(batch["image"])
+        references += list(batch["report"])
+    return predictions, references
+
+
+# In the default run (about 5-6 minutes of one core): the issue's goal, asserted where CI sees it.
 def test_phantom_reports_state_the_nodules_the_images_hold(tokenizer_dir):
     """Train on 192 balanced phantoms (the tiny LM learns its language from scratch: lm_mode full),
     then generate greedily for 24 held-out phantoms (another seed, half with nodules). Since the
@@ -62,13 +74,7 @@ def test_phantom_reports_state_the_nodules_the_images_hold(tokenizer_dir):
     start = time.process_time()
     L.seed_everything(0, verbose=False)
     data = ReportDataModule(phantom_cases=192, phantom_val_cases=24, phantom_seed=0, batch_size=8, **PHANTOMS)
-    model = _module(tokenizer_dir, **PHANTOM_MODEL)
-    _trainer(max_steps=PHANTOM_STEPS, limit_val_batches=0).fit(model, datamodule=data)
-    model.eval()
-    predictions, references = [], []
-    for batch in data.val_dataloader():
-        predictions += model.generate(batch["image"])
-        references += list(batch["report"])
+    predictions, references = _train_and_generate(tokenizer_dir, data)
     ce = score_reports(predictions, references)
     nodule = ce.per_class["Lung nodule"]
     assert nodule.tp + nodule.fn == 12, "the held-out cohort must be balanced"
@@ -92,13 +98,7 @@ def test_the_same_phantom_recipe_on_shuffled_reports_stays_blind(tokenizer_dir):
     for item, cached, report in zip(data.train_set.data, data.train_set._cache, reports):
         item["report"] = report
         cached["report"] = report
-    model = _module(tokenizer_dir, **PHANTOM_MODEL)
-    _trainer(max_steps=PHANTOM_STEPS, limit_val_batches=0).fit(model, datamodule=data)
-    model.eval()
-    predictions, references = [], []
-    for batch in data.val_dataloader():
-        predictions += model.generate(batch["image"])
-        references += list(batch["report"])
+    predictions, references = _train_and_generate(tokenizer_dir, data)
     assert score_reports(predictions, references).macro_f1 < 0.8
 
 
