@@ -110,13 +110,13 @@ def render(rows: list[dict], notes: list[str]) -> str:
         "",
         "Each sentence is grounded through `volumed ground`'s path with `bundles/volumed_ground_ct`; a sentence "
         "that names one structure and nothing else is answered by the default segmenter for the parsed term "
-        "(`volumed ground`'s default `--anatomy-model`). Dice on the scan's original grid against its reference mask, "
-        "next to `volumed segment`'s Dice of the same term with the default segmenter (the model the grounding "
-        "bundle started from). **Training-scan figures:** both models trained on these four CTs; unseen-scan "
+        "(`volumed ground`'s default `--anatomy-model`), with its connected-component rules. Dice on the scan's "
+        "original grid against its reference mask, next to the default segmenter's probabilities above its "
+        "threshold without those rules (as in \"Generalisation: unseen scans\"), the grounding bundle's start. **Training-scan figures:** both models trained on these four CTs; unseen-scan "
         "Dice is in \"Generalisation: unseen scans\". The last column is the grounding model's own location query "
         "(`--anatomy-model self`): its segmenter, fine-tuned on finding phantoms, no longer finds organs on real CT.",
         "",
-        "| scan | sentence | parsed term | grounded Dice | `volumed segment` Dice | grounded mL | reference mL | "
+        "| scan | sentence | parsed term | grounded Dice | segmenter Dice, no component rules | grounded mL | reference mL | "
         "`--anatomy-model self` Dice |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]

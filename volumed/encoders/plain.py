@@ -63,7 +63,9 @@ class PlainCNNEncoder(nn.Module):
         return out
 
 
-@register_encoder("cnn_tiny", family="plain", description="plain 3D CNN, 8-16-16 channels, one stride-2 stage: for probes and phantom tests, no published weights",
+@register_encoder("cnn_tiny", family="plain",
+                  description="plain 3D CNN, 8-16-16 channels, one stride-2 stage: for probes and phantom tests, "
+                              "no published weights",
                   channels=(8, 16, 16), strides=(1, 2, 1))
 def _cnn_tiny(in_channels: int = 1, **kwargs) -> PlainCNNEncoder:
     return PlainCNNEncoder(in_channels, **kwargs)

@@ -162,10 +162,12 @@ class GroundingPredictor:
         return self._anatomy
 
     def _finish(self, volume: Volume, queries: Sequence[FindingQuery], seg, case, probs, todo: list[int],
-                threshold: float, out: list[GroundedFinding]) -> None:
+                threshold: float, out: list[GroundedFinding], components=None) -> None:
+        """Masks, confidences and instances of ``todo`` (rows of ``probs``) on the original grid,
+        into ``out``; ``components``: the segmenter's connected-component rules, if any."""
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         done = set()
-        for j, pieces in seg.iter_original(probs, case, None):
+        for j, pieces in seg.iter_original(probs, case, components):
             k = todo[j]
             done.add(k)
             prob = np.zeros(volume.shape, dtype=np.float32)
@@ -192,19 +194,25 @@ class GroundingPredictor:
         by_anatomy = [k for k in todo if anatomy is not None and queries[k].anatomy
                       and queries[k].location_term in anatomy.config.terms]
         if by_anatomy:
+            from volumed.inference.postprocess import ComponentFilter
+
             todo = [k for k in todo if k not in by_anatomy]
             case = anatomy.preprocess(volume)
             terms = anatomy.resolve_prompts([queries[k].location_term for k in by_anatomy], volume.modality)
             probs = anatomy.predict_probabilities(case, anatomy.term_queries(terms, volume.modality))
-            self._finish(volume, queries, anatomy, case, probs, by_anatomy, float(anatomy.config.threshold), out)
+            # The segmenter's own component rules (largest component of a femur, ...): the mask is
+            # the one `volumed segment -p TERM` writes.
+            threshold = float(anatomy.config.threshold)
+            components = ComponentFilter(anatomy.postprocess_rules(terms), threshold)
+            self._finish(volume, queries, anatomy, case, probs, by_anatomy, threshold, out, components)
         if not todo:
             return out
         threshold = float(self.config.threshold)
         seg = self.predictor
         case = seg.preprocess(volume)
         q, has = self.queries([queries[k] for k in todo], volume.modality)
-        anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
-        probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), anatomy), case, q)
+        is_anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
+        probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), is_anatomy), case, q)
         self._finish(volume, queries, seg, case, probs, todo, threshold, out)
         return out
 

@@ -275,8 +275,8 @@ class ClipModule(L.LightningModule):
         self.save_hyperparameters()
         self.clip_config = ClipConfig(
             encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}), embed_dim=int(embed_dim),
-            text_hidden=int(text_hidden), pooling=pooling, feature_level=int(feature_level), text_model=text_model, input_size=tuple(int(s) for s in input_size),
-            overlap=float(overlap), findings=list(findings), max_report_words=int(max_report_words))
+            text_hidden=int(text_hidden), pooling=pooling, feature_level=int(feature_level), text_model=text_model,
+            input_size=tuple(int(s) for s in input_size), overlap=float(overlap), findings=list(findings), max_report_words=int(max_report_words))
         self.net: VolumeTextCLIP = build_clip_model(self.clip_config)
         if init_temperature != 0.07:
             with torch.no_grad():
