@@ -16,6 +16,12 @@ Each case also gets sentences whose reference is empty (``mask: null`` in the da
   hypodense lesion in the spleen."): the model must find nothing, and a mask there is a false
   positive (:mod:`volumed.metrics.grounding`).
 
+On request (``anatomy``), a case also gets **anatomy** sentences ("The right lower lobe of the
+lung.", "The spleen."), one per organ that can hold a lesion, whose reference is that organ of the
+phantom's label map. They teach the location gate where each organ is (a grounding model's anatomy
+queries, :attr:`volumed.heads.grounding.FindingQuery.anatomy`); they are training data, not a test
+of grounding, so held-out cohorts are written without them.
+
 The sizes of absent sentences are drawn from the lesion kind's range. Everything is drawn from
 ``numpy.random.default_rng((seed, index))``: the same case gets the same sentences.
 """
@@ -70,14 +76,16 @@ class PhantomFinding:
         text: the sentence.
         lesion_id: the value of the lesion it describes in the case's ``lesion_map``, or None
             for a negated or absent sentence (empty reference).
-        kind: ``"lesion"``, ``"negated"`` or ``"absent"``.
-        place: the place phrase it names.
+        kind: ``"lesion"``, ``"negated"``, ``"absent"`` or ``"anatomy"``.
+        place: the place phrase it names (an anatomy sentence's: its organ's label name).
+        organ_id: an anatomy sentence's organ, its value in the case's ``label`` map; else None.
     """
 
     text: str
     lesion_id: int | None
     kind: str
     place: str
+    organ_id: int | None = None
 
 
 def _article(size_text: str) -> str:
@@ -97,10 +105,26 @@ def _sentence(size_mm: float, finding: str, place: str, style: int) -> str:
     return f"{place[0].upper()}{place[1:]}: {mm} {finding}."
 
 
-def phantom_findings(case: PhantomCase, *, negated: int = 1, absent: int = 2, seed: int = 0) -> list[PhantomFinding]:
+# Organ label name -> the words of its anatomy sentence (each parses to that one structure).
+_ANATOMY_WORDS = {
+    "lung_upper_lobe_right": "right upper lobe of the lung", "lung_middle_lobe_right": "right middle lobe of the lung",
+    "lung_lower_lobe_right": "right lower lobe of the lung", "lung_upper_lobe_left": "left upper lobe of the lung",
+    "lung_lower_lobe_left": "left lower lobe of the lung", "liver": "liver", "spleen": "spleen",
+    "kidney_right": "right kidney", "kidney_left": "left kidney",
+}
+
+
+def _anatomy_sentence(words: str, style: int) -> str:
+    return (f"The {words}.", f"the {words}", f"{words[0].upper()}{words[1:]}.")[style % 3]
+
+
+def phantom_findings(case: PhantomCase, *, negated: int = 1, absent: int = 2, anatomy: int = 0,
+                     seed: int = 0) -> list[PhantomFinding]:
     """Sentences of one phantom case: one per lesion (with its size and location, in a wording
     drawn at random), then ``negated`` negated and ``absent`` affirmative sentences about places
-    without a lesion (fewer if fewer such places exist)."""
+    without a lesion (fewer if fewer such places exist), then ``anatomy`` anatomy sentences about
+    organs of the case that can hold a lesion (fewer if fewer are in the field of view). The
+    sentences without anatomy are the same whatever ``anatomy`` is."""
     rng = np.random.default_rng((int(seed), case.seed, case.index))
     out = []
     for lesion in case.lesions:
@@ -119,6 +143,13 @@ def phantom_findings(case: PhantomCase, *, negated: int = 1, absent: int = 2, se
         finding = _PLACES[place][int(rng.integers(len(_PLACES[place])))]
         out.append(PhantomFinding(_sentence(float(rng.uniform(8.0, 25.0)), finding, place, int(rng.integers(4))),
                                   None, "absent", place))
+    if int(anatomy) > 0:
+        extra = np.random.default_rng((int(seed), case.seed, case.index, 1))  # leaves the draws above alone
+        ids = {name: i for i, name in case.label_names.items()}
+        names = [n for n in _ANATOMY_WORDS if n in ids]
+        for name in [names[i] for i in extra.permutation(len(names))][: int(anatomy)]:
+            out.append(PhantomFinding(_anatomy_sentence(_ANATOMY_WORDS[name], int(extra.integers(3))), None, "anatomy",
+                                      name, ids[name]))
     return out
 
 
@@ -143,6 +174,7 @@ def write_grounding_phantoms(
     first_index: int = 0,
     negated: int = 1,
     absent: int = 2,
+    anatomy: int = 0,
     section: str = "training",
     overwrite: bool = False,
 ) -> Path:
@@ -151,7 +183,9 @@ def write_grounding_phantoms(
 
     Layout: ``images/<case>.nii.gz`` (int16 HU), ``lesions/<case>.nii.gz`` (the lesion map; a
     finding's ``mask_label`` is its lesion's value) and ``grounding.json``. Lesion findings are
-    ``focal``; negated and absent ones have ``mask: null``. Returns the datalist's path.
+    ``focal``; negated and absent ones have ``mask: null``. With ``anatomy`` > 0, that many
+    anatomy sentences per case (:func:`phantom_findings`), ``non-focal``, whose reference is their
+    organ in ``labels/<case>.nii.gz`` (the organ label map). Returns the datalist's path.
     """
     if int(n) < 1:
         raise ConfigError(f"n must be at least 1, got {n!r}")
@@ -164,10 +198,14 @@ def write_grounding_phantoms(
         image, lesions = out / "images" / f"{ph.case_id}.nii.gz", out / "lesions" / f"{ph.case_id}.nii.gz"
         write_nifti(ph.image, image, overwrite=overwrite, dtype=np.int16)
         write_nifti(ph.lesion_map, lesions, overwrite=overwrite)
+        sentences = phantom_findings(ph, negated=negated, absent=absent, anatomy=anatomy, seed=seed)
+        labels = out / "labels" / f"{ph.case_id}.nii.gz"
+        if any(f.kind == "anatomy" for f in sentences):
+            write_nifti(ph.label, labels, overwrite=overwrite)
         findings = tuple(
-            FindingAnnotation(f.text, lesions if f.lesion_id else None, True if f.lesion_id else None,
-                              f.lesion_id, k)
-            for k, f in enumerate(phantom_findings(ph, negated=negated, absent=absent, seed=seed))
+            FindingAnnotation(f.text, labels, False, f.organ_id, k) if f.kind == "anatomy" else
+            FindingAnnotation(f.text, lesions if f.lesion_id else None, True if f.lesion_id else None, f.lesion_id, k)
+            for k, f in enumerate(sentences)
         )
         cases.append(GroundingCase(image, findings, ph.report, "CT", i, {"case_id": ph.case_id}))
     return write_grounding_datalist(cases, datalist, section=section, overwrite=overwrite)

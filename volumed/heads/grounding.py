@@ -267,12 +267,15 @@ class GroundingModel(TextPromptedSegmenter):
 
     def gate(self, logits: torch.Tensor, has_location: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
         """``logits`` ``(B, 2N, ...)`` (sentence queries, then gate queries) -> gated ``(B, N, ...)``.
-        ``has_location`` ``(N,)`` or ``(B, N)``. ``anatomy`` ``(N,)`` bool: those channels are the
-        location query's own logits, undilated (an anatomy sentence is its structure)."""
+        ``has_location`` ``(N,)`` or ``(B, N)``. ``anatomy`` ``(N,)`` or ``(B, N)`` bool: those
+        channels are the location query's own logits, undilated and with their gradient (an
+        anatomy sentence is its structure; training on it teaches the gate where the organ is)."""
         n = logits.shape[1] // 2
         if anatomy is not None and bool(anatomy.any()):
             gated = self.gate(logits, has_location)
-            return torch.where(anatomy.to(torch.bool)[None, :, None, None, None], logits[:, n:], gated)
+            pick = anatomy.to(torch.bool)
+            pick = pick[None] if pick.ndim == 1 else pick
+            return torch.where(pick[:, :, None, None, None], logits[:, n:], gated)
         # The gate is the anatomy model's answer and gets no gradient: otherwise the cheapest way
         # to say "nothing" for an absent sentence is to close the gate (forget the organ), after
         # which no finding in that organ can be found either.

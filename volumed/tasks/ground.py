@@ -93,6 +93,11 @@ class GroundingTrainCase:
     has_location: torch.Tensor
     modality: str
     case_id: str
+    anatomy: torch.Tensor | None = None  # (K,) bool: anatomy sentences (FindingQuery.anatomy)
+
+    def __post_init__(self):
+        if self.anatomy is None:
+            self.anatomy = torch.tensor([q.anatomy for q in self.queries], dtype=torch.bool)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -137,17 +142,22 @@ class GroundingPatchDataset(Dataset):
     """Random patches with ``queries_per_patch`` sentences each (see the module docstring).
 
     Item: ``image`` (1, px, py, pz) float, ``target`` (K, px, py, pz) uint8, ``sentence`` and
-    ``location`` (K, D) float, ``has_location`` (K,) bool, ``modality`` () long.
+    ``location`` (K, D) float, ``has_location`` and ``anatomy`` (K,) bool, ``modality`` () long.
+
+    Anatomy sentences (whole organs) are never a patch's centre while a finding is there to
+    centre on, and at most ``anatomy_per_patch`` of them come with a patch, after the findings
+    in it: they teach the location gate and must not crowd the findings out.
     """
 
     def __init__(self, cases: Sequence[GroundingTrainCase], patch_size: Sequence[int], fg_rate: float = 0.8,
-                 queries_per_patch: int = 4, samples: int = 64, seed: int = 0):
+                 queries_per_patch: int = 4, samples: int = 64, seed: int = 0, anatomy_per_patch: int = 1):
         if not cases:
             raise ConfigError("GroundingPatchDataset: no cases")
         if not 0.0 <= float(fg_rate) <= 1.0 or int(queries_per_patch) < 1:
             raise ConfigError(f"GroundingPatchDataset: fg_rate in [0, 1] and queries_per_patch >= 1, got {fg_rate}, {queries_per_patch}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.fg_rate, self.k, self.samples, self.seed = float(fg_rate), int(queries_per_patch), int(samples), int(seed)
+        self.anatomy_per_patch = int(anatomy_per_patch)
         self.cases = [self._padded(c) for c in cases]
         self._draws = 0
 
@@ -168,7 +178,9 @@ class GroundingPatchDataset(Dataset):
         self._draws += 1
         item = self.cases[int(rng.integers(len(self.cases)))]
         case, shape = item["case"], item["image"].shape[1:]
-        present = [k for k, fg in enumerate(item["fg"]) if len(fg)]
+        anatomy = case.anatomy
+        present = [k for k, fg in enumerate(item["fg"]) if len(fg) and not anatomy[k]] or \
+            [k for k, fg in enumerate(item["fg"]) if len(fg)]
         if present and rng.random() < self.fg_rate:
             fg = item["fg"][present[int(rng.integers(len(present)))]]
             # Jittered, so that the finding is anywhere in the patch, not always at its centre
@@ -182,11 +194,15 @@ class GroundingPatchDataset(Dataset):
         target = item["masks"][(slice(None), *box)]
         inside = target.flatten(1).amax(1) > 0
         order = [int(k) for k in rng.permutation(len(case.queries))]
-        order = [k for k in order if inside[k]] + [k for k in order if not inside[k]]
+        organs = [k for k in order if anatomy[k] and inside[k]][: self.anatomy_per_patch]
+        findings = [k for k in order if not anatomy[k]]
+        order = [k for k in findings if inside[k]] + organs + [k for k in findings if not inside[k]]
+        order = order or [int(k) for k in rng.permutation(len(case.queries))]
         pick = [order[j % len(order)] for j in range(self.k)]
         return {"image": item["image"][(slice(None), *box)].float(), "target": target[pick],
                 "sentence": case.sentence[pick], "location": case.location[pick],
-                "has_location": case.has_location[pick], "modality": torch.tensor(_MODALITY_IDS[case.modality])}
+                "has_location": case.has_location[pick], "anatomy": anatomy[pick],
+                "modality": torch.tensor(_MODALITY_IDS[case.modality])}
 
 
 class GroundingDataModule(L.LightningDataModule):
@@ -198,6 +214,9 @@ class GroundingDataModule(L.LightningDataModule):
             (default: a temporary folder) and reads them back through the same datalist reader.
         section: datalist section to train on.
         phantoms, phantom_seed, phantom_shape, phantom_spacing: the phantom cohort.
+        phantom_anatomy: anatomy sentences per phantom case (whole organs, which train the
+            location gate; :func:`~volumed.data.grounding_phantoms.phantom_findings`).
+        anatomy_per_patch: at most this many anatomy sentences per patch (:class:`GroundingPatchDataset`).
         target_spacing (mm), crop_foreground, margin, ct_window (HU mapped to [0, 1]): the
             preprocessing (recorded in the package). A narrow window makes soft-tissue lesions
             (20-60 HU from their organ) visible to a small network early in training.
@@ -215,6 +234,8 @@ class GroundingDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = (64, 64, 48),
         phantom_spacing: Sequence[float] = (4.0, 4.0, 4.0),
         phantom_dir: str | None = None,
+        phantom_anatomy: int = 0,
+        anatomy_per_patch: int = 1,
         target_spacing: Sequence[float] | None = (4.0, 4.0, 4.0),
         crop_foreground: bool = False,
         margin: int = 8,
@@ -254,7 +275,7 @@ class GroundingDataModule(L.LightningDataModule):
         path = folder / "grounding.json"
         if not path.is_file():
             write_grounding_phantoms(folder, int(h.phantoms), int(h.phantom_seed), shape=h.phantom_shape,
-                                     spacing=h.phantom_spacing)
+                                     spacing=h.phantom_spacing, anatomy=int(h.phantom_anatomy))
         return path
 
     def setup(self, stage: str | None = None) -> None:
@@ -270,7 +291,8 @@ class GroundingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        ds = GroundingPatchDataset(self.cases, h.patch_size, h.fg_rate, h.queries_per_patch, h.samples_per_epoch, h.seed)
+        ds = GroundingPatchDataset(self.cases, h.patch_size, h.fg_rate, h.queries_per_patch, h.samples_per_epoch, h.seed,
+                                   h.anatomy_per_patch)
         return DataLoader(ds, batch_size=int(h.batch_size), shuffle=False, num_workers=int(h.num_workers))
 
 
@@ -349,25 +371,33 @@ class GroundingModule(L.LightningModule):
         self.grounding_config.finding_types = sorted({q.finding_type for q in queries if q.finding_type})
 
     def forward(self, image: torch.Tensor, sentence: torch.Tensor, location: torch.Tensor, has_location: torch.Tensor,
-                modality: torch.Tensor) -> torch.Tensor:
+                modality: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
         """Batched queries: ``image`` (B, 1, ...), ``sentence``/``location`` (B, K, D), ``has_location``
-        (B, K), ``modality`` (B,) ids -> logits (B, K, ...)."""
+        and ``anatomy`` (B, K), ``modality`` (B,) ids -> logits (B, K, ...). An anatomy sentence's
+        channel is its location query's own logits, which it trains (the gate of a finding
+        sentence gets no gradient: :meth:`GroundingModel.gate`)."""
         b, k, d = sentence.shape
         ids = modality.to(torch.long)[:, None].expand(b, k).reshape(-1)
         loc = location.reshape(b * k, d)
         q = self.net.location(sentence.reshape(b * k, d), loc, has_location.reshape(b * k))
         queries = torch.cat([self.net.text_condition(q, ids).reshape(b, k, d),
                              self.net.text_condition(loc, ids).reshape(b, k, d)], dim=1)
-        return self.net.gate(self.net.segmenter(image, queries), has_location)
+        return self.net.gate(self.net.segmenter(image, queries), has_location, anatomy)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]):
-        logits = self(batch["image"], batch["sentence"], batch["location"], batch["has_location"], batch["modality"])
+        anatomy = batch.get("anatomy")
+        logits = self(batch["image"], batch["sentence"], batch["location"], batch["has_location"], batch["modality"],
+                      anatomy)
         use = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         out = self.loss_fn(logits, batch["target"], use)
         if self.hparams.pos_weight is None:
             return out
-        weight = torch.tensor(float(self.hparams.pos_weight), device=logits.device)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["target"].float(), pos_weight=weight)
+        # Findings' voxels weigh pos_weight times a background voxel; an organ's (anatomy) as many.
+        weight = torch.full(logits.shape[:2], float(self.hparams.pos_weight), device=logits.device)
+        if anatomy is not None:
+            weight = torch.where(anatomy.to(torch.bool), torch.ones_like(weight), weight)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["target"].float(),
+                                                 pos_weight=weight[:, :, None, None, None])
         return out._replace(loss=self.loss_fn.dice_weight * out.dice + self.loss_fn.bce_weight * bce, bce=bce)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -50,3 +50,27 @@ def test_cohort_is_a_finding_level_datalist_whose_masks_are_the_lesions(tmp_path
             assert np.array_equal(mask, ph.lesion_map.data == f.mask_label)
         absent = [f for f in case.findings if f.mask is None]
         assert absent and all(f.focal is None for f in absent)
+
+
+def test_anatomy_sentences_name_one_organ_each_and_leave_the_other_sentences_alone(tmp_path):
+    from volumed.heads.grounding import finding_queries
+
+    case = make_case(3, index=2, shape=SHAPE, spacing=SPACING, lesion_rate=1.0)
+    plain = phantom_findings(case)
+    findings = phantom_findings(case, anatomy=20)
+    assert findings[: len(plain)] == plain
+    organs = [f for f in findings if f.kind == "anatomy"]
+    # One per organ in the field of view that can hold a lesion (lobes, liver, spleen, kidneys).
+    assert 5 <= len(organs) <= 9 and len({f.place for f in organs}) == len(organs)
+    for f in organs:
+        (q,) = finding_queries([f.text])
+        assert q.anatomy and q.location_term == f.place == case.label_names[f.organ_id], f.text
+    assert len([f for f in phantom_findings(case, anatomy=2) if f.kind == "anatomy"]) == 2
+
+    path = write_grounding_phantoms(tmp_path / "g", 2, 3, shape=SHAPE, spacing=SPACING, anatomy=3, first_index=2)
+    first = load_grounding_datalist(path)[0]
+    anatomy = [f for f in first.findings if f.focal is False]
+    assert len(anatomy) == 3 and all(f.mask.parent.name == "labels" for f in anatomy)
+    for f in anatomy:
+        assert np.array_equal(read_label(f.mask).data == f.mask_label, case.label.data == f.mask_label)
+        assert (read_label(f.mask).data == f.mask_label).sum() > 100

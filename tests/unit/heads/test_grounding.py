@@ -95,6 +95,14 @@ def test_location_gate_suppresses_findings_outside_the_dilated_organ():
     out = GatedSegmenter(model, torch.tensor([True, True]), torch.tensor([True, False]))(
         torch.rand(1, 1, 64, 64, 16), torch.randn(4, 384))
     assert out.shape == (1, 2, 64, 64, 16)
+    # In a batch (training), anatomy is (B, N), and an anatomy channel trains its location query.
+    leaf = logits.expand(2, -1, -1, -1, -1).clone().requires_grad_(True)
+    pick = torch.tensor([[True, False], [False, False]])
+    batched = model.gate(leaf, torch.tensor([[True, True], [True, True]]), anatomy=pick)
+    assert torch.equal(batched[0, 0], logits[0, 2])
+    assert torch.equal(batched[1, 0], model.gate(logits, torch.tensor([True, True]))[0, 0])
+    batched.sum().backward()
+    assert torch.all(leaf.grad[0, 2] == 1) and torch.all(leaf.grad[1, 2:] == 0) and torch.all(leaf.grad[0, 3] == 0)
 
 
 def test_a_sentence_that_only_names_a_structure_is_an_anatomy_query():

@@ -53,6 +53,27 @@ def test_patches_carry_the_sentences_whose_finding_they_hold_first(phantoms):
         GroundingDataModule(None)
 
 
+def test_anatomy_sentences_come_after_the_findings_and_train_the_location_query(tmp_path):
+    path = write_grounding_phantoms(tmp_path / "a", 2, 0, shape=SHAPE, spacing=SPACING, anatomy=9)
+    dm = GroundingDataModule(str(path), target_spacing=SPACING, patch_size=(32, 32, 16))
+    dm.setup("fit")
+    assert all(c.anatomy.sum() >= 5 and not c.anatomy[0] for c in dm.cases)
+    ds = GroundingPatchDataset(dm.cases, (32, 32, 16), fg_rate=1.0, queries_per_patch=4, samples=30, anatomy_per_patch=1)
+    for i in range(30):
+        item = ds[i]
+        anatomy, present = item["anatomy"], item["target"].flatten(1).amax(1) > 0
+        assert present[0] and not anatomy[0], "the patch is centred on a finding, whose sentence comes first"
+        assert int(anatomy.sum()) <= 1 or len(set(item["sentence"][:, 0].tolist())) < 4  # repeats fill short cases
+        assert torch.all(present[anatomy]), "an anatomy sentence comes only with its organ in the patch"
+    # The loss reaches an anatomy sentence's location query (and only through it).
+    module = GroundingModule(encoder="stunet_tiny", **TINY, pos_weight=10.0, patch_size=(32, 32, 16))
+    batch = {k: v[None] for k, v in ds[0].items()}
+    assert bool(batch["anatomy"].any())
+    module.compute_loss(batch).loss.backward()
+    grad = module.net.location.location_proj.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
 def test_phantom_training_lowers_the_loss_and_exports_a_package_that_grounds(phantoms, tmp_path):
     L.seed_everything(0)
     dm = GroundingDataModule(str(phantoms[0]), target_spacing=SPACING, patch_size=(32, 32, 16), batch_size=2,
