@@ -62,6 +62,8 @@ __all__ = [
     "clip_targets",
     "embed_volume",
     "load_clip_package",
+    "NEGATION_MODES",
+    "NO_FINDING_TEXT",
     "report_embedding",
     "report_sentences",
     "save_clip_package",
@@ -309,7 +311,30 @@ def report_sentences(text: str, max_words: int | None = None) -> list[str]:
     return kept
 
 
-def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = None) -> torch.Tensor:
+#: What a report with nothing left to embed (every sentence negated) is embedded as, under
+#: ``negated="drop"``: one shared point, so a normal report and an absent prompt coincide.
+NO_FINDING_TEXT = "No abnormality."
+
+#: How negated sentences enter a text embedding (:func:`report_embedding`).
+NEGATION_MODES = ("keep", "drop")
+
+
+def _drop_negated(sentences: list[str]) -> list[str]:
+    """The sentences that state something: those whose findings (as :func:`volumed.text.reports.parse_sentence`
+    finds them, the CheXpert/NegBio negation patterns) are not all negated. A sentence without a
+    finding the parser knows is kept. ``[NO_FINDING_TEXT]`` when none is left."""
+    from volumed.text.reports import parse_sentence
+
+    kept = []
+    for sentence in sentences:
+        findings = parse_sentence(sentence).findings
+        if not findings or not all(f.negated for f in findings):
+            kept.append(sentence)
+    return kept or [NO_FINDING_TEXT]
+
+
+def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = None,
+                     negated: str = "keep") -> torch.Tensor:
     """Frozen text embeddings ``(N, D)`` of reports, by the truncation policy of the CLIP head.
 
     Policy: a report is split into sentences (:func:`report_sentences`: at most ``max_words``
@@ -322,8 +347,21 @@ def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = N
     10,000-word report is embedded from its first 2000 words' sentences, in batches of the
     encoder's ``batch_size``: time and memory are bounded. Identical sentences (normal findings
     that recur across reports) are embedded once.
+
+    ``negated="drop"`` leaves out the sentences whose findings are all negated ("No lung
+    nodule.", "Pleural effusion is not present."), and embeds a report left with none as
+    :data:`NO_FINDING_TEXT`. A frozen sentence encoder hardly tells "No lung nodule." from
+    "Lung nodule is present." (the same words), so with ``"keep"`` the zero-shot prompt pair of a
+    finding lies on the wrong side of what training aligned the images with (docs/clip.md). With
+    ``"drop"`` every normal report and every "X is not present." prompt embed as the same point,
+    and a positive prompt lies among the reports that state the finding. Zero-shot prompts go
+    through this function too (one-sentence reports), so the two sides always match.
     """
+    if negated not in NEGATION_MODES:
+        raise ConfigError(f"negated must be one of {NEGATION_MODES}, got {negated!r}")
     per_report = [report_sentences(t, max_words) for t in texts]
+    if negated == "drop":
+        per_report = [_drop_negated(sentences) for sentences in per_report]
     unique = list(dict.fromkeys(s for sentences in per_report for s in sentences))
     if not unique:
         return torch.empty(0, encoder.dim)
@@ -351,6 +389,8 @@ class ClipConfig:
         overlap: tile overlap for :func:`embed_volume`.
         findings: the default zero-shot findings (CT-RATE's 18 when empty).
         max_report_words: the report truncation (:func:`report_sentences`).
+        negated: how negated sentences enter reports and prompts (:func:`report_embedding`);
+            ``"keep"`` for packages written before the option existed.
         version, training, metrics: format version; the recipe and held-out scores, for the record.
     """
 
@@ -369,6 +409,7 @@ class ClipConfig:
     overlap: float = 0.0
     findings: list[str] = field(default_factory=list)
     max_report_words: int = 2000
+    negated: str = "keep"
     version: str = "0.1.0"
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -383,6 +424,8 @@ class ClipConfig:
             data["input_size"] = tuple(int(s) for s in data["input_size"])
             if len(data["input_size"]) != 3:
                 raise ConfigError(f"bad CLIP config: input_size needs 3 sizes, got {data['input_size']}", where)
+        if data.get("negated", "keep") not in NEGATION_MODES:
+            raise ConfigError(f"bad CLIP config: negated must be one of {NEGATION_MODES}, got {data['negated']!r}", where)
         return cls(**data)
 
     def to_json(self) -> str:

@@ -38,6 +38,7 @@ class ClipCLI(RunCLI):
         parser.link_arguments("data.input_size", "model.input_size")
         parser.link_arguments("data.text_model", "model.text_model")
         parser.link_arguments("data.max_report_words", "model.max_report_words")
+        parser.link_arguments("data.negated", "model.negated")
         parser.link_arguments("seed_everything", "data.seed")
 
 

@@ -59,11 +59,12 @@ def _text_encoder(text_model: str):
     return TextEncoder(None if text_model == "default" else text_model)
 
 
-def prompt_embeddings(findings: Sequence[str], encoder) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``(names, present (F, D), absent (F, D))``: the frozen embeddings of each finding's prompt pair."""
+def prompt_embeddings(findings: Sequence[str], encoder, negated: str = "keep") -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``(names, present (F, D), absent (F, D))``: the frozen embeddings of each finding's prompt
+    pair, embedded as one-sentence reports (:func:`volumed.heads.clip.report_embedding`)."""
     prompts = zero_shot_prompts(findings)
-    return ([p.finding for p in prompts], encoder.encode([p.present for p in prompts]),
-            encoder.encode([p.absent for p in prompts]))
+    return ([p.finding for p in prompts], report_embedding(encoder, [p.present for p in prompts], negated=negated),
+            report_embedding(encoder, [p.absent for p in prompts], negated=negated))
 
 
 def fit_to_size(image: torch.Tensor, size: Sequence[int], rng: np.random.Generator | None = None) -> torch.Tensor:
@@ -132,6 +133,8 @@ class ClipDataModule(L.LightningDataModule):
         ct_window: CT HU mapped to ``[0, 1]``.
         text_model: ``"default"`` (MiniLM) or a local Hugging Face folder.
         max_report_words: report truncation (:func:`volumed.heads.clip.report_sentences`).
+        negated: ``"keep"`` or ``"drop"``: how negated sentences enter the report embeddings
+            (:func:`volumed.heads.clip.report_embedding`; linked to the model's).
         batch_size, num_workers, seed: loading.
     """
 
@@ -156,6 +159,7 @@ class ClipDataModule(L.LightningDataModule):
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         text_model: str = "default",
         max_report_words: int = 2000,
+        negated: str = "keep",
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
@@ -201,7 +205,8 @@ class ClipDataModule(L.LightningDataModule):
                                       if volume.modality in ("CT", "MR") else "CT"})
             images.append(preprocess(volume, config=cfg).image.as_tensor().float())
         reports = [r for _s, r, _m in items]
-        texts = report_embedding(self.encoder, reports, max_words=self.hparams.max_report_words)
+        texts = report_embedding(self.encoder, reports, max_words=self.hparams.max_report_words,
+                                 negated=self.hparams.negated)
         return ClipPairs(images, texts, reports, self.hparams.input_size, train, self.hparams.seed)
 
     def setup(self, stage: str | None = None) -> None:
@@ -251,6 +256,8 @@ class ClipModule(L.LightningModule):
         lr, weight_decay, warmup_steps: AdamW, warm-up, cosine decay.
         input_size: the encoder input (linked to the data's); overlap: tile overlap at inference.
         max_report_words: recorded in the package (linked to the data's).
+        negated: how negated sentences enter report and prompt embeddings, recorded in the
+            package (linked to the data's; :func:`volumed.heads.clip.report_embedding`).
     """
 
     def __init__(
@@ -270,10 +277,11 @@ class ClipModule(L.LightningModule):
         max_report_words: int = 2000,
         pooling: str = "mean",
         feature_level: int = -1,
+        negated: str = "keep",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.clip_config = ClipConfig(
+        self.clip_config = ClipConfig(negated=negated,
             encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}), embed_dim=int(embed_dim),
             text_hidden=int(text_hidden), pooling=pooling, feature_level=int(feature_level), text_model=text_model,
             input_size=tuple(int(s) for s in input_size), overlap=float(overlap), findings=list(findings), max_report_words=int(max_report_words))
@@ -293,7 +301,8 @@ class ClipModule(L.LightningModule):
         self.clip_config.preprocessing = {k: list(v) if isinstance(v, tuple) else v
                                           for k, v in asdict(dm.preprocess_config).items()}
         self.clip_config.text_model_hash = dm.text_model_hash
-        names, present, absent = prompt_embeddings(self.clip_config.findings or ABNORMALITIES, dm.encoder)
+        names, present, absent = prompt_embeddings(self.clip_config.findings or ABNORMALITIES, dm.encoder,
+                                                   self.clip_config.negated)
         self.finding_names, self._prompts = names, (present, absent)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,31 @@ def test_a_10000_word_report_is_cut_at_2000_words_and_sentence_averaged():
     assert torch.allclose(emb[1], F.normalize((2 * a + b) / 3, dim=0), atol=1e-6)
 
 
+def test_dropping_negated_sentences_puts_normal_reports_on_the_absent_prompt():
+    from volumed.heads.clip import NO_FINDING_TEXT
+
+    enc = FakeTextEncoder()
+    texts = ["No lung nodule.", "Lung nodule is not present.", "No pleural effusion. No lung nodule.",
+             "A 12 mm nodule in the right lower lobe. No pleural effusion.", "Lung nodule is present.",
+             "The heart is normal."]
+    drop = report_embedding(enc, texts, negated="drop")
+    none = enc.encode([NO_FINDING_TEXT])[0]
+    # Everything negated: the one shared point, whatever the words.
+    for row in drop[:3]:
+        assert torch.allclose(row, none, atol=1e-6)
+    # The negated sentence of a positive report is left out; unparsed statements stay.
+    assert torch.allclose(drop[3], enc.encode(["A 12 mm nodule in the right lower lobe."])[0], atol=1e-6)
+    assert torch.allclose(drop[4], enc.encode(["Lung nodule is present."])[0], atol=1e-6)
+    assert torch.allclose(drop[5], enc.encode(["The heart is normal."])[0], atol=1e-6)
+    keep = report_embedding(enc, texts)
+    assert not torch.allclose(keep[0], keep[1])  # "keep" embeds the words as written
+    with pytest.raises(ConfigError, match="negated"):
+        report_embedding(enc, texts, negated="ignore")
+    with pytest.raises(ConfigError, match="negated"):
+        ClipConfig.from_dict({"negated": "ignore"})
+    assert ClipConfig.from_dict({}).negated == "keep"  # packages from before the option
+
+
 def test_package_round_trip_and_bad_folders(tmp_path):
     m = tiny_model(seed=3)
     cfg = ClipConfig(**TINY, input_size=INPUT, preprocessing={"target_spacing": None}, findings=["Lung nodule"])
