@@ -94,6 +94,9 @@ VARIANTS: dict[str, list[str]] = {
         "--model.lr", "1.5e-3", "--model.warmup_steps", "50", "--data.synthetic_share", "0.7",
     ],
 }  # fmt: skip
+# The same recipe at size M, from the M synthetic-only run (docs/synthesis.md, round 11).
+VARIANTS["M-ft"] = [*VARIANTS["M"], "--model.init_weights", "runs/generalisation/M/synthetic_only/package/model.safetensors",
+                    *VARIANTS["S-ft"][2:]]
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ VARIANT_TEXT = {
     "S": "the default recipe from scratch (size S)",
     "M": "the default recipe from scratch (size M)",
     "S-ft": "size S fine-tuned from the S synthetic-only model with 70% synthetic patches",
+    "M-ft": "size M fine-tuned from the M synthetic-only model with 70% synthetic patches",
 }
 
 
