@@ -38,7 +38,14 @@ import torch
 from volumed.bundle.inputs import dataset_images
 from volumed.bundle.transforms import LoadVolumed
 from volumed.errors import ConfigError
-from volumed.heads.clip import VolumeTextCLIP, build_clip_model, embed_volume, read_clip_config, zero_shot_prompts
+from volumed.heads.clip import (
+    VolumeTextCLIP,
+    build_clip_model,
+    embed_volume,
+    prompt_pair_embeddings,
+    read_clip_config,
+    zero_shot_prompts,
+)
 
 __all__ = [
     "OUTPUT_NAME",
@@ -83,9 +90,9 @@ def _text_encoder(model_dir: str | Path, device: str | torch.device = "cpu"):
 def prompt_embeddings(model_dir: str | Path, findings: Sequence[str], encoder=None) -> torch.Tensor:
     """``(2F, D)`` frozen text embeddings: the F "X is present." prompts, then the F "X is not
     present." prompts (duplicates dropped, as :func:`volumed.heads.clip.zero_shot_prompts`)."""
-    prompts = zero_shot_prompts(list(findings))
     encoder = encoder or _text_encoder(model_dir)
-    return encoder.encode([p.present for p in prompts] + [p.absent for p in prompts]).float()
+    _prompts, present, absent = prompt_pair_embeddings(encoder, list(findings), read_clip_config(model_dir).negated)
+    return torch.cat([present, absent]).float()
 
 
 class FixedPromptCLIP(VolumeTextCLIP):
@@ -204,8 +211,8 @@ class ClipRunner:
         read_options = {"series_uid": loader.series_uid, "modality": loader.modality} if loader is not None else {}
         network = self.network.to(self.device).eval()
         encoder = _text_encoder(self.model_dir, self.device)
-        present = network.embed_text(encoder.encode([p.present for p in prompts]).to(self.device))
-        absent = network.embed_text(encoder.encode([p.absent for p in prompts]).to(self.device))
+        _same, present, absent = prompt_pair_embeddings(encoder, self.findings, config.negated)
+        present, absent = (network.embed_text(t.to(self.device)) for t in (present, absent))
         trained_on = config.preprocessing.get("modality", "CT")
         # As volumed classify marks them: "model" for the package's own findings, "user" for others.
         from volumed.text.labels import ABNORMALITIES

@@ -64,6 +64,7 @@ __all__ = [
     "load_clip_package",
     "NEGATION_MODES",
     "NO_FINDING_TEXT",
+    "prompt_pair_embeddings",
     "report_embedding",
     "report_sentences",
     "save_clip_package",
@@ -369,6 +370,17 @@ def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = N
     index = {s: k for k, s in enumerate(unique)}
     rows = [table[[index[s] for s in sentences]].mean(0) for sentences in per_report]
     return F.normalize(torch.stack(rows), dim=-1)
+
+
+def prompt_pair_embeddings(encoder, findings: Sequence[str], negated: str = "keep") -> tuple[list[ZeroShotPrompts], torch.Tensor, torch.Tensor]:
+    """``(prompts, present (F, D), absent (F, D))``: each finding's prompt pair
+    (:func:`zero_shot_prompts`), embedded as one-sentence reports by :func:`report_embedding`
+    (``negated`` as the package's ``clip.json`` says), so prompts and training reports always
+    share one text path: training validation, ``volumed classify`` and the bundle's runner."""
+    prompts = zero_shot_prompts(findings)
+    present = report_embedding(encoder, [p.present for p in prompts], negated=negated)
+    absent = report_embedding(encoder, [p.absent for p in prompts], negated=negated)
+    return prompts, present, absent
 
 
 # ------------------------------------------------------------------------------------ package

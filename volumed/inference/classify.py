@@ -35,7 +35,7 @@ from volumed.heads.clip import (
     embed_volume,
     load_clip_package,
     read_clip_config,
-    report_embedding,
+    prompt_pair_embeddings,
     zero_shot_prompts,
     zero_shot_probabilities,
 )
@@ -134,10 +134,8 @@ class ClipClassifier:
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor, findings: Sequence[str], sw_batch_size: int = 1) -> tuple[torch.Tensor, int]:
         """Model-space ``image`` (1, x, y, z) -> ``(F,)`` zero-shot probabilities and the number of tiles."""
-        prompts = zero_shot_prompts(findings)
-        negated = self.config.negated
-        present = self.model.embed_text(report_embedding(self.text, [p.present for p in prompts], negated=negated).to(self.device))
-        absent = self.model.embed_text(report_embedding(self.text, [p.absent for p in prompts], negated=negated).to(self.device))
+        _prompts, present, absent = prompt_pair_embeddings(self.text, findings, self.config.negated)
+        present, absent = (self.model.embed_text(t.to(self.device)) for t in (present, absent))
         embedding, tiles = embed_volume(self.model, image, self.config.input_size, overlap=self.config.overlap,
                                         sw_batch_size=sw_batch_size)
         return zero_shot_probabilities(embedding[None], present, absent, self.model.scale)[0].cpu(), tiles

@@ -40,6 +40,7 @@ from volumed.heads.clip import (
     build_clip_model,
     clip_loss,
     clip_targets,
+    prompt_pair_embeddings,
     report_embedding,
     save_clip_package,
     zero_shot_prompts,
@@ -62,9 +63,8 @@ def _text_encoder(text_model: str):
 def prompt_embeddings(findings: Sequence[str], encoder, negated: str = "keep") -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``(names, present (F, D), absent (F, D))``: the frozen embeddings of each finding's prompt
     pair, embedded as one-sentence reports (:func:`volumed.heads.clip.report_embedding`)."""
-    prompts = zero_shot_prompts(findings)
-    return ([p.finding for p in prompts], report_embedding(encoder, [p.present for p in prompts], negated=negated),
-            report_embedding(encoder, [p.absent for p in prompts], negated=negated))
+    prompts, present, absent = prompt_pair_embeddings(encoder, findings, negated)
+    return [p.finding for p in prompts], present, absent
 
 
 def fit_to_size(image: torch.Tensor, size: Sequence[int], rng: np.random.Generator | None = None) -> torch.Tensor:

@@ -131,7 +131,8 @@ def test_monai_run_volumed_run_and_volumed_classify_agree(ts_dir, tmp_path):
     classify(image, ["Liver cyst"], model_dir=CLIP / "models", output=tmp_path / "classify.json")
     want, ref = _scores(tmp_path / "classify.json")
     assert got == want
-    assert doc["embedding"] == ref["embedding"] == {"tiles": 32, "model_shape": [122, 101, 30], "input_size": [32, 32, 24]}
+    # 2 x 2 x 1 tiles of 80 x 64 x 48 (the 30 slices are padded to 48), as the package says.
+    assert doc["embedding"] == ref["embedding"] == {"tiles": 4, "model_shape": [122, 101, 30], "input_size": [80, 64, 48]}
     assert type(load(CLIP).network).__name__ == "VolumeTextCLIP"
 
 
@@ -190,10 +191,12 @@ def test_train_config_is_the_cpu_recipe(tmp_path):
     assert workflow.trainer.max_steps == recorded["max_steps"]
     recipe = yaml.safe_load((REPO / "configs" / "train_clip-cpu.yaml").read_text())
     module, data = workflow.trainer.module.hparams, workflow.train_dataset.hparams
-    for key in ("encoder", "encoder_kwargs", "embed_dim", "text_hidden", "findings", "lr", "warmup_steps"):
+    for key in ("encoder", "embed_dim", "text_hidden", "findings", "lr", "warmup_steps", "pooling"):
         assert (list(module[key]) if key == "findings" else module[key]) == recipe["model"][key], key
+    assert module["encoder_kwargs"] == recipe["model"].get("encoder_kwargs", {})
+    assert module["negated"] == data["negated"] == recipe["data"]["negated"]
     for key in ("phantom_cases", "phantom_val_cases", "phantom_seed", "phantom_shape", "phantom_spacing",
-                "min_nodule_mm", "input_size", "ct_window", "batch_size"):
+                "phantom_field_of_view", "min_nodule_mm", "input_size", "ct_window", "batch_size"):
         value = list(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
         assert value == recipe["data"][key], key
 
