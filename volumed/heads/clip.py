@@ -320,18 +320,14 @@ NO_FINDING_TEXT = "No abnormality."
 NEGATION_MODES = ("keep", "drop")
 
 
-def _drop_negated(sentences: list[str]) -> list[str]:
-    """The sentences that state something: those whose findings (as :func:`volumed.text.reports.parse_sentence`
-    finds them, the CheXpert/NegBio negation patterns) are not all negated. A sentence without a
-    finding the parser knows is kept. ``[NO_FINDING_TEXT]`` when none is left."""
+def _all_negated(sentence: str) -> bool:
+    """Whether every finding of ``sentence`` is negated (the CheXpert/NegBio patterns of
+    :func:`volumed.text.reports.parse_sentence`); a sentence without a finding the parser knows
+    is not."""
     from volumed.text.reports import parse_sentence
 
-    kept = []
-    for sentence in sentences:
-        findings = parse_sentence(sentence).findings
-        if not findings or not all(f.negated for f in findings):
-            kept.append(sentence)
-    return kept or [NO_FINDING_TEXT]
+    findings = parse_sentence(sentence).findings
+    return bool(findings) and all(f.negated for f in findings)
 
 
 def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = None,
@@ -362,7 +358,9 @@ def report_embedding(encoder, texts: Sequence[str], *, max_words: int | None = N
         raise ConfigError(f"negated must be one of {NEGATION_MODES}, got {negated!r}")
     per_report = [report_sentences(t, max_words) for t in texts]
     if negated == "drop":
-        per_report = [_drop_negated(sentences) for sentences in per_report]
+        # Each distinct sentence is parsed once (normal sentences recur across reports).
+        dropped = {s for s in dict.fromkeys(s for sentences in per_report for s in sentences) if _all_negated(s)}
+        per_report = [[s for s in sentences if s not in dropped] or [NO_FINDING_TEXT] for sentences in per_report]
     unique = list(dict.fromkeys(s for sentences in per_report for s in sentences))
     if not unique:
         return torch.empty(0, encoder.dim)

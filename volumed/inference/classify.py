@@ -34,8 +34,8 @@ from volumed.heads.clip import (
     VolumeTextCLIP,
     embed_volume,
     load_clip_package,
-    read_clip_config,
     prompt_pair_embeddings,
+    read_clip_config,
     zero_shot_prompts,
     zero_shot_probabilities,
 )

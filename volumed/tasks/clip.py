@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from volumed.data.transforms import PreprocessConfig, preprocess
 from volumed.errors import ConfigError
 from volumed.heads.clip import (
+    NEGATION_MODES,
     ClipConfig,
     VolumeTextCLIP,
     build_clip_model,
@@ -43,7 +44,6 @@ from volumed.heads.clip import (
     prompt_pair_embeddings,
     report_embedding,
     save_clip_package,
-    zero_shot_prompts,
     zero_shot_probabilities,
 )
 from volumed.tasks.optim import adamw_warmup_cosine
@@ -168,6 +168,8 @@ class ClipDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if phantom_report not in ("template", "full"):
             raise ConfigError(f"data.phantom_report must be 'template' or 'full', got {phantom_report!r}", "data")
+        if negated not in NEGATION_MODES:
+            raise ConfigError(f"data.negated must be one of {NEGATION_MODES}, got {negated!r}", "data")
         if datalist is None and int(phantom_cases) < 2:
             raise ConfigError("give data.datalist (image + report) or data.phantom_cases >= 2", "data")
         self.preprocess_config = PreprocessConfig(

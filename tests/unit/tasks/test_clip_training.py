@@ -89,6 +89,8 @@ def test_data_module_needs_data():
         ClipDataModule(datalist=None, phantom_cases=0)
     with pytest.raises(ConfigError, match="phantom_report"):
         ClipDataModule(phantom_report="long")
+    with pytest.raises(ConfigError, match="data.negated"):
+        ClipDataModule(negated="ignore")
     x = torch.arange(2 * 6 * 4 * 2, dtype=torch.float32).reshape(2, 6, 4, 2)
     y = fit_to_size(x, (4, 6, 2))
     assert y.shape == (2, 4, 6, 2) and torch.equal(y[:, :, 1:5], x[:, 1:5])  # central crop along x, air-padded y
