@@ -220,6 +220,8 @@ def write_dicom_seg(
 
     from pydicom.sr.codedict import codes
 
+    from volumed.inference.preview import label_color
+
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence
     )
@@ -240,6 +242,9 @@ def write_dicom_seg(
             # quotes these Tracking UIDs) is the same object again; fresh otherwise.
             tracking_uid=derived_uid(sop_instance_uid, "tracking", str(number)) if sop_instance_uid else hd.UID(),
             tracking_id=spec.name[:64],
+            # The colour of the preview and `volumed view` for this label value, so a viewer
+            # (3D Slicer reads it through dcmqi, OHIF too) draws each structure as we do.
+            display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label_color(spec.value))),
         )
         if spec.description:
             desc.SegmentDescription = spec.description[:1024]  # (0062,0006) ST, type 3
