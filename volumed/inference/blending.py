@@ -86,7 +86,7 @@ def _cell_upper_bound(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
 def _axis_taps(s: int) -> torch.Tensor:
     """``(s, 3)``: the weights of cells ``c - 1, c, c + 1`` at fine voxel ``j`` of cell ``c`` for a
     trilinear upsampling by ``s`` with ``align_corners=False`` (source ``(j + 0.5) / s - 0.5``)."""
-    taps = torch.zeros(s, 3, dtype=torch.float64)
+    taps = torch.zeros(s, 3, dtype=torch.float64, device="cpu")
     for j in range(s):
         u = (j + 0.5) / s - 0.5
         if u < 0:
@@ -120,7 +120,7 @@ def _bounding_box(mask: torch.Tensor) -> tuple[list[int], list[int]] | tuple[Non
     """``(lo, hi)``: the half-open box of the True voxels of a 3-D bool tensor; ``(None, None)`` if none."""
     # numpy reduces bool arrays several times faster than torch, and far faster along the outer
     # axis (rows OR-ed together) than along the inner one.
-    array = np.ascontiguousarray(mask.numpy())
+    array = np.ascontiguousarray(mask.cpu().numpy())
     plane = array.any(axis=0)
     lo, hi = [], []
     for axis in (array.reshape(len(array), -1).any(axis=1), plane.any(axis=1), plane.any(axis=0)):
@@ -173,6 +173,9 @@ class WindowLogits:
         model_shape, offset: the model grid inside the padded image.
         weights: the window weights ``(X, Y, Z)`` (:func:`importance_map`).
 
+    The blending runs where the logits are (the first window's device: a GPU when the network ran
+    there, so that only the hot voxels' values cross to the host); every method returns CPU tensors.
+
     ``probs[a:b]`` gives ``(b - a, x, y, z)`` probabilities on the whole model grid, exactly as
     MONAI's gaussian blending of the upsampled logits, then a sigmoid, would (expensive: it is the full
     computation); :meth:`regions` and :meth:`blend` give them per term only where they matter.
@@ -191,14 +194,15 @@ class WindowLogits:
     ):
         if len(logits) != len(origins) or not logits:
             raise ValueError(f"{len(logits)} windows of logits but {len(origins)} origins")
-        self.logits = [torch.as_tensor(w, dtype=torch.float32) for w in logits]
+        self.device = torch.as_tensor(logits[0]).device
+        self.logits = [torch.as_tensor(w, dtype=torch.float32).to(self.device) for w in logits]
         self.origins = [tuple(int(v) for v in o) for o in origins]
         self.roi = tuple(int(v) for v in roi)
         self.stride = tuple(int(v) for v in stride)
         self.padded_shape = tuple(int(v) for v in padded_shape)
         self.model_shape = tuple(int(v) for v in model_shape)
         self.offset = tuple(int(v) for v in offset)
-        self.weights = weights.to(torch.float32)
+        self.weights = weights.to(self.device, torch.float32)
         coarse = tuple(r // s for r, s in zip(self.roi, self.stride))
         for w in self.logits:
             if tuple(w.shape[1:]) != coarse:
@@ -227,9 +231,9 @@ class WindowLogits:
 
     @property
     def count(self) -> torch.Tensor:
-        """Summed window weights on the padded image (MONAI's normalisation map)."""
+        """Summed window weights on the padded image (MONAI's normalisation map), on the logits' device."""
         if self._count is None:
-            count = torch.zeros(self.padded_shape)
+            count = torch.zeros(self.padded_shape, device=self.device)
             for o in self.origins:
                 count[tuple(slice(a, a + r) for a, r in zip(o, self.roi))] += self.weights
             self._count = count
@@ -249,7 +253,11 @@ class WindowLogits:
         return [(o // s, -(-(o + n) // s)) for o, n, s in zip(self.offset, self.model_shape, self.stride)]
 
     def bound_for(self, terms: Sequence[int]) -> torch.Tensor:
-        """:attr:`bound` of ``terms`` only, ``(len(terms), X / s, Y / s, Z / s)`` (memory for a
+        """:attr:`bound` of ``terms`` only, on the CPU (:meth:`_bound_for`)."""
+        return self._bound_for(terms).cpu()
+
+    def _bound_for(self, terms: Sequence[int]) -> torch.Tensor:
+        """:attr:`bound` of ``terms`` only, on the logits' device, ``(len(terms), X / s, Y / s, Z / s)`` (memory for a
         chunk of terms). Cells wholly in the padding around the model grid are never read: they
         get 0, and cost nothing (half the cells of a 14-slice image in a 32-slice window)."""
         terms = list(terms)
@@ -260,7 +268,7 @@ class WindowLogits:
         # of the largest of their bounds. (Weighting the bounds by the windows' gaussian weights, so that a window's edge
         # counts less where a central window disagrees, marked 6-10% fewer cells on the real CTs
         # and took 1.5 times as long.)
-        peak = torch.full((len(terms), *shape), -math.inf)
+        peak = torch.full((len(terms), *shape), -math.inf, device=self.device)
         for w, o in zip(self.logits, self.origins):
             first = [a // s for a, s in zip(o, self.stride)]
             lo = [max(f, a) for f, (a, _) in zip(first, kept)]
@@ -277,7 +285,7 @@ class WindowLogits:
         peak.sigmoid_()
         if shape == [n // s for n, s in zip(self.padded_shape, self.stride)]:
             return peak
-        bound = torch.zeros((len(terms), *(n // s for n, s in zip(self.padded_shape, self.stride))))
+        bound = torch.zeros((len(terms), *(n // s for n, s in zip(self.padded_shape, self.stride))), device=self.device)
         bound[(slice(None), *(slice(a, b) for a, b in kept))] = peak
         return bound
 
@@ -302,7 +310,7 @@ class WindowLogits:
         lo, hi = extent
         if lo is None:
             return []
-        hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].numpy()  # label only the hot cells' box
+        hot = hot[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].cpu().numpy()  # label only the hot cells' box
         groups, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
         cores = []
         for cells in ndimage.find_objects(groups):
@@ -331,24 +339,30 @@ class WindowLogits:
             s, c = self.stride, [r // st for r, st in zip(self.roi, self.stride)]
             taps = [_axis_taps(v) for v in s]
             # fine voxel (i, j, k) of a cell <- the 3 x 3 x 3 cells around it (offsets -1, 0, 1)
-            interp = torch.einsum("ia,jb,kc->ijkabc", *taps).reshape(math.prod(s), 27).to(torch.float32)
+            interp = torch.einsum("ia,jb,kc->ijkabc", *taps).reshape(math.prod(s), 27).to(self.device, torch.float32)
             p = [v + 2 for v in c]  # the window's logits padded by one cell (edge values: the clamping)
-            taps27 = torch.tensor([(a * p[1] + b) * p[2] + cc for a in range(3) for b in range(3) for cc in range(3)])
+            taps27 = torch.tensor([(a * p[1] + b) * p[2] + cc for a in range(3) for b in range(3) for cc in range(3)],
+                                  device=self.device)
             grid = [n // st for n, st in zip(self.padded_shape, s)]
             self._table = {
                 "interp": interp,
                 "taps27": taps27,
-                "padded": torch.tensor(p),
+                "padded": torch.tensor(p, device="cpu"),  # read with .tolist()
                 "weights": _per_cell(self.weights, s),  # (window cells, s^3)
                 "count": _per_cell(self.count, s),  # (padded grid cells, s^3)
-                "grid": torch.tensor(grid),
+                "grid": torch.tensor(grid, device="cpu"),
                 # fine voxel (i * sy + j) * sz + k of a cell -> (i, j, k)
-                "offsets": torch.cartesian_prod(*(torch.arange(v) for v in s)).reshape(-1, 3),
+                "offsets": torch.cartesian_prod(*(torch.arange(v, device=self.device) for v in s)).reshape(-1, 3),
             }
         return self._table
 
     def blend_cells(self, terms: Sequence[int], cells: torch.Tensor) -> torch.Tensor:
-        """Exact blended probabilities at whole coarse cells of the padded image.
+        """Exact blended probabilities at whole coarse cells of the padded image, on the CPU
+        (:meth:`_blend_cells`)."""
+        return self._blend_cells(terms, cells).cpu()
+
+    def _blend_cells(self, terms: Sequence[int], cells: torch.Tensor) -> torch.Tensor:
+        """Exact blended probabilities at whole coarse cells of the padded image, on the logits' device.
 
         Args:
             terms: the term indices that ``cells[:, 0]`` counts in.
@@ -368,8 +382,8 @@ class WindowLogits:
         whole = terms == list(range(self.num_terms))
         c = [r // s for r, s in zip(self.roi, self.stride)]
         p = tab["padded"].tolist()
-        t, x, y, z = cells.unbind(1)
-        total = torch.zeros((len(cells), tab["interp"].shape[0]))
+        t, x, y, z = cells.to(self.device).unbind(1)
+        total = torch.zeros((len(cells), tab["interp"].shape[0]), device=self.device)
         if len(cells) == 0:
             return total
         for w, o in zip(self.logits, self.origins):
@@ -406,16 +420,16 @@ class WindowLogits:
         threshold.
         """
         terms = list(terms)
-        hot = self.bound_for(terms) > threshold
+        hot = self._bound_for(terms) > threshold
         needed = hot
         for _ in range(margin_cells):
             needed = _dilate(needed)
         # Cells wholly in the padding around the model grid are never read.
-        keep = torch.zeros(needed.shape[1:], dtype=torch.bool)
+        keep = torch.zeros(needed.shape[1:], dtype=torch.bool, device=self.device)
         keep[tuple(slice(a, b) for a, b in self._kept_cells())] = True
         needed &= keep
         cells = needed.nonzero()
-        values = self.blend_cells(terms, cells)
+        values = self._blend_cells(terms, cells)
         hot_cells = cells if margin_cells == 0 else cells[hot[tuple(cells.unbind(1))]]  # hot ⊆ needed
         s = self.stride
         counts = torch.bincount(cells[:, 0], minlength=len(terms)).tolist()
@@ -436,7 +450,7 @@ class WindowLogits:
             lo = where.min(dim=0).values
             shape = (where.max(dim=0).values - lo + 1).tolist()
             local = where - lo
-            blocks = torch.zeros((math.prod(shape), values.shape[1]))
+            blocks = torch.zeros((math.prod(shape), values.shape[1]), device=self.device)
             blocks.index_copy_(0, (local[:, 0] * shape[1] + local[:, 1]) * shape[2] + local[:, 2], values[rows])
             dense = blocks.view(*shape, *s).permute(0, 3, 1, 4, 2, 5).reshape([n * st for n, st in zip(shape, s)])
             start = [int(a) * st - o for a, st, o in zip(lo, s, self.offset)]  # model-grid voxel of dense[0, 0, 0]
@@ -445,10 +459,10 @@ class WindowLogits:
                 inside = [(max(a, a0), min(b, a0 + n)) for (a, b), a0, n in zip(box, start, dense.shape)]
                 part = dense[tuple(slice(a - a0, b - a0) for (a, b), a0 in zip(inside, start))]
                 if inside != list(box):  # the box reaches past the needed cells (margin 0): zeros there
-                    whole = torch.zeros([b - a for a, b in box])
+                    whole = torch.zeros([b - a for a, b in box], device=self.device)
                     whole[tuple(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(inside, box))] = part
                     part = whole
-                out.append((core, box, part))
+                out.append((core, box, part.cpu()))
             yield term, out
 
     def hot_voxels(self, terms: Sequence[int], threshold: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -459,15 +473,17 @@ class WindowLogits:
         else is computed. For callers that need no value at or below the threshold, such as an
         index copy onto the original grid (no resampling reads a neighbour)."""
         terms = list(terms)
-        hot = self.bound_for(terms) > threshold
-        keep = torch.zeros(hot.shape[1:], dtype=torch.bool)
+        hot = self._bound_for(terms) > threshold
+        keep = torch.zeros(hot.shape[1:], dtype=torch.bool, device=self.device)
         keep[tuple(slice(a, b) for a, b in self._kept_cells())] = True
         cells = (hot & keep).nonzero()
-        values = self.blend_cells(terms, cells)
+        values = self._blend_cells(terms, cells)
         rows, fine = (values > threshold).nonzero().unbind(1)
-        voxels = cells[rows, 1:] * torch.tensor(self.stride) + self._tables()["offsets"][fine] - torch.tensor(self.offset)
-        inside = ((voxels >= 0) & (voxels < torch.tensor(self.model_shape))).all(dim=1)
-        voxels, values, term_of = voxels[inside], values[rows, fine][inside], cells[rows[inside], 0]
+        vec = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
+        voxels = cells[rows, 1:] * vec(self.stride) + self._tables()["offsets"][fine] - vec(self.offset)
+        inside = ((voxels >= 0) & (voxels < vec(self.model_shape))).all(dim=1)
+        # Only the voxels above the threshold leave the device.
+        voxels, values, term_of = voxels[inside].cpu(), values[rows, fine][inside].cpu(), cells[rows[inside], 0].cpu()
         first = 0
         for t, count in enumerate(torch.bincount(term_of, minlength=len(terms)).tolist()):  # rows come sorted by term
             yield terms[t], voxels[first : first + count], values[first : first + count]
@@ -477,7 +493,7 @@ class WindowLogits:
         """``term``'s blended probabilities in the model-grid ``box``, exactly."""
         start = [a + o for (a, _), o in zip(box, self.offset)]
         stop = [b + o for (_, b), o in zip(box, self.offset)]
-        total = torch.zeros([b - a for a, b in zip(start, stop)])
+        total = torch.zeros([b - a for a, b in zip(start, stop)], device=self.device)
         for w, o in zip(self.logits, self.origins):
             lo = [max(a, oo) - oo for a, oo in zip(start, o)]  # window-local overlap with the box
             hi = [min(b, oo + r) - oo for b, oo, r in zip(stop, o, self.roi)]
@@ -494,7 +510,7 @@ class WindowLogits:
             up = up[tuple(slice(a - c * s, b - c * s) for a, b, c, s in zip(lo, hi, clo, self.stride))]
             part = up.mul_(self.weights[tuple(slice(a, b) for a, b in zip(lo, hi))])
             total[tuple(slice(a + oo - s0, b + oo - s0) for a, b, oo, s0 in zip(lo, hi, o, start))] += part
-        return total.div_(self.count[tuple(slice(a, b) for a, b in zip(start, stop))]).sigmoid_()
+        return total.div_(self.count[tuple(slice(a, b) for a, b in zip(start, stop))]).sigmoid_().cpu()
 
     def __getitem__(self, terms: slice) -> torch.Tensor:
         whole: Box = tuple((0, n) for n in self.model_shape)  # type: ignore[assignment]

@@ -383,7 +383,10 @@ class PromptSegPredictor:
             checked against ``config.text_model_hash`` (another model's embeddings would mean
             nothing to the decoder).
         vocabulary: prompt resolution; default :func:`default_vocabulary`.
-        device: where the network runs; aggregation of the sliding windows stays on the CPU.
+        device: where the network runs. With a coarse decoder (the default models) the windows'
+            logits stay there and are blended there (:class:`WindowLogits`); only the voxels above
+            the threshold come back to the host. A full-resolution decoder's windows are blended
+            by MONAI on the CPU.
         sw_batch_size: windows per forward pass.
         lazy_blending: False makes MONAI blend every term at full resolution in every window (the
             reference the lazy path is tested against; same masks, slower with many prompts).
@@ -571,7 +574,8 @@ class PromptSegPredictor:
         origins: list[tuple[int, ...]] = []
 
         def coarse_logits(window: torch.Tensor, where: Sequence[Sequence[slice]]) -> torch.Tensor:
-            out = segmenter.decode(segmenter.encode_image(window), queries, coarse).float().cpu()
+            # Kept on the network's device: WindowLogits blends there and hands out only the hot voxels.
+            out = segmenter.decode(segmenter.encode_image(window), queries, coarse).float()
             for b, slices in enumerate(where):
                 logits.append(out[b].clone())
                 origins.append(tuple(int(sl.start) for sl in slices[2:]))

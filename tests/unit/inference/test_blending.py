@@ -111,3 +111,40 @@ def test_hot_voxels_are_exactly_the_voxels_above_the_threshold(stride):
         torch.testing.assert_close(values[order], exact[tuple(expected.T)], atol=2e-6, rtol=0)
         marked += len(values)
     assert marked > 50
+
+
+def test_blending_runs_on_the_logits_device_and_returns_cpu_tensors():
+    """On a GPU the windows' logits stay on the device and WindowLogits blends there (issue 22:
+    blending and inversion ran on the CPU with --device cuda). CI has no GPU, so every tensor the
+    class makes without naming its device is sent to the ``meta`` device here (``torch.device``
+    as a context): any such tensor meets the CPU logits in an op and raises, as a CPU tensor would
+    meet CUDA logits on a GPU. The results must equal those of the plain run, on the CPU."""
+    stride = (2, 2, 1)
+    plain = _windows(stride, terms=4, seed=2)
+    whole = tuple((0, n) for n in plain.model_shape)
+    expected_voxels = list(plain.hot_voxels([0, 1, 2, 3], 0.5))
+    expected_regions = list(plain.hot_regions([2, 0], 0.5, margin_cells=1))
+    cells = torch.tensor([[0, 1, 2, 3], [1, 4, 5, 6], [0, 13, 9, 7]])
+    expected_cells = plain.blend_cells([1, 3], cells)
+    probs = _windows(stride, terms=4, seed=2)
+    with torch.device("meta"):
+        assert probs.device == torch.device("cpu")
+        found = list(probs.hot_voxels([0, 1, 2, 3], 0.5))
+        regions = list(probs.hot_regions([2, 0], 0.5, margin_cells=1))
+        blended = probs.blend_cells([1, 3], cells)
+        bound = probs.bound_for([3])
+        box = probs.blend(1, whole)
+        cores = probs.regions(0, 0.5)
+    assert sum(len(v) for _, v, _ in found) > 50
+    for (t, v, p), (t0, v0, p0) in zip(found, expected_voxels, strict=True):
+        assert t == t0 and v.device.type == p.device.type == "cpu"
+        torch.testing.assert_close(v, v0)
+        torch.testing.assert_close(p, p0)
+    for (t, parts), (t0, parts0) in zip(regions, expected_regions, strict=True):
+        assert t == t0 and [(c, b) for c, b, _ in parts] == [(c, b) for c, b, _ in parts0]
+        for (_, _, values), (_, _, values0) in zip(parts, parts0):
+            torch.testing.assert_close(values, values0)
+    torch.testing.assert_close(blended, expected_cells)
+    torch.testing.assert_close(bound, plain.bound_for([3]))
+    torch.testing.assert_close(box, plain.blend(1, whole))
+    assert cores == plain.regions(0, 0.5) and cores

@@ -827,3 +827,20 @@ def test_presence_rule_reports_a_small_unsure_mask_absent_with_what_was_seen(pac
     (ruled / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="presence"):
         segment(image, ["liver"], model_dir=ruled, out_dir=tmp_path / "bad", progress=False)
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU side of the path: test_blending.py)")
+def test_the_default_model_on_cuda_gives_the_cpu_masks_on_the_example_ct(ts_dir, tmp_path):
+    """With --device cuda the windows' logits stay on the GPU and are blended there; the masks
+    must be those of the CPU run (float rounding may move a voxel at the threshold)."""
+    masks = {}
+    for device in ("cpu", "cuda"):
+        segment_module.segment(ts_dir / "example_ct_sm.nii.gz", ["liver", "spleen", "aorta", "heart"], out_dir=tmp_path / device,
+                               device=device, progress=False)
+        masks[device] = {p.name: _nii(p)[0] > 0 for p in sorted((tmp_path / device / "masks").glob("*.nii.gz"))}
+    assert masks["cpu"].keys() == masks["cuda"].keys() and masks["cpu"]
+    for name, ref in masks["cpu"].items():
+        got = masks["cuda"][name]
+        dice = 2 * (ref & got).sum() / max(1, ref.sum() + got.sum())
+        assert dice >= 0.999 or (ref.sum() == got.sum() == 0), (name, dice)
