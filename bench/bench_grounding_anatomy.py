@@ -15,8 +15,14 @@ Both models trained on these four CTs (the default segmenter's datalist holds th
 are **training-scan** figures: they show that the sentence reaches the right structure, not how
 well an unseen scan is segmented (that is BENCHMARKS.md, "Generalisation: unseen scans").
 
+``--unseen VARIANT`` scores **unseen scans** instead: each scan's sentences are answered by the
+leave-one-scan-out segmenter that never saw it (``runs/generalisation/VARIANT/loso_<scan>/package``,
+trained by ``bench/bench_generalisation.py --train --variant VARIANT``), through the same
+grounding path (``--anatomy-model`` set to that package). Its own section of BENCHMARKS.md.
+
     python bench/bench_grounding_anatomy.py            # writes BENCHMARKS.md's section
     python bench/bench_grounding_anatomy.py --no-write
+    python bench/bench_grounding_anatomy.py --unseen M-ft
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from bench_generalisation import SCANS, _sources  # noqa: E402
 from bench_promptseg_dice import dice, reference_masks  # noqa: E402
 
 HEADING = "## Grounding: anatomy sentences on the real CTs"
+UNSEEN_HEADING = "## Grounding: anatomy sentences on unseen scans"
+RUNS = REPO / "runs" / "generalisation"
 GROUND_BUNDLE = REPO / "bundles" / "volumed_ground_ct" / "models"
 SEGMENTER = REPO / "bundles" / "volumed_promptseg_ct" / "models"
 
@@ -63,18 +71,29 @@ SENTENCES: dict[str, str] = {
 }  # fmt: skip
 
 
-def run(min_ml: float = 1.0) -> tuple[list[dict], list[str]]:
+def run(min_ml: float = 1.0, unseen: str | None = None) -> tuple[list[dict], list[str]]:
+    """Rows per (scan, sentence). ``unseen``: a variant of bench_generalisation.py whose
+    leave-one-scan-out packages answer each scan's anatomy sentences (module docstring)."""
     from volumed.heads.grounding import finding_queries
     from volumed.inference.ground import GroundingPredictor
     from volumed.inference.package import load_package
     from volumed.io import read_volume
     from volumed.tasks.promptseg import encode_terms, predict_probabilities
 
-    grounder = GroundingPredictor.from_package(GROUND_BUNDLE)
-    own = GroundingPredictor.from_package(GROUND_BUNDLE, anatomy_model="self")
-    seg_model, seg_config = load_package(SEGMENTER)
+    if unseen is None:
+        grounder = GroundingPredictor.from_package(GROUND_BUNDLE)
+        own = GroundingPredictor.from_package(GROUND_BUNDLE, anatomy_model="self")
+        seg_model, seg_config = load_package(SEGMENTER)
     rows, notes = [], []
     for scan, source in _sources().items():
+        if unseen is not None:  # the fold that never saw this scan
+            package = RUNS / unseen / f"loso_{scan}" / "package"
+            if not (package / "model.safetensors").is_file():
+                raise SystemExit(f"{package}: no leave-one-out package; train it with "
+                                 f"python bench/bench_generalisation.py --train --variant {unseen} --only loso_{scan}")
+            grounder = GroundingPredictor.from_package(GROUND_BUNDLE, anatomy_model=package)
+            own = None
+            seg_model, seg_config = load_package(package)
         volume = read_volume(source.image, modality=source.modality)
         refs = reference_masks(source, volume, list(SENTENCES))
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -86,7 +105,7 @@ def run(min_ml: float = 1.0) -> tuple[list[dict], list[str]]:
         start = time.perf_counter()
         grounded = grounder.ground(volume, queries)
         seconds = time.perf_counter() - start
-        own_masks = [g.mask for g in own.ground(volume, queries)]
+        own_masks = [g.mask for g in own.ground(volume, queries)] if own is not None else [None] * len(terms)
         emb, _ = encode_terms(terms, seg_config.text_model)
         probs = predict_probabilities(seg_model, seg_config, volume, terms, emb)
         for i, (term, g, own_mask) in enumerate(zip(terms, grounded, own_masks)):
@@ -95,11 +114,41 @@ def run(min_ml: float = 1.0) -> tuple[list[dict], list[str]]:
                 "scan": scan, "term": term, "sentence": q.text, "parsed": q.location_term, "anatomy": q.anatomy,
                 "ground_dice": dice(g.mask, refs[term]) if g.mask is not None else 0.0,
                 "segment_dice": dice(probs[i] > seg_config.threshold, refs[term]),
-                "own_dice": dice(own_mask, refs[term]),
+                "own_dice": dice(own_mask, refs[term]) if own_mask is not None else None,
                 "volume_ml": g.volume_ml, "reference_ml": float(refs[term].sum()) * voxel_ml, "seconds": seconds,
             })
         print(f"{scan}: {len(terms)} sentences in {seconds:.1f} s", flush=True)
     return rows, notes
+
+
+def render_unseen(rows: list[dict], notes: list[str], variant: str) -> str:
+    lines = [
+        UNSEEN_HEADING,
+        "",
+        f"Written by `python bench/bench_grounding_anatomy.py --unseen {variant}` ({machine_description()}).",
+        "",
+        "Each scan's anatomy sentences go through `volumed ground`'s path with `bundles/volumed_ground_ct`, "
+        f"answered by the leave-one-scan-out segmenter of recipe `{variant}` that **never saw that scan** "
+        f"(`--anatomy-model runs/generalisation/{variant}/loso_<scan>/package`; \"Generalisation: unseen scans\" "
+        "scores the same folds with `volumed segment`'s path). Dice on the scan's original grid against its "
+        "reference mask, next to that segmenter's probabilities above its threshold without the "
+        "connected-component rules.",
+        "",
+        "| scan (unseen) | sentence | parsed term | grounded Dice | segmenter Dice, no component rules | grounded mL | "
+        "reference mL |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        parsed = f"`{r['parsed']}`" if r["anatomy"] else "(not an anatomy query)"
+        lines.append(f"| {r['scan']} | {r['sentence']} | {parsed} | {r['ground_dice']:.3f} | {r['segment_dice']:.3f} | "
+                     f"{r['volume_ml']:.1f} | {r['reference_ml']:.1f} |")
+    by_scan: dict[str, list[float]] = {}
+    for r in rows:
+        by_scan.setdefault(r["scan"], []).append(r["ground_dice"])
+    lines += ["", "Mean grounded Dice per unseen scan: "
+              + ", ".join(f"{s} {np.mean(v):.3f} ({len(v)})" for s, v in by_scan.items()) + "."]
+    lines += [f"\n{n}." for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 def render(rows: list[dict], notes: list[str]) -> str:
@@ -137,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unseen", metavar="VARIANT", default=None,
+                        help="score unseen scans with this variant's leave-one-scan-out segmenters (e.g. M-ft)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, notes = run()
-    section = render(rows, notes)
+    rows, notes = run(unseen=args.unseen)
+    if args.unseen is None:
+        heading, section = HEADING, render(rows, notes)
+    else:
+        heading, section = UNSEEN_HEADING, render_unseen(rows, notes, args.unseen)
     print(section)
     if not args.no_write:
-        write_section(args.output, HEADING, section)
+        write_section(args.output, heading, section)
     return 0
 
 
