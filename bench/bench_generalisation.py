@@ -97,6 +97,10 @@ VARIANTS: dict[str, list[str]] = {
 # The same recipe at size M, from the M synthetic-only run (docs/synthesis.md, round 11).
 VARIANTS["M-ft"] = [*VARIANTS["M"], "--model.init_weights", "runs/generalisation/M/synthetic_only/package/model.safetensors",
                     *VARIANTS["S-ft"][2:]]
+# A second phase after M-ft with 70% real patches (docs/synthesis.md, round 12): each fold starts
+# from its own M-ft fold ("{run}" is the run's name), so it still never saw the left-out scan.
+VARIANTS["M-ft2"] = [*VARIANTS["M"], "--model.init_weights", "runs/generalisation/M-ft/{run}/package/model.safetensors",
+                     "--model.lr", "1.0e-3", "--model.warmup_steps", "20", "--data.synthetic_share", "0.3"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ def train(selected: list[Run], variant: str, root: Path, jobs: int, extra: list[
             out.mkdir(parents=True, exist_ok=True)
             n = threads or max(1, (os.cpu_count() or 2) // jobs)
             cmd = [sys.executable, "-m", "volumed.cli", "train", "promptseg", "--config", str(RECIPE), "--out", str(out),
-                   "--package_dir", str(out / "package"), "--num_threads", str(n), *VARIANTS[variant], *run.args, *extra]
+                   "--package_dir", str(out / "package"), "--num_threads", str(n),
+                   *(a.replace("{run}", run.name) for a in VARIANTS[variant]), *run.args, *extra]
             print("train:", " ".join(cmd), flush=True)
             log = open(out / "train.log", "w")
             running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), time.time()))
@@ -287,6 +292,7 @@ VARIANT_TEXT = {
     "M": "the default recipe from scratch (size M)",
     "S-ft": "size S fine-tuned from the S synthetic-only model with 70% synthetic patches",
     "M-ft": "size M fine-tuned from the M synthetic-only model with 70% synthetic patches",
+    "M-ft2": "M-ft, then a second phase with 70% real patches (lr 1e-3) from each fold's M-ft model",
 }
 
 
