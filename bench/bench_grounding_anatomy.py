@@ -138,17 +138,7 @@ def render_unseen(rows: list[dict], notes: list[str], variant: str) -> str:
         "reference mL |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        parsed = f"`{r['parsed']}`" if r["anatomy"] else "(not an anatomy query)"
-        lines.append(f"| {r['scan']} | {r['sentence']} | {parsed} | {r['ground_dice']:.3f} | {r['segment_dice']:.3f} | "
-                     f"{r['volume_ml']:.1f} | {r['reference_ml']:.1f} |")
-    by_scan: dict[str, list[float]] = {}
-    for r in rows:
-        by_scan.setdefault(r["scan"], []).append(r["ground_dice"])
-    lines += ["", "Mean grounded Dice per unseen scan: "
-              + ", ".join(f"{s} {np.mean(v):.3f} ({len(v)})" for s, v in by_scan.items()) + "."]
-    lines += [f"\n{n}." for n in notes]
-    return "\n".join(lines) + "\n"
+    return _finish(lines, rows, notes, own=False, per="unseen scan")
 
 
 def render(rows: list[dict], notes: list[str]) -> str:
@@ -169,14 +159,20 @@ def render(rows: list[dict], notes: list[str]) -> str:
         "`--anatomy-model self` Dice |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
+    return _finish(lines, rows, notes, own=True, per="scan")
+
+
+def _finish(lines: list[str], rows: list[dict], notes: list[str], *, own: bool, per: str) -> str:
+    """The table's rows (with the ``--anatomy-model self`` column when ``own``), the mean grounded
+    Dice per scan and the notes, after the header ``lines``."""
     for r in rows:
         parsed = f"`{r['parsed']}`" if r["anatomy"] else "(not an anatomy query)"
         lines.append(f"| {r['scan']} | {r['sentence']} | {parsed} | {r['ground_dice']:.3f} | {r['segment_dice']:.3f} | "
-                     f"{r['volume_ml']:.1f} | {r['reference_ml']:.1f} | {r['own_dice']:.3f} |")
+                     f"{r['volume_ml']:.1f} | {r['reference_ml']:.1f} |" + (f" {r['own_dice']:.3f} |" if own else ""))
     by_scan: dict[str, list[float]] = {}
     for r in rows:
         by_scan.setdefault(r["scan"], []).append(r["ground_dice"])
-    lines += ["", "Mean grounded Dice per scan: " + ", ".join(f"{s} {np.mean(v):.3f} ({len(v)})" for s, v in by_scan.items()) + "."]
+    lines += ["", f"Mean grounded Dice per {per}: " + ", ".join(f"{s} {np.mean(v):.3f} ({len(v)})" for s, v in by_scan.items()) + "."]
     lines += [f"\n{n}." for n in notes]
     return "\n".join(lines) + "\n"
 
