@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from _report import machine_description, write_section  # noqa: E402
-from bench_generalisation import SCANS, _sources  # noqa: E402
+from bench_generalisation import _sources  # noqa: E402
 from bench_promptseg_dice import dice, reference_masks  # noqa: E402
 
 HEADING = "## Grounding: anatomy sentences on the real CTs"

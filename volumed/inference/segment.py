@@ -1179,7 +1179,7 @@ def _write_outputs(
     """Label map, table, statistics, report, preview and (DICOM input) SEG and SR into ``staging``
     (with ``uids`` as their Series and SOP Instance UIDs; fresh ones when ``None``)."""
     from volumed.inference.preview import render_preview
-    from volumed.io.writer import SegmentSpec, write_dicom_seg, write_label_map
+    from volumed.io.writer import write_dicom_seg, write_label_map
 
     write_label_map(label_map, volume, staging / LABELS_NAME)
     table = {
