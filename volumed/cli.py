@@ -99,6 +99,7 @@ def segment_command(
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep only the largest connected component of structures that are one body (liver, heart, a kidney, ...; the rule per term is in labels.json); --no-postprocess writes the raw masks with every fragment."),
+    anatomy_check: bool = typer.Option(True, "--anatomy-check/--no-anatomy-check", help="Report absent a found structure that lies on the axial slices of structures it never shares a slice with (a femur beside the liver); statistics.json says which. Acts when several structures are found."),
     datalist: Optional[Path] = typer.Option(None, "--datalist", help="Batch: segment every case of this MSD JSON ('testing', else 'training') or CSV into OUTPUT/<case id>/; finished cases are skipped on a re-run; failures are listed in OUTPUT/batch_summary.json."),
     devices: int = typer.Option(1, "--devices", help="Batch: worker processes sharing the cases (with --device cuda: one GPU each)."),
     num_workers: int = typer.Option(1, "--num-workers", help="Batch: threads per worker reading the next volumes ahead (0: none)."),
@@ -127,7 +128,7 @@ def segment_command(
         if output is None:
             raise ConfigError("missing --output/-o OUT (the folder that receives one folder per case)", "volumed segment")
         summary = run_batch(datalist, output, prompt, model_dir=model, all_terms=all_terms, allow_free_text=free_text,
-                            allow_untrained=allow_untrained, postprocess=postprocess, devices=devices,
+                            allow_untrained=allow_untrained, postprocess=postprocess, anatomy_check=anatomy_check, devices=devices,
                             num_workers=num_workers, device=device, overwrite=overwrite, progress=progress)  # fmt: skip
         for line in summary.lines():
             typer.echo(line, err=line.startswith("failed:"))
@@ -139,7 +140,7 @@ def segment_command(
         raise ConfigError(f"missing {' and '.join(missing)} (or pass --list-terms)", "volumed segment")
     result = segment(image, prompt, model_dir=model, out_dir=output, all_terms=all_terms, allow_free_text=free_text,
                      allow_untrained=allow_untrained, series_uid=series_uid, modality=modality, overwrite=overwrite,
-                     device=device, progress=progress, postprocess=postprocess)
+                     device=device, progress=progress, postprocess=postprocess, anatomy_check=anatomy_check)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 

@@ -162,7 +162,8 @@ def _segment_shard(rank: int, world: int, cases: Sequence[BatchCase], out_root: 
             segment(volume, options.get("prompts", ()), model_dir=model_path, out_dir=partial,
                     all_terms=bool(options.get("all_terms")), allow_free_text=bool(options.get("allow_free_text")),
                     allow_untrained=bool(options.get("allow_untrained")), device=device, progress=False,
-                    postprocess=options.get("postprocess", True), predictor=predictor)  # fmt: skip
+                    postprocess=options.get("postprocess", True), anatomy_check=options.get("anatomy_check", True),
+                    predictor=predictor)  # fmt: skip
             os.replace(partial, out_root / case.case_id)  # the case exists from here on, complete
             report("done", case.case_id, round(time.perf_counter() - t0, 2))
         except Exception as err:  # one bad case never ends the run: it is reported and skipped
@@ -192,6 +193,7 @@ def run_batch(
     allow_free_text: bool = False,
     allow_untrained: bool = False,
     postprocess: bool = True,
+    anatomy_check: bool = True,
     devices: int = 1,
     num_workers: int = 1,
     device: str = "cpu",
@@ -202,7 +204,7 @@ def run_batch(
     """Segment every case of ``datalist`` into ``out_root/<case id>/`` (module docstring).
 
     Args:
-        prompts, all_terms, allow_free_text, allow_untrained, postprocess, model_dir: as
+        prompts, all_terms, allow_free_text, allow_untrained, postprocess, anatomy_check, model_dir: as
             :func:`volumed.inference.segment.segment`, for every case.
         devices: worker processes (ranks); num_workers: read-ahead threads per worker (0: none).
         device: ``cpu``, or ``cuda`` (rank r uses ``cuda:r``).
@@ -242,7 +244,7 @@ def run_batch(
             todo.append(case)
     options = {"prompts": list(prompts), "model_dir": str(model_dir) if model_dir else None, "all_terms": all_terms,
                "allow_free_text": allow_free_text, "allow_untrained": allow_untrained, "postprocess": postprocess,
-               "device": device}  # fmt: skip
+               "anatomy_check": anatomy_check, "device": device}  # fmt: skip
     world = max(1, min(int(devices), len(todo))) if todo else 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // world) if device == "cpu" else None

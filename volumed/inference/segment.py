@@ -40,8 +40,11 @@ Outputs in ``out_dir``:
   at most the threshold; ``null`` for a present one); volume (mL), intensity (HU for CT),
   bounding boxes (voxels and RAS mm), connected components (see :mod:`volumed.inference.stats`);
   ``postprocess`` (the rule applied, or ``null``) and ``removed_components`` (the components it
-  dropped on the model grid). All measured on the post-processed masks. A mask the package's
-  presence rule turned away is absent with ``rejected`` (its volume, mean and peak probability).
+  dropped on the model grid). All measured on the post-processed masks. A mask turned away is
+  absent with ``rejected``: its volume, mean and peak probability, and ``rule``: ``"presence"``
+  (the package's presence rule: small and unsure) or ``"anatomy"`` (the anatomy check: it lies on
+  the axial slices of found structures it never shares a slice with, a femur beside the liver;
+  ``conflicts_with`` names them, :mod:`volumed.data.craniocaudal`).
   ``hu_check`` (CT, present terms): the mask's mean HU against its tissue's prior
   (:func:`volumed.inference.stats.hu_check`); an implausible one is flagged in the summary too.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
@@ -107,6 +110,7 @@ from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedC
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
+from volumed.data.craniocaudal import Found, core_extent, implausible_terms
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.postprocess import (
     RULE_DESCRIPTIONS,
@@ -118,11 +122,13 @@ from volumed.inference.postprocess import (
 from volumed.inference.stats import (
     MaskEvidence,
     TermStatistics,
+    anatomy_evidence,
     compute_statistics,
     hu_check,
     mask_evidence,
     presence_rejects,
     rejected_evidence,
+    rejection_text,
 )
 from volumed.io import read_volume
 from volumed.environment import software_versions
@@ -131,7 +137,9 @@ from volumed.io.masks import BoxMask
 from volumed.io.volume import Volume
 from volumed.text.encoder import TextEncoder
 
-if TYPE_CHECKING:  # the writer is imported where it is used
+if TYPE_CHECKING:  # the writer is imported where it is used; MONAI only for the annotation
+    from monai.inferers import SlidingWindowInferer
+
     from volumed.io.writer import DicomOutputUids
 
 __all__ = [
@@ -732,6 +740,7 @@ class PromptSegPredictor:
         progress: bool = False,
         on_mask: Callable[[int, np.ndarray], None] | None = None,
         postprocess: bool | Mapping[str, str | None] = True,
+        anatomy_check: bool = True,
     ) -> Prediction:
         """Segment ``volume`` for ``terms`` (resolved for its modality): masks on the original grid.
 
@@ -739,10 +748,14 @@ class PromptSegPredictor:
             on_mask: called as ``on_mask(k, mask)`` with each term's mask as soon as it exists, a
                 :class:`volumed.io.masks.BoxMask` (the box of its voxels; ``np.asarray(mask)`` is
                 the full ``(X, Y, Z)`` bool array); the masks are then not kept
-                (``Prediction.masks`` is ``None``).
+                (``Prediction.masks`` is ``None``). A term the anatomy check drops is handed
+                over a second time, as an empty mask, after every term's first call.
             postprocess: connected-component post-processing (:meth:`postprocess_rules`): True
                 applies each term's rule, a mapping overrides rules per term, False keeps every
                 component of every term (the raw output).
+            anatomy_check: drop found structures that cannot share axial slices with the others
+                found (:mod:`volumed.data.craniocaudal`: a femur on the slices of the liver);
+                each is reported absent with the structures it conflicts with.
         """
         if not terms:
             raise ConfigError("no terms to segment", "prompts")
@@ -765,6 +778,7 @@ class PromptSegPredictor:
         presence = dict(getattr(self.config, "presence", None) or {})
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         rejected: dict[int, MaskEvidence] = {}
+        extents: dict[int, tuple] = {}  # found terms: (core S extent, box slices) for the anatomy check
         for k, pieces in self.iter_original(probs, case, components):
             # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
             # not the image's. The label map and the running best probability are full-grid
@@ -811,10 +825,25 @@ class PromptSegPredictor:
                 label_box[crop & (label_box == k + 1)] = 0
                 mask = BoxMask.empty(volume.shape)
                 found[k] = (0, 0.0, None)
+            if anatomy_check and found[k][0]:
+                extents[k] = (core_extent(crop, volume.affine, origin), mask.box)
             if on_mask is not None:
                 on_mask(k, mask)
             else:
                 kept[k] = mask.full()
+        if len(extents) >= 2:
+            weights = {k: found[k][0] * voxel_ml * (found[k][1] / found[k][0]) for k in extents}
+            dropped = implausible_terms({terms[k].name: Found(extents[k][0], weights[k]) for k in extents})
+            for k in [k for k in extents if terms[k].name in dropped]:
+                voxels, total, peak = found[k]
+                rejected[k] = anatomy_evidence(dropped[terms[k].name], voxels, total, peak, voxel_ml, extents[k][0])
+                label_box = label[extents[k][1]]
+                label_box[label_box == k + 1] = 0  # its voxels leave the label map
+                found[k] = (0, 0.0, None)
+                if on_mask is not None:
+                    on_mask(k, BoxMask.empty(volume.shape))
+                else:
+                    kept[k] = np.zeros(volume.shape, dtype=bool)
         if masks is not None:
             masks.extend(kept[k] for k in range(len(terms)))
         # Absent terms: the evidence is a bound of their probability (exact values were computed
@@ -835,8 +864,7 @@ def _absent_why(evidence: MaskEvidence) -> str:
     what the presence rule turned away."""
     r = evidence.rejected
     if r:
-        return (f"rejected: {r['volume_ml']:.1f} mL at mean p {r['confidence']:.2f}, "
-                f"under {r['min_ml']:g} mL and p {r['min_confidence']:.2f}")
+        return f"rejected: {rejection_text(r)}"
     return f"p <= {evidence.max_probability_bound:.2f}"
 
 
@@ -1003,6 +1031,7 @@ def segment(
     device: str = "cpu",
     progress: bool = True,
     postprocess: bool | Mapping[str, str | None] = True,
+    anatomy_check: bool = True,
     predictor: PromptSegPredictor | None = None,
     dicom_uids: "DicomOutputUids | Mapping[str, str] | None" = None,
 ) -> SegmentationResult:
@@ -1031,6 +1060,9 @@ def segment(
             ``{term: "largest_component" | None}`` overrides it further; False keeps every
             component of every term (the raw output, ``--no-postprocess``). Each term's rule is
             recorded in ``labels.json`` and ``statistics.json``.
+        anatomy_check: report absent a found structure that shares axial slices with found
+            structures it never shares them with (:mod:`volumed.data.craniocaudal`); its
+            ``statistics.json`` entry gives ``rejected.rule = "anatomy"`` and the conflicts.
         predictor: an already loaded predictor of the package in ``model_dir`` (a MONAI bundle's
             network, preprocessing and inferer: :mod:`volumed.bundle.promptseg`); by default the
             package is loaded after the cheap checks. ``device`` is then the predictor's.
@@ -1114,12 +1146,16 @@ def segment(
         def keep(k: int, mask: BoxMask) -> None:
             while len(pending) >= 2:
                 pending.pop(0).result()  # re-raises a failed write here
-            pending.append(writer.submit(write_mask_nifti, mask, volume, staging / MASKS_DIR / f"{names[k]}.nii.gz"))
+            # A second call for a term (the anatomy check dropped it) replaces its mask with an
+            # empty one: the writes run in order on the one writer thread.
+            pending.append(writer.submit(write_mask_nifti, mask, volume, staging / MASKS_DIR / f"{names[k]}.nii.gz",
+                                         overwrite=k in stats))
             stats[k] = compute_statistics(mask, volume, terms[k].name)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volumed-mask-writer") as writer:
             try:
-                prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess)
+                prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess,
+                                               anatomy_check=anatomy_check)
             finally:
                 outcomes = [f.exception() for f in pending]  # wait for every write, even on failure
             for error in outcomes:

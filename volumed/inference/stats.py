@@ -158,9 +158,13 @@ class MaskEvidence:
         max_probability: exact peak probability (inside the mask); ``None`` when absent.
         max_probability_bound: upper bound of the probability at every voxel, at most the
             threshold; ``None`` when present. For a rejected mask: its exact peak.
-        rejected: a mask the package's presence rule turned away (small and unsure, see
-            :func:`presence_rejects`): ``{"volume_ml", "confidence", "max_probability",
-            "min_ml", "min_confidence"}``; ``None`` otherwise. Its mask is empty.
+        rejected: a mask that was found and then turned away; its mask is empty. ``None``
+            otherwise. Either the package's presence rule (small and unsure, see
+            :func:`presence_rejects`): ``{"rule": "presence", "volume_ml", "confidence",
+            "max_probability", "min_ml", "min_confidence"}``; or the anatomy check (it shares
+            axial slices with structures it never shares them with, see
+            :mod:`volumed.data.craniocaudal`): ``{"rule": "anatomy", "volume_ml", "confidence",
+            "max_probability", "extent_mm", "conflicts_with", "violation_mm", "atlas_min_gap_mm"}``.
     """
 
     present: bool
@@ -213,9 +217,31 @@ def presence_rejects(rule: dict | None, volume_ml: float, confidence: float) -> 
 def rejected_evidence(rule: dict, voxels: int, probability_sum: float, peak: float, voxel_ml: float) -> MaskEvidence:
     """The :class:`MaskEvidence` of a mask :func:`presence_rejects` turned away: absent, with what
     was seen (volume, mean and peak probability) and the rule that decided."""
-    info = {"volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
+    info = {"rule": "presence", "volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
             "max_probability": float(peak), "min_ml": float(rule["min_ml"]), "min_confidence": float(rule["min_confidence"])}
     return MaskEvidence(False, None, None, float(peak), info)
+
+
+def anatomy_evidence(why: dict, voxels: int, probability_sum: float, peak: float, voxel_ml: float, extent) -> MaskEvidence:
+    """The :class:`MaskEvidence` of a mask the anatomy check dropped
+    (:func:`volumed.data.craniocaudal.implausible_terms` gives ``why``): absent, with what was
+    seen, its S extent (mm) and the structures it conflicts with."""
+    info = {"rule": "anatomy", "volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
+            "max_probability": float(peak), "extent_mm": [round(extent.low, 1), round(extent.high, 1)],
+            "conflicts_with": list(why["conflicts_with"]), "violation_mm": dict(why["violation_mm"]),
+            "atlas_min_gap_mm": dict(why["atlas_min_gap_mm"])}
+    return MaskEvidence(False, None, None, float(peak), info)
+
+
+def rejection_text(r: dict) -> str:
+    """One clause saying why a found mask was turned away (``MaskEvidence.rejected``), for the
+    summary, the report, the SR and the viewer page."""
+    seen = f"a {r['volume_ml']:.1f} mL region at mean probability {r['confidence']:.2f}"
+    if r.get("rule") == "anatomy":
+        others = ", ".join(r["conflicts_with"])
+        return (f"{seen} on the same axial slices as {others}, which it never shares a slice with "
+                f"(craniocaudal atlas)")
+    return f"{seen}, under the presence rule ({r['min_ml']:g} mL and mean probability {r['min_confidence']:.2f})"
 
 
 #: How far (HU) a structure's mean may lie outside its tissue's prior range (every contrast phase)

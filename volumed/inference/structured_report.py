@@ -569,9 +569,15 @@ def build_structured_report(
         title = _readable(name)
         rejected = e.get("rejected")
         if rejected:
-            text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
-                    f"mean probability {_num(rejected['confidence'], 2)}, under the model's presence rule "
-                    f"({rejected['min_ml']:g} mL and {_num(rejected['min_confidence'], 2)}).")
+            if rejected.get("rule") == "anatomy":
+                others = ", ".join(_readable(o) for o in rejected["conflicts_with"])
+                text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
+                        f"mean probability {_num(rejected['confidence'], 2)} on the same axial slices as the {others}, "
+                        "which it never shares a slice with.")
+            else:
+                text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
+                        f"mean probability {_num(rejected['confidence'], 2)}, under the model's presence rule "
+                        f"({rejected['min_ml']:g} mL and {_num(rejected['min_confidence'], 2)}).")
             meas = (MeasurementRef(_stat_ref(name, "rejected", "volume_ml"), float(rejected["volume_ml"]), "mL",
                                    f"{_ml(rejected['volume_ml'])} mL"),
                     MeasurementRef(_stat_ref(name, "rejected", "confidence"), float(rejected["confidence"]), "1",

@@ -490,6 +490,8 @@ def _page_html(template: str, out_dir: Path, volume: Volume, seg: _SegmentOutput
             evidence = "" if s.max_probability_bound is None else f"p &le; {s.max_probability_bound:.2f}"
             if s.rejected:
                 evidence = f"rejected: {s.rejected['volume_ml']:.1f} mL at mean p {s.rejected['confidence']:.2f}"
+                if s.rejected.get("rule") == "anatomy":
+                    evidence += f", on the slices of {', '.join(s.rejected['conflicts_with'])}"
         volume_ml = "" if s.volume_ml is None else (f"{s.volume_ml:.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:.2f}")
         rows.append(
             f'<tr class="{"present" if s.present else "absent"}" data-values="{s.value}">'

@@ -357,10 +357,9 @@ def _comments(f: StructureFinding, threshold: float | None) -> list[str]:
             out.append(f"the SEG segment holds {f.segment_voxels} of the mask's {f.voxels} voxels (overlaps go to the "
                        "more probable structure); the measurements are of the whole mask")
     elif f.rejected:
-        r = f.rejected
-        out.append(f"not reported: a {r['volume_ml']:.1f} mL region at mean probability {r['confidence']:.2f} (peak "
-                   f"{r['max_probability']:.2f}), under the model's presence rule ({r['min_ml']:g} mL, "
-                   f"{r['min_confidence']:.2f})")
+        from volumed.inference.stats import rejection_text
+
+        out.append(f"not reported: {rejection_text(f.rejected)} (peak probability {f.rejected['max_probability']:.2f})")
     else:
         bound = "unknown" if f.max_probability_bound is None else f"{f.max_probability_bound:.3f}"
         limit = f" (threshold {threshold:g})" if threshold is not None else ""

@@ -93,7 +93,7 @@ def test_presence_rule_rejects_only_masks_both_small_and_unsure():
     assert not presence_rejects({}, 0.1, 0.51) and not presence_rejects(None, 0.1, 0.51)
     ev = rejected_evidence(rule, voxels=100, probability_sum=70.0, peak=0.95, voxel_ml=0.06)
     assert (ev.present, ev.confidence, ev.max_probability, ev.max_probability_bound) == (False, None, None, 0.95)
-    assert ev.rejected == {"volume_ml": 6.0, "confidence": pytest.approx(0.7), "max_probability": 0.95,
+    assert ev.rejected == {"rule": "presence", "volume_ml": 6.0, "confidence": pytest.approx(0.7), "max_probability": 0.95,
                            "min_ml": 10.0, "min_confidence": 0.8}
 
 
