@@ -32,7 +32,8 @@ The baseline adds ``SpatialPadd``/``DivisiblePadd`` after the intensity scaling:
 input convention (an image thinner than the patch padded as in training, mirrored along the
 slices; every window on a whole cell of the decoder's stride-2 output), which
 ``SlidingWindowInferer``'s own zero padding would not reproduce. ``volumed segment`` runs with
-``--no-postprocess`` (no connected-component rule; the baseline has none), ``--no-progress``, as
+``--no-postprocess`` (no connected-component rule; the baseline has none), ``--no-anatomy-check``
+(no craniocaudal check; the baseline has none), ``--no-progress``, as
 the installed command. Both use a copy of the package whose ``presence`` rule is off (it empties
 small unsure masks: a reporting rule the baseline lacks); weights and everything else are the
 default model's. Both write their outputs into a temporary
@@ -250,7 +251,7 @@ def measure_case(label: str, image: Path, prompts: list[str], repeats: int, work
             "baseline": [sys.executable, str(Path(__file__).resolve()), "--worker", str(model_dir), str(image), str(out["baseline"]),
                          str(stage_file), *prompts],
             "volumed": [volumed, "segment", str(image), *[a for p in prompts for a in ("-p", p)], "-o", str(out["volumed"]),
-                        "--model", str(model_dir), "--no-postprocess", "--no-progress"],
+                        "--model", str(model_dir), "--no-postprocess", "--no-anatomy-check", "--no-progress"],
         }
         order = ["baseline", "volumed"] if rep % 2 == 0 else ["volumed", "baseline"]
         for name in order:
@@ -294,7 +295,7 @@ def report_lines(cases: list[str], repeats: int, prompts: list[str], shapes: dic
         f"Each pipeline in a fresh process, {repeats} repetition(s) in alternating order; medians; peak RSS = the "
         "child's ru_maxrss, CPU its user + system time. Baseline: the MONAI model-zoo pipeline of the script's docstring "
         "(probabilities inverted, then thresholded; SpatialPadd/DivisiblePadd give the package's padding). Both run the package "
-        "with its presence rule off (it empties small unsure masks; the baseline has no such rule). volumed: `volumed segment IMAGE -p ... --no-postprocess --no-progress` (it also writes the label "
+        "with its presence rule off (it empties small unsure masks; the baseline has no such rule). volumed: `volumed segment IMAGE -p ... --no-postprocess --no-anatomy-check --no-progress` (it also writes the label "
         "map, statistics, preview and report). Dice of each structure's mask against the baseline's (first repetition).",
         "",
         "| case | pipeline | wall s (median) | all runs s | CPU s (median) | peak RSS MiB (median) | wall x baseline | CPU x baseline | RSS x baseline | Dice vs baseline |",

@@ -51,22 +51,24 @@ def test_structures_in_the_slab_are_found_with_confidence(dicom_all):
 @pytest.fixture(scope="module")
 def sm_all(ts_dir, tmp_path_factory) -> tuple[Path, dict, dict]:
     """``volumed segment --all`` on the 9 cm upper-abdominal slab example_ct_sm, with and without
-    the anatomy check: (the checked output folder, its statistics.json, the unchecked one's)."""
+    the anatomy check, and raw (``--no-postprocess``): (the checked output folder, its
+    statistics.json terms, the unchecked one's, the raw one's)."""
     root = tmp_path_factory.mktemp("sm_all")
     stats = []
-    for name, flag in (("checked", "--anatomy-check"), ("raw", "--no-anatomy-check")):
+    for name, flags in (("checked", ["--anatomy-check"]), ("raw", ["--no-anatomy-check"]),
+                        ("fragments", ["--no-postprocess"])):
         with pytest.raises(SystemExit) as exit_info:
-            main(["segment", str(ts_dir / "example_ct_sm.nii.gz"), "--all", flag, "-o", str(root / name), "--no-progress"])
+            main(["segment", str(ts_dir / "example_ct_sm.nii.gz"), "--all", *flags, "-o", str(root / name), "--no-progress"])
         assert exit_info.value.code in (0, None)
         stats.append(json.loads((root / name / "statistics.json").read_text())["terms"])
-    return root / "checked", stats[0], stats[1]
+    return root / "checked", stats[0], stats[1], stats[2]
 
 
 def test_structures_far_from_the_slab_are_dropped_by_the_anatomy_check(sm_all):
     """The slab runs from the kidneys to the lung bases (its reference has no femur, hip, bladder
     or trachea). Whatever of those the network calls lies on the liver's slices, which the
     craniocaudal atlas says they never share: each is reported absent, with the conflict."""
-    out, checked, raw = sm_all
+    out, checked, raw, fragments = sm_all
     labels = nib.load(out / "labels.nii.gz").get_fdata().astype(int)
     for name in ("femur_left", "femur_right", "hip_left", "hip_right", "urinary_bladder", "trachea"):
         assert checked[name]["present"] is False, (name, checked[name])
@@ -84,6 +86,9 @@ def test_structures_far_from_the_slab_are_dropped_by_the_anatomy_check(sm_all):
             assert raw[name]["present"] and entry["volume_ml"] == pytest.approx(raw[name]["volume_ml"]), name
     for name in ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "stomach"):
         assert checked[name]["present"] is True, (name, checked[name])
+    # The raw output (--no-postprocess) keeps every fragment and drops nothing by anatomy: the
+    # extent of scattered fragments is not the structure's.
+    assert not [n for n, e in fragments.items() if (e.get("rejected") or {}).get("rule") == "anatomy"]
     # The unchecked run really did call something impossible, else this test shows nothing about
     # the check (bundle 0.4.0: a 16 mL femur and a 40 mL bladder). A default model that no longer
     # does needs another scan here.

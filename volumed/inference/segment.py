@@ -113,6 +113,7 @@ from volumed.inference.blending import WindowLogits, _bounding_box, importance_m
 from volumed.data.craniocaudal import Found, core_extent, implausible_terms
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.postprocess import (
+    LARGEST_COMPONENT,
     RULE_DESCRIPTIONS,
     ComponentFilter,
     Postprocessing,
@@ -755,7 +756,9 @@ class PromptSegPredictor:
                 component of every term (the raw output).
             anatomy_check: drop found structures that cannot share axial slices with the others
                 found (:mod:`volumed.data.craniocaudal`: a femur on the slices of the liver);
-                each is reported absent with the structures it conflicts with.
+                each is reported absent with the structures it conflicts with. Only the
+                structures whose largest component was kept take part (so none with
+                ``postprocess=False``, the raw output).
         """
         if not terms:
             raise ConfigError("no terms to segment", "prompts")
@@ -825,7 +828,9 @@ class PromptSegPredictor:
                 label_box[crop & (label_box == k + 1)] = 0
                 mask = BoxMask.empty(volume.shape)
                 found[k] = (0, 0.0, None)
-            if anatomy_check and found[k][0]:
+            # Only one-body structures (their largest component kept) take part: the extent of a
+            # many-piece or raw mask is that of its scattered fragments, not of the structure.
+            if anatomy_check and found[k][0] and components.postprocessing(k).rule == LARGEST_COMPONENT:
                 extents[k] = (core_extent(crop, volume.affine, origin), mask.box)
             if on_mask is not None:
                 on_mask(k, mask)
