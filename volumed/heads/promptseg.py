@@ -443,3 +443,41 @@ def create_prompt_segmenter(
     encoder = create_encoder(encoder_name, in_channels=in_channels, **(encoder_kwargs or {}))
     decoder = TermQueryDecoder(encoder.feature_info, text_dim=text_dim, **decoder_kwargs)
     return PromptSegmenter(encoder, decoder)
+
+
+def fpn_level_key_map(old_levels: Sequence[int], new_levels: Sequence[int], num_memory_levels: int):
+    """A ``key_map`` for :func:`volumed.encoders.weights.load_encoder_weights` that moves a
+    checkpoint's FPN weights to the same encoder levels in a decoder with other ``pixel_levels``
+    (e.g. ``[1..5]`` -> ``[0..5]``: the stride-1 level added below).
+
+    The FPN's blocks are indexed by position in ``pixel_levels``, so without the map block ``j`` of
+    the checkpoint (level ``old_levels[j]``) would land on level ``new_levels[j]``: a level-5
+    lateral on level 4, where the shapes happen to agree. Lateral (``inner_blocks``) and memory
+    output (``layer_blocks`` of the coarsest ``num_memory_levels``) weights go to their own level;
+    the finest output convolution (the per-voxel embedding) goes to the new finest level, as its
+    starting point; levels the checkpoint lacks keep their initialisation. Other keys are kept.
+    """
+    import re
+
+    old, new = [int(v) for v in old_levels], [int(v) for v in new_levels]
+    pattern = re.compile(r"^((?:.*\.)?fpn\.)(inner_blocks|layer_blocks)\.(\d+)\.(.*)$")
+    memory_old = set(old[len(old) - int(num_memory_levels):])
+
+    def remap(key: str) -> str | None:
+        m = pattern.match(key)
+        if not m:
+            return key
+        head, kind, j, tail = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+        if j >= len(old):
+            return None
+        level = old[j]
+        if kind == "layer_blocks":
+            if j == 0:  # the finest output: the per-voxel embedding
+                return f"{head}{kind}.0.{tail}"
+            if level not in memory_old:
+                return None
+        if level not in new:
+            return None
+        return f"{head}{kind}.{new.index(level)}.{tail}"
+
+    return remap

@@ -353,7 +353,8 @@ class GroundingModule(L.LightningModule):
         if init_weights:
             from volumed.encoders.weights import load_encoder_weights
 
-            report = load_encoder_weights(self.net, init_weights, key_map=None, strict=False)
+            report = load_encoder_weights(self.net, init_weights, key_map=_fpn_key_map(init_weights, self.model_config),
+                                          strict=False)
             log.info("initial weights from %s:\n%s", init_weights, report.format_table())
 
     def setup(self, stage: str) -> None:
@@ -422,3 +423,28 @@ class GroundingModule(L.LightningModule):
         grounding.training = {**grounding.training, **(training or {})}
         grounding.metrics = {**grounding.metrics, **(metrics or {})}
         return save_grounding_package(self.net, cfg, grounding, out_dir, overwrite=overwrite)
+
+
+def _fpn_key_map(init_weights: str, config: PromptSegConfig):
+    """``None`` (names as they are), or :func:`volumed.heads.promptseg.fpn_level_key_map` when
+    ``init_weights`` is a package's weights whose ``config.json`` (beside them) has other FPN
+    ``pixel_levels`` than ``config``: the FPN blocks are indexed by position in those levels."""
+    import json
+
+    from volumed.heads.promptseg import fpn_level_key_map
+
+    package = Path(init_weights).with_name("config.json")
+    if not package.is_file():
+        return None
+    try:
+        old = json.loads(package.read_text(encoding="utf-8")).get("decoder_kwargs", {})
+    except (OSError, ValueError):
+        return None
+    new = dict(config.decoder_kwargs)
+    old_levels, new_levels = old.get("pixel_levels"), new.get("pixel_levels")
+    if old_levels is None or new_levels is None or list(old_levels) == list(new_levels):
+        return None
+    memory = int(new.get("num_memory_levels", 3))
+    if int(old.get("num_memory_levels", 3)) != memory:
+        return None
+    return fpn_level_key_map(old_levels, new_levels, memory)

@@ -255,7 +255,7 @@ def test_train_config_check_properties_on_the_real_bundle(tmp_path):
     module, data = workflow.trainer.module.hparams, workflow.train_dataset.hparams
     for key in ("sentence_weight", "gate_kernel", "pos_weight", "warmup_steps", "encoder", "encoder_kwargs", "decoder_kwargs"):
         assert module[key] == recipe["model"][key], key
-    for key in ("phantoms", "phantom_seed", "phantom_shape", "phantom_spacing", "target_spacing", "crop_foreground",
+    for key in ("phantoms", "phantom_seed", "phantom_anatomy", "phantom_shape", "phantom_spacing", "target_spacing", "crop_foreground",
                 "patch_size", "batch_size", "fg_rate", "queries_per_patch", "samples_per_epoch"):
         assert list(data[key]) == list(recipe["data"][key]) if isinstance(data[key], (list, tuple)) else data[key] == recipe["data"][key], key
     assert module["init_weights"].endswith("volumed_promptseg_ct/models/model.safetensors")

@@ -240,3 +240,32 @@ def test_overfits_one_phantom_from_random_term_embeddings():
     with torch.no_grad():
         dice = hard_dice(model(image, terms))
     assert dice[0] > 0.8, f"liver Dice {dice[0]:.3f} after 100 steps"
+
+
+def test_fpn_level_key_map_puts_each_checkpoint_level_on_its_own_level():
+    """A decoder given the stride-1 level ([0..5]) starts from one without it ([1..5]): every
+    lateral and memory output lands on the same encoder level, not one level off."""
+    from volumed.encoders.weights import load_encoder_weights
+    from volumed.heads.promptseg import TermQueryDecoder, fpn_level_key_map
+
+    encoder = create_encoder("stunet_tiny")
+    info = encoder.feature_info
+    torch.manual_seed(0)
+    old = TermQueryDecoder(info, embed_dim=32, num_layers=1, num_heads=2, pixel_dim=8, num_memory_levels=2,
+                           pixel_levels=[1, 2, 3, 4, 5])
+    new = TermQueryDecoder(info, embed_dim=32, num_layers=1, num_heads=2, pixel_dim=8, num_memory_levels=2,
+                           pixel_levels=[0, 1, 2, 3, 4, 5])
+    report = load_encoder_weights(new, old.state_dict(), key_map=fpn_level_key_map([1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], 2),
+                                  strict=False)
+    assert report.mismatched == [] and report.unexpected == []
+    for j, level in enumerate([1, 2, 3, 4, 5]):  # laterals: the same level
+        assert torch.equal(new.fpn.inner_blocks[level].weight, old.fpn.inner_blocks[j].weight), level
+    for j, level in ((3, 4), (4, 5)):  # memory outputs: the same level
+        assert torch.equal(new.fpn.layer_blocks[level].weight, old.fpn.layer_blocks[j].weight), level
+    # The finest output (per-voxel embedding) starts from the old finest; level 0's lateral is new.
+    assert torch.equal(new.fpn.layer_blocks[0].weight, old.fpn.layer_blocks[0].weight)
+    assert any("fpn.inner_blocks.0." in k for k in report.missing)
+    # Keys outside the FPN keep their names; the same levels map to themselves.
+    same = fpn_level_key_map([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2)
+    assert same("segmenter.decoder.fpn.inner_blocks.3.weight") == "segmenter.decoder.fpn.inner_blocks.3.weight"
+    assert same("segmenter.encoder.stem.weight") == "segmenter.encoder.stem.weight"

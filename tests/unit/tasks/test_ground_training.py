@@ -129,28 +129,55 @@ def test_train_ground_command_parses(capsys):
         main(["train", "ground", "--config", str(REPO / "configs" / "train_ground-cpu.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "pos_weight: 10.0" in printed and "init_weights: bundles/volumed_promptseg_ct/models/model.safetensors" in printed
+    assert "pos_weight: 100.0" in printed and "init_weights: bundles/volumed_promptseg_ct/models/model.safetensors" in printed
+    assert "phantom_anatomy: 9" in printed
+
+
+def test_the_recipe_is_the_anatomy_models_network_plus_the_stride_1_level():
+    """configs/train_ground-cpu.yaml starts from the default segmenter's weights: its encoder and
+    decoder must be that network's (else the weights do not load), with the stride-1 level added;
+    the FPN weights then land on their own levels (fpn_level_key_map), only level 0's lateral new."""
+    import yaml
+
+    from volumed.encoders.weights import load_encoder_weights
+    from volumed.tasks.ground import GroundingModule, _fpn_key_map
+
+    recipe = yaml.safe_load((REPO / "configs" / "train_ground-cpu.yaml").read_text())["model"]
+    anatomy = json.loads((ANATOMY / "config.json").read_text())
+    assert recipe["encoder"] == anatomy["encoder"] and recipe["encoder_kwargs"] == anatomy["encoder_kwargs"]
+    levels = recipe["decoder_kwargs"]["pixel_levels"]
+    assert levels[0] == 0 and levels[1:] == anatomy["decoder_kwargs"]["pixel_levels"]
+    assert {k: v for k, v in recipe["decoder_kwargs"].items() if k != "pixel_levels"} == \
+        {k: v for k, v in anatomy["decoder_kwargs"].items() if k != "pixel_levels"}
+    module = GroundingModule(encoder=recipe["encoder"], encoder_kwargs=recipe["encoder_kwargs"],
+                             decoder_kwargs=recipe["decoder_kwargs"], init_weights=str(ANATOMY / "model.safetensors"))
+    weights = str(ANATOMY / "model.safetensors")
+    report = load_encoder_weights(module.net, weights, key_map=_fpn_key_map(weights, module.model_config), strict=False)
+    assert report.mismatched == [] and report.unexpected == []
+    assert sorted(k for k in report.missing if k.startswith("segmenter.")) == [
+        "segmenter.decoder.fpn.inner_blocks.0.bias", "segmenter.decoder.fpn.inner_blocks.0.weight"]
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 19 item 3 goal not reached: see docs/grounding.md, 'Phantom result'")
 @pytest.mark.skipif(not (ANATOMY / "model.safetensors").is_file(), reason="no anatomy model in bundles/ to start from")
 def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
-    """The issue's target: hit rate >= 0.9 on held-out phantoms after CPU training, starting from
-    the anatomy model (the recipe of docs/grounding.md)."""
+    """The issue's target: hit rate >= 0.9 on held-out phantoms after CPU training with the
+    recipe of configs/train_ground-cpu.yaml (its steps: about 25 minutes on two cores), starting
+    from the anatomy model."""
     import json
 
-    config = json.loads((ANATOMY / "config.json").read_text())
-    train = write_grounding_phantoms(tmp_path / "train", 20, 0)
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "configs" / "train_ground-cpu.yaml").read_text())
+    model, data = dict(recipe["model"]), dict(recipe["data"])
+    model["init_weights"] = str(REPO / model["init_weights"])
     test = write_grounding_phantoms(tmp_path / "test", 10, 1)
-    L.seed_everything(0)
-    dm = GroundingDataModule(str(train), crop_foreground=True, patch_size=(64, 64, 32), batch_size=1,
-                             fg_rate=0.9, samples_per_epoch=300)
-    module = GroundingModule(encoder=config["encoder"], encoder_kwargs=config["encoder_kwargs"],
-                             decoder_kwargs=config["decoder_kwargs"], init_weights=str(ANATOMY / "model.safetensors"),
-                             sentence_weight=0.1, lr=1e-3, pos_weight=10.0, overlap=0.0, patch_size=(64, 64, 32))
-    L.Trainer(max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    L.seed_everything(recipe["seed_everything"])
+    dm = GroundingDataModule(phantom_dir=str(tmp_path / "train"), **data)
+    module = GroundingModule(**model, patch_size=tuple(data["patch_size"]))
+    L.Trainer(max_steps=recipe["trainer"]["max_steps"], accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
     predictor = GroundingPredictor.from_package(module.export_package(tmp_path / "pkg"))
     metrics, _ = evaluate_grounding(predictor, load_grounding_datalist(test))
     assert metrics.hit_rate >= 0.9 and not math.isnan(metrics.hit_rate)
