@@ -106,11 +106,11 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from volumed.data.craniocaudal import Found, core_extent, implausible_terms
 from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, pad_spatial, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
-from volumed.data.craniocaudal import Found, core_extent, implausible_terms
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
@@ -837,8 +837,8 @@ class PromptSegPredictor:
             else:
                 kept[k] = mask.full()
         if len(extents) >= 2:
-            weights = {k: found[k][0] * voxel_ml * (found[k][1] / found[k][0]) for k in extents}
-            dropped = implausible_terms({terms[k].name: Found(extents[k][0], weights[k]) for k in extents})
+            # Weight: volume times mean probability, i.e. the summed probability times a voxel's mL.
+            dropped = implausible_terms({terms[k].name: Found(extents[k][0], found[k][1] * voxel_ml) for k in extents})
             for k in [k for k in extents if terms[k].name in dropped]:
                 voxels, total, peak = found[k]
                 rejected[k] = anatomy_evidence(dropped[terms[k].name], voxels, total, peak, voxel_ml, extents[k][0])
