@@ -16,7 +16,7 @@ such subjects do not count.
 
 **The check** (:func:`implausible_terms`): among the structures found in one image, two of an
 exclusive pair cannot both be right when the lower one's top reaches more than
-:data:`OVERLAP_MM` above the upper one's bottom (extents by :func:`core_extent`, the central 96 %
+:data:`OVERLAP_MM` above the upper one's bottom (extents by :func:`s_extent` over the central 96 %
 of the voxels): they share slices, or lie in the wrong order. The structures kept are the consistent set
 with the largest total weight (volume times mean probability); the others are dropped. A large
 liver, spleen and stomach outweigh a "femur" and a "hip" in the same slices; a femur in a pelvis
@@ -67,40 +67,18 @@ class Extent:
 
 
 def s_extent(mask: np.ndarray, affine: np.ndarray, start: Sequence[int] = (0, 0, 0),
-             shape: Sequence[int] | None = None) -> Extent | None:
+             shape: Sequence[int] | None = None, trim: float = 0.0) -> Extent | None:
     """The S extent of a bool ``mask`` (a box of a grid of ``shape`` starting at voxel ``start``,
     or the full grid) on a grid whose voxel-to-RAS ``affine`` is given; ``None`` if empty.
 
-    The extent runs over the centres of the mask's extreme voxels, widened by half a voxel's S
-    size on each side. An end is *cut* if the mask touches the grid's first or last index along
-    the voxel axis closest to S at that end."""
+    Voxels are counted slice by slice along the voxel axis closest to S; the extent runs over the
+    slices that hold the central ``1 - 2 * trim`` of them (``trim`` 0: every voxel; a found mask
+    uses :data:`TRIM`, so a few stray voxels do not count), widened by half a slice on each side.
+    On an oblique grid a slice's S is taken at the box's centre. An end is *cut* if the mask
+    touches the grid's first or last slice at that end (untrimmed)."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return None
     affine = np.asarray(affine, dtype=np.float64)
     shape = tuple(int(n) for n in (shape if shape is not None else mask.shape))
-    lo_hi = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo_hi.append((int(start[axis]) + int(hit[0]), int(start[axis]) + int(hit[-1])))
-    # The S coordinate is linear in the voxel index: its extremes over the box are at corners.
-    row = affine[2, :3]
-    s_low = affine[2, 3] + sum(min(row[a] * lo_hi[a][0], row[a] * lo_hi[a][1]) for a in range(3))
-    s_high = affine[2, 3] + sum(max(row[a] * lo_hi[a][0], row[a] * lo_hi[a][1]) for a in range(3))
-    half = 0.5 * float(np.abs(row).sum())
-    axis = int(np.argmax(np.abs(row)))
-    at_first, at_last = lo_hi[axis][0] == 0, lo_hi[axis][1] == shape[axis] - 1
-    # Index 0 is the low S end when S grows with the index.
-    cut_low, cut_high = (at_first, at_last) if row[axis] > 0 else (at_last, at_first)
-    return Extent(float(s_low - half), float(s_high + half), bool(cut_low), bool(cut_high))
-
-
-def core_extent(mask: np.ndarray, affine: np.ndarray, start: Sequence[int] = (0, 0, 0), trim: float = TRIM) -> Extent | None:
-    """The S extent of the central ``1 - 2 * trim`` of a found mask's voxels, counted slice by
-    slice along the voxel axis closest to S (``mask`` is the box starting at voxel ``start``);
-    ``None`` if empty. On an oblique grid the slices' S is taken at the box's centre."""
-    mask = np.asarray(mask, dtype=bool)
-    affine = np.asarray(affine, dtype=np.float64)
     row = affine[2, :3]
     axis = int(np.argmax(np.abs(row)))
     counts = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
@@ -109,8 +87,7 @@ def core_extent(mask: np.ndarray, affine: np.ndarray, start: Sequence[int] = (0,
         return None
     cum = np.cumsum(counts)
     first = int(np.searchsorted(cum, trim * total, side="right"))
-    last = int(np.searchsorted(cum, (1.0 - trim) * total, side="left"))
-    last = max(first, min(last, len(counts) - 1))
+    last = max(first, min(int(np.searchsorted(cum, (1.0 - trim) * total, side="left")), len(counts) - 1))
     centre = [int(start[a]) + (mask.shape[a] - 1) / 2.0 for a in range(3)]
 
     def s_at(i: int) -> float:
@@ -118,9 +95,13 @@ def core_extent(mask: np.ndarray, affine: np.ndarray, start: Sequence[int] = (0,
         idx[axis] = int(start[axis]) + i
         return float(affine[2, 3] + row @ np.asarray(idx))
 
-    ends = sorted((s_at(first), s_at(last)))
+    low, high = sorted((s_at(first), s_at(last)))
     half = 0.5 * abs(float(row[axis]))
-    return Extent(ends[0] - half, ends[1] + half)
+    hit = np.flatnonzero(counts)
+    at_first, at_last = int(start[axis]) + hit[0] == 0, int(start[axis]) + hit[-1] == shape[axis] - 1
+    # Index 0 is the low S end when S grows with the index.
+    cut_low, cut_high = (at_first, at_last) if row[axis] > 0 else (at_last, at_first)
+    return Extent(low - half, high + half, bool(cut_low), bool(cut_high))
 
 
 def gap(upper: Extent, lower: Extent) -> float:

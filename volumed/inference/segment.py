@@ -106,7 +106,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from volumed.data.craniocaudal import Found, core_extent, implausible_terms
+from volumed.data.craniocaudal import TRIM, Found, implausible_terms, s_extent
 from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, pad_spatial, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
@@ -831,7 +831,7 @@ class PromptSegPredictor:
             # Only one-body structures (their largest component kept) take part: the extent of a
             # many-piece or raw mask is that of its scattered fragments, not of the structure.
             if anatomy_check and found[k][0] and components.postprocessing(k).rule == LARGEST_COMPONENT:
-                extents[k] = (core_extent(crop, volume.affine, origin), mask.box)
+                extents[k] = (s_extent(crop, volume.affine, origin, volume.shape, trim=TRIM), mask.box)
             if on_mask is not None:
                 on_mask(k, mask)
             else:

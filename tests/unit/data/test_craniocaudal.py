@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from volumed.data.craniocaudal import (
+    TRIM,
     Extent,
     Found,
-    core_extent,
     exclusive_pairs,
     implausible_terms,
     load_atlas,
@@ -44,12 +44,12 @@ def test_s_extent_in_world_mm_and_cut_ends_for_both_slice_orders():
     assert s_extent(np.zeros((3, 3, 3), bool), _affine(1.0)) is None
 
 
-def test_core_extent_ignores_a_few_stray_voxels_far_away():
+def test_trimmed_extent_ignores_a_few_stray_voxels_far_away():
     mask = np.zeros((20, 20, 100), bool)
     mask[:, :, 10:30] = True  # 8000 voxels
     mask[0, 0, 90] = True  # one stray voxel 60 slices above
     assert s_extent(mask, _affine(1.0)).high == 90.5
-    core = core_extent(mask, _affine(1.0))
+    core = s_extent(mask, _affine(1.0), trim=TRIM)
     assert (core.low, core.high) == (9.5, 29.5)  # the stray voxel is not counted
 
 
@@ -120,8 +120,8 @@ def test_the_shipped_atlas_knows_the_far_apart_pairs_and_not_the_neighbours():
 
 
 @pytest.mark.parametrize("sz", [2.5, -2.5])
-def test_core_extent_matches_the_exact_extent_of_a_compact_mask(sz):
+def test_trimmed_extent_matches_the_exact_extent_of_a_compact_mask(sz):
     mask = np.zeros((5, 5, 40), bool)
     mask[1:4, 1:4, 5:35] = True
-    exact, core = s_extent(mask, _affine(sz, 7.0)), core_extent(mask, _affine(sz, 7.0))
+    exact, core = s_extent(mask, _affine(sz, 7.0)), s_extent(mask, _affine(sz, 7.0), trim=TRIM)
     assert abs(core.low - exact.low) <= abs(sz) and abs(core.high - exact.high) <= abs(sz)

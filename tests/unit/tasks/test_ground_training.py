@@ -150,7 +150,7 @@ def test_the_recipe_is_the_anatomy_models_network_plus_the_stride_1_level():
     assert {k: v for k, v in recipe["decoder_kwargs"].items() if k != "pixel_levels"} == \
         {k: v for k, v in anatomy["decoder_kwargs"].items() if k != "pixel_levels"}
     module = GroundingModule(encoder=recipe["encoder"], encoder_kwargs=recipe["encoder_kwargs"],
-                             decoder_kwargs=recipe["decoder_kwargs"], init_weights=str(ANATOMY / "model.safetensors"))
+                             decoder_kwargs=recipe["decoder_kwargs"])
     weights = str(ANATOMY / "model.safetensors")
     report = load_encoder_weights(module.net, weights, key_map=_fpn_key_map(weights, module.model_config), strict=False)
     assert report.mismatched == [] and report.unexpected == []
@@ -165,8 +165,6 @@ def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
     """The issue's target: hit rate >= 0.9 on held-out phantoms after CPU training with the
     recipe of configs/train_ground-cpu.yaml (its steps: about 25 minutes on two cores), starting
     from the anatomy model."""
-    import json
-
     import yaml
 
     recipe = yaml.safe_load((REPO / "configs" / "train_ground-cpu.yaml").read_text())
