@@ -98,6 +98,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1021,6 +1022,38 @@ def _publish(staging: Path, out_dir: Path) -> None:
             os.replace(final, trash / name)
 
 
+def mask_writer_threads() -> int:
+    """Threads for the per-term mask writes of :func:`segment`: 1 when the machine has a core
+    that torch's intra-op threads leave free, else 0 (the writes run in the caller's thread)."""
+    return 1 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
+
+
+class _InlineExecutor:
+    """The ``submit`` of an executor, run at once in the caller's thread (a completed future)."""
+
+    def submit(self, fn: Callable, /, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:  # handed over as a thread pool's future would hand it
+            future.set_exception(error)
+        return future
+
+
+@contextmanager
+def mask_writer(threads: int) -> Iterator:
+    """An executor for the mask writes: a one-thread pool for ``threads`` >= 1, else inline."""
+    if threads < 1:
+        yield _InlineExecutor()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volumed-mask-writer") as pool:
+        yield pool
+
+
 def segment(
     image_path: "str | Path | Volume",
     prompts: Sequence[str],
@@ -1138,26 +1171,26 @@ def segment(
         (staging / MASKS_DIR).mkdir()
         stats: dict[int, TermStatistics] = {}
 
-        from concurrent.futures import ThreadPoolExecutor
-
         from volumed.io.masks import write_mask_nifti
 
-        # Each mask arrives as the box of its voxels and is written (gzip, which releases the GIL)
-        # on a second thread while the next term is inverted and this one measured; the file and
-        # the statistics cost what the structure's box costs, not the 512 x 512 x 200 grid
-        # (volumed.io.masks). At most two writes wait, so memory holds a bounded number of masks.
+        # Each mask arrives as the box of its voxels; its file and statistics cost what the
+        # structure's box costs, not the 512 x 512 x 200 grid (volumed.io.masks). The gzip write
+        # runs on a second thread, beside the next term's inversion, only where a core is left
+        # over by torch's threads (mask_writer_threads): on 2 cores with 2 torch threads a third
+        # busy thread stalls torch's parallel regions, and 16 writes cost 1.0 s of wall instead
+        # of 0.25 s of CPU (BENCHMARKS.md, "Scaling").
         pending: list = []
 
         def keep(k: int, mask: BoxMask) -> None:
             while len(pending) >= 2:
-                pending.pop(0).result()  # re-raises a failed write here
+                pending.pop(0).result()  # re-raises a failed write here; bounds the masks held
             # A second call for a term (the anatomy check dropped it) replaces its mask with an
-            # empty one: the writes run in order on the one writer thread.
+            # empty one: the writes run in order (one writer thread, or this one).
             pending.append(writer.submit(write_mask_nifti, mask, volume, staging / MASKS_DIR / f"{names[k]}.nii.gz",
                                          overwrite=k in stats))
             stats[k] = compute_statistics(mask, volume, terms[k].name)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volumed-mask-writer") as writer:
+        with mask_writer(mask_writer_threads()) as writer:
             try:
                 prediction = predictor.predict(volume, terms, progress=progress, on_mask=keep, postprocess=postprocess,
                                                anatomy_check=anatomy_check)

@@ -481,6 +481,53 @@ def test_a_failure_mid_way_leaves_no_partial_output(package, ts_dir, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither outputs nor staging folder
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_mask_writes_inline_or_on_a_thread_give_the_same_files_and_raise_a_failed_write(
+        package, ts_dir, tmp_path, monkeypatch, threads):
+    # 0: the writes run in segment()'s thread (2 cores, 2 torch threads); 1: on a writer thread.
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    monkeypatch.setattr(segment_module, "mask_writer_threads", lambda: threads)
+    image = ts_dir / "example_ct_sm.nii.gz"
+    prompts = ["liver", "spleen", "kidney_left"]
+    result = segment(image, prompts, model_dir=package, out_dir=tmp_path / "out", progress=False)
+    volume = read_volume(image)
+    label = _assert_on_grid(result.label_map, volume)
+    for k, term in enumerate(result.terms):
+        mask = _assert_on_grid(term.mask_path, volume)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert int(mask.sum()) == term.statistics.voxels
+        assert np.all(mask[label == k + 1] == 1)  # the label map's voxels of a term are in its mask
+    assert sum(t.statistics.voxels for t in result.terms) > 0
+
+    import volumed.io.masks as masks_module
+
+    calls = []
+
+    def failing_write(mask, reference, path, *, overwrite=False):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise OSError(f"disk full writing {Path(path).name}")
+        return masks_module.mask_nifti_bytes(mask, reference.affine)
+
+    monkeypatch.setattr(masks_module, "write_mask_nifti", failing_write)
+    with pytest.raises(OSError, match="disk full writing spleen.nii.gz"):
+        segment(image, prompts, model_dir=package, out_dir=tmp_path / "failed", progress=False)
+    assert not (tmp_path / "failed").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
+def test_the_mask_writer_thread_is_used_only_when_torch_leaves_a_core_free(monkeypatch):
+    monkeypatch.setattr(segment_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(segment_module.torch, "get_num_threads", lambda: 2)
+    assert segment_module.mask_writer_threads() == 0
+    monkeypatch.setattr(segment_module.os, "cpu_count", lambda: 8)
+    assert segment_module.mask_writer_threads() == 1
+    with segment_module.mask_writer(0) as inline:
+        assert inline.submit(sum, [1, 2]).result() == 3
+        failed = inline.submit(int, "x")
+        assert isinstance(failed.exception(), ValueError)
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
