@@ -233,10 +233,20 @@ def anatomy_evidence(why: dict, voxels: int, probability_sum: float, peak: float
     return MaskEvidence(False, None, None, float(peak), info)
 
 
+def ml_text(v: float) -> str:
+    """A volume in mL for a sentence: one decimal from 1 mL, two below, one significant digit under
+    0.01 mL (a 0.004 mL region is not "0.0 mL")."""
+    if v >= 1:
+        return f"{v:.1f}"
+    if v >= 0.01 or v <= 0:
+        return f"{v:.2f}"
+    return f"{v:.1g}"
+
+
 def rejection_text(r: dict) -> str:
     """One clause saying why a found mask was turned away (``MaskEvidence.rejected``), for the
     summary, the report, the SR and the viewer page."""
-    seen = f"a {r['volume_ml']:.1f} mL region at mean probability {r['confidence']:.2f}"
+    seen = f"a {ml_text(r['volume_ml'])} mL region at mean probability {r['confidence']:.2f}"
     if r.get("rule") == "anatomy":
         others = ", ".join(r["conflicts_with"])
         return (f"{seen} on the same axial slices as {others}, which it never shares a slice with "

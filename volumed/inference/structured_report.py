@@ -319,7 +319,9 @@ def _readable(name: str) -> str:
 
 
 def _ml(v: float) -> str:
-    return f"{v:.1f}" if v >= 1 else f"{v:.2f}"  # 0.04 mL is not 0.0
+    from volumed.inference.stats import ml_text  # lazy, as compute_statistics below
+
+    return ml_text(v)  # 0.04 mL is not 0.0
 
 
 def _num(v: float, digits: int = 1) -> str:

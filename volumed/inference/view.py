@@ -58,6 +58,7 @@ import numpy as np
 from scipy import ndimage
 
 from volumed.errors import ConfigError
+from volumed.inference.stats import ml_text
 from volumed.io.atomic import atomic_write_text, check_writable
 from volumed.io.volume import Volume
 
@@ -489,10 +490,10 @@ def _page_html(template: str, out_dir: Path, volume: Volume, seg: _SegmentOutput
         else:
             evidence = "" if s.max_probability_bound is None else f"p &le; {s.max_probability_bound:.2f}"
             if s.rejected:
-                evidence = f"rejected: {s.rejected['volume_ml']:.1f} mL at mean p {s.rejected['confidence']:.2f}"
+                evidence = f"rejected: {ml_text(s.rejected['volume_ml'])} mL at mean p {s.rejected['confidence']:.2f}"
                 if s.rejected.get("rule") == "anatomy":
                     evidence += f", on the slices of {', '.join(s.rejected['conflicts_with'])}"
-        volume_ml = "" if s.volume_ml is None else (f"{s.volume_ml:.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:.2f}")
+        volume_ml = "" if s.volume_ml is None else ml_text(s.volume_ml)
         rows.append(
             f'<tr class="{"present" if s.present else "absent"}" data-values="{s.value}">'
             f'<td>{s.value}</td><td><span class="swatch" style="background:{s.color if s.present else "transparent"}">'

@@ -123,3 +123,14 @@ def test_component_count_is_scipys_26_connected_count_on_random_masks():
         mask = rng.random(image.shape) < density
         expected = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]
         assert compute_statistics(mask, image, "x").components == expected > 1
+
+
+def test_rejection_text_never_calls_a_found_region_zero_ml():
+    from volumed.inference.stats import ml_text, rejection_text
+
+    assert [ml_text(v) for v in (12.34, 1.0, 0.456, 0.04, 0.0034, 0.0)] == ["12.3", "1.0", "0.46", "0.04", "0.003", "0.00"]
+    r = {"volume_ml": 0.0034, "confidence": 0.61, "min_ml": 2.0, "min_confidence": 0.7}
+    assert rejection_text(r) == ("a 0.003 mL region at mean probability 0.61, under the presence rule "
+                                 "(2 mL and mean probability 0.70)")
+    anatomy = {"volume_ml": 54.2, "confidence": 0.8, "rule": "anatomy", "conflicts_with": ["liver", "lung_upper_lobe_left"]}
+    assert rejection_text(anatomy).startswith("a 54.2 mL region at mean probability 0.80 on the same axial slices as liver, ")
