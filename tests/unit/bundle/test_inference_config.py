@@ -176,9 +176,12 @@ def test_config_workflow_infer_check_properties_on_the_real_bundle():
     assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
 
 
-def test_ckpt_export_torchscript_of_the_default_prompts(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("prompts", [None, ["spleen", "left kidney"]], ids=["default prompts", "prompts overridden"])
+def test_ckpt_export_torchscript_of_the_default_or_given_prompts(tiny_bundle, tmp_path, prompts):
     """torch.jit.script fails on the text conditioning, so ckpt_export traces export_network_def
-    (the network with the default prompts frozen in) at the metadata's window size."""
+    (the network with the prompts frozen in) at the metadata's window size. The prompts are the
+    config id ``prompts``: ``--prompts "['spleen','left kidney']"`` on ckpt_export's command line
+    exports a network for those."""
     network, _ = load_package(tiny_bundle / "models")
     ckpt = tmp_path / "model.pt"
     torch.save(network.state_dict(), ckpt)
@@ -187,18 +190,18 @@ def test_ckpt_export_torchscript_of_the_default_prompts(tiny_bundle, tmp_path):
         ckpt_export(net_id="export_network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(ckpt),
                     meta_file=str(tiny_bundle / "configs" / "metadata.json"),
                     config_file=str(tiny_bundle / "configs" / "inference.json"), bundle_root=str(tiny_bundle),
-                    use_trace=True)
+                    use_trace=True, **({} if prompts is None else {"prompts": prompts}))
     extra = {"metadata.json": "", "inference.json": ""}
     exported = torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == read_metadata(tiny_bundle)["version"]
     # The window of the metadata's spatial_shape ("96*n", ...) at n = 1.
     window = [int(str(e).split("*")[0]) for e in read_metadata(tiny_bundle)["network_data_format"]["inputs"]["image"]["spatial_shape"]]
     image = torch.rand(1, 1, *window)
-    text = prompt_embeddings(tiny_bundle / "models", default_prompts())
+    text = prompt_embeddings(tiny_bundle / "models", prompts or default_prompts())
     with torch.no_grad():
         want = network(image, text)
         got = exported(image)
-    assert got.shape == (1, len(default_prompts()), *window)
+    assert got.shape == (1, len(prompts or default_prompts()), *window)
     assert torch.allclose(got, want, atol=1e-5)
 
 
