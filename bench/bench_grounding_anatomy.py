@@ -153,7 +153,9 @@ def render(rows: list[dict], notes: list[str]) -> str:
         "original grid against its reference mask, next to the default segmenter's probabilities above its "
         "threshold without those rules (as in \"Generalisation: unseen scans\"), the grounding bundle's start. **Training-scan figures:** both models trained on these four CTs; unseen-scan "
         "Dice is in \"Generalisation: unseen scans\". The last column is the grounding model's own location query "
-        "(`--anatomy-model self`): its segmenter, fine-tuned on finding phantoms, no longer finds organs on real CT.",
+        "(`--anatomy-model self`): its segmenter, fine-tuned on finding phantoms only, which is why the "
+        "default is the segmenter. The default segmenter is the bundle in `bundles/volumed_promptseg_ct` as it "
+        "is when this runs (its version is in its `configs/metadata.json`).",
         "",
         "| scan | sentence | parsed term | grounded Dice | segmenter Dice, no component rules | grounded mL | reference mL | "
         "`--anatomy-model self` Dice |",
