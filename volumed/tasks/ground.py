@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -45,6 +45,9 @@ from volumed.heads.grounding import (
     save_grounding_package,
 )
 from volumed.inference.package import PromptSegConfig
+
+if TYPE_CHECKING:
+    from volumed.heads.promptseg import TermQueryDecoder
 from volumed.tasks.optim import adamw_warmup_cosine
 from volumed.tasks.promptseg import PartialLabelLoss
 
@@ -353,7 +356,7 @@ class GroundingModule(L.LightningModule):
         if init_weights:
             from volumed.encoders.weights import load_encoder_weights
 
-            report = load_encoder_weights(self.net, init_weights, key_map=_fpn_key_map(init_weights, self.model_config),
+            report = load_encoder_weights(self.net, init_weights, key_map=_fpn_key_map(init_weights, self.net.segmenter.decoder),
                                           strict=False)
             log.info("initial weights from %s:\n%s", init_weights, report.format_table())
 
@@ -425,26 +428,30 @@ class GroundingModule(L.LightningModule):
         return save_grounding_package(self.net, cfg, grounding, out_dir, overwrite=overwrite)
 
 
-def _fpn_key_map(init_weights: str, config: PromptSegConfig):
+def _fpn_key_map(init_weights: str, decoder: TermQueryDecoder):
     """``None`` (names as they are), or :func:`volumed.heads.promptseg.fpn_level_key_map` when
-    ``init_weights`` is a package's weights whose ``config.json`` (beside them) has other FPN
-    ``pixel_levels`` than ``config``: the FPN blocks are indexed by position in those levels."""
-    import json
+    ``init_weights`` is a package's weights whose ``config.json`` (beside them) gives other FPN
+    ``pixel_levels`` than ``decoder``'s: the FPN blocks are indexed by position in those levels,
+    so loading by name would put each level's weights one level off.
 
+    Raises:
+        ConfigError: the package's config is unreadable, or its number of memory levels differs
+            (the memory outputs could not be placed).
+    """
     from volumed.heads.promptseg import fpn_level_key_map
+    from volumed.inference.package import CONFIG_NAME, read_config
 
-    package = Path(init_weights).with_name("config.json")
-    if not package.is_file():
+    package = Path(init_weights).parent
+    if not (package / CONFIG_NAME).is_file():
+        return None  # a bare weights file: its names are taken as they are
+    old = read_config(package).decoder_kwargs
+    every = list(range(len(decoder.feature_info)))  # TermQueryDecoder's default: every level
+    old_levels = [int(v) for v in (old.get("pixel_levels") or every)]
+    if old_levels == decoder.pixel_levels:
         return None
-    try:
-        old = json.loads(package.read_text(encoding="utf-8")).get("decoder_kwargs", {})
-    except (OSError, ValueError):
-        return None
-    new = dict(config.decoder_kwargs)
-    old_levels, new_levels = old.get("pixel_levels"), new.get("pixel_levels")
-    if old_levels is None or new_levels is None or list(old_levels) == list(new_levels):
-        return None
-    memory = int(new.get("num_memory_levels", 3))
-    if int(old.get("num_memory_levels", 3)) != memory:
-        return None
-    return fpn_level_key_map(old_levels, new_levels, memory)
+    memory = min(int(old.get("num_memory_levels", 3)), len(old_levels))
+    if memory != decoder.num_memory_levels:
+        raise ConfigError(f"cannot start from these weights: their decoder reads {memory} memory level(s), this "
+                          f"one {decoder.num_memory_levels}; set decoder_kwargs.num_memory_levels to {memory}",
+                          package / CONFIG_NAME)
+    return fpn_level_key_map(old_levels, decoder.pixel_levels, memory)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_helpers import PROMPTSEG, REPO, default_prompts
-from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.inferers import SlidingWindowInferer
 
 from volumed.bundle.metadata import channel_names, read_metadata

@@ -152,10 +152,32 @@ def test_the_recipe_is_the_anatomy_models_network_plus_the_stride_1_level():
     module = GroundingModule(encoder=recipe["encoder"], encoder_kwargs=recipe["encoder_kwargs"],
                              decoder_kwargs=recipe["decoder_kwargs"])
     weights = str(ANATOMY / "model.safetensors")
-    report = load_encoder_weights(module.net, weights, key_map=_fpn_key_map(weights, module.model_config), strict=False)
+    report = load_encoder_weights(module.net, weights, key_map=_fpn_key_map(weights, module.net.segmenter.decoder), strict=False)
     assert report.mismatched == [] and report.unexpected == []
     assert sorted(k for k in report.missing if k.startswith("segmenter.")) == [
         "segmenter.decoder.fpn.inner_blocks.0.bias", "segmenter.decoder.fpn.inner_blocks.0.weight"]
+    # The same levels: names as they are; a bare weights file (no config.json beside it): the same.
+    same = GroundingModule(encoder=recipe["encoder"], encoder_kwargs=recipe["encoder_kwargs"],
+                           decoder_kwargs=anatomy["decoder_kwargs"])
+    assert _fpn_key_map(weights, same.net.segmenter.decoder) is None
+
+
+def test_fpn_key_map_refuses_weights_whose_memory_levels_cannot_be_placed(tmp_path):
+    from volumed.errors import ConfigError
+    from volumed.tasks.ground import GroundingModule, _fpn_key_map
+
+    anatomy = json.loads((ANATOMY / "config.json").read_text())
+    anatomy["decoder_kwargs"]["num_memory_levels"] = 3  # the recipe's decoder reads 2
+    (tmp_path / "config.json").write_text(json.dumps(anatomy))
+    module = GroundingModule(encoder=anatomy["encoder"], encoder_kwargs=anatomy["encoder_kwargs"],
+                             decoder_kwargs={**anatomy["decoder_kwargs"], "num_memory_levels": 2, "pixel_levels": [0, 1, 2, 3, 4, 5]})
+    with pytest.raises(ConfigError, match="memory level") as info:
+        _fpn_key_map(str(tmp_path / "model.safetensors"), module.net.segmenter.decoder)
+    assert "config.json" in str(info.value)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable model config"):
+        _fpn_key_map(str(tmp_path / "model.safetensors"), module.net.segmenter.decoder)
+    assert _fpn_key_map(str(tmp_path / "bare" / "weights.pt"), module.net.segmenter.decoder) is None
 
 
 @pytest.mark.slow
