@@ -157,6 +157,7 @@ def ground_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
     anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="Segmentation model folder that answers sentences naming one structure only ('The right lower lobe of the lung.'); default: the default segmenter; 'self': the grounding model's own location query."),
+    body_only: bool = typer.Option(True, "--body-mask/--no-body-mask", help="Keep findings inside the patient's body (CT: tissue above -500 HU, its holes filled, 5 mm margin); no finding in the air, on the table or outside the field of view."),
 ) -> None:
     """Ground finding sentences: one mask per positive sentence on the input's grid, grounding.json
     (sentence -> mask file, confidence, volume, location) and a DICOM SEG for DICOM input."""
@@ -165,7 +166,8 @@ def ground_command(
     if report is not None and not report.is_file():
         raise ConfigError("report file does not exist", report)
     result = ground(image, finding, report=report, model_dir=model, out_dir=output, overwrite=overwrite,
-                    series_uid=series_uid, modality=modality, device=device, anatomy_model=anatomy_model)
+                    series_uid=series_uid, modality=modality, device=device, anatomy_model=anatomy_model,
+                    body_only=body_only)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 
@@ -506,6 +508,7 @@ def evaluate_grounding_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="As for `volumed ground`."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
+    body_only: bool = typer.Option(True, "--body-mask/--no-body-mask", help="As for `volumed ground`."),
 ) -> None:
     """ReXGroundingCT-style scores of a grounding model on a finding-level datalist: per-finding
     Dice, hit rate (all, focal, non-focal), component hit rate, false positives on negated and
@@ -519,7 +522,8 @@ def evaluate_grounding_command(
     if output is not None:
         check_writable(output, overwrite)
     cases = load_grounding_datalist(datalist, section=section)
-    predictor = GroundingPredictor.from_package(model, device=device, anatomy_model=anatomy_model)
+    predictor = GroundingPredictor.from_package(model, device=device, anatomy_model=anatomy_model,
+                                                 body_only=body_only)
     metrics, rows = evaluate_grounding(predictor, cases)
     summary = asdict(metrics)
     width = max(len(k) for k in summary)

@@ -116,13 +116,19 @@ class GroundingPredictor:
             query. The grounding head's segmenter was fine-tuned on finding phantoms and no longer
             segments anatomy on real CT (BENCHMARKS.md, "Grounding: anatomy sentences on the
             real CTs"), so by default the segmenter it started from answers.
+        body_only: keep the grounding model's findings inside the patient's body
+            (:func:`volumed.inference.body.body_mask`, CT only): no probability outside it, so no
+            mask, instance or confidence there. Anatomy sentences answered by the segmenter are
+            not masked (its masks are the ones ``volumed segment`` writes).
     """
 
     def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
                  text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1,
-                 preprocessing=None, inferer=None, anatomy_model: str | Path | None = None):
+                 preprocessing=None, inferer=None, anatomy_model: str | Path | None = None,
+                 body_only: bool = True):
         from volumed.inference.segment import PromptSegPredictor
 
+        self.body_only = body_only
         self.anatomy_model = anatomy_model
         self._anatomy = None
         self.model = model
@@ -162,9 +168,10 @@ class GroundingPredictor:
         return self._anatomy
 
     def _finish(self, volume: Volume, queries: Sequence[FindingQuery], seg, case, probs, todo: list[int],
-                threshold: float, out: list[GroundedFinding], components=None) -> None:
+                threshold: float, out: list[GroundedFinding], components=None, within=None) -> None:
         """Masks, confidences and instances of ``todo`` (rows of ``probs``) on the original grid,
-        into ``out``; ``components``: the segmenter's connected-component rules, if any."""
+        into ``out``; ``components``: the segmenter's connected-component rules, if any;
+        ``within``: bool mask on the original grid outside which probabilities are 0."""
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         done = set()
         for j, pieces in seg.iter_original(probs, case, components):
@@ -173,6 +180,8 @@ class GroundingPredictor:
             prob = np.zeros(volume.shape, dtype=np.float32)
             for where, values in pieces or ():
                 prob[where] = np.maximum(prob[where], values)
+            if within is not None:
+                prob[~within] = 0.0
             instances, mask = connected_instances(prob > threshold, volume.affine, prob,
                                                   int(self.grounding.min_instance_voxels))
             found = bool(mask.any())
@@ -213,7 +222,12 @@ class GroundingPredictor:
         q, has = self.queries([queries[k] for k in todo], volume.modality)
         is_anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
         probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), is_anatomy), case, q)
-        self._finish(volume, queries, seg, case, probs, todo, threshold, out)
+        within = None
+        if self.body_only:
+            from volumed.inference.body import body_mask
+
+            within = body_mask(volume)
+        self._finish(volume, queries, seg, case, probs, todo, threshold, out, within=within)
         return out
 
 
@@ -335,6 +349,7 @@ def ground(
     device: str = "cpu",
     predictor: GroundingPredictor | None = None,
     anatomy_model: str | Path | None = None,
+    body_only: bool = True,
 ) -> GroundingResult:
     """Ground finding sentences (and a report's findings) in one image; write masks,
     ``grounding.json`` and, for DICOM input, a DICOM SEG (see the module docstring).
@@ -347,6 +362,7 @@ def ground(
             :class:`volumed.bundle.ground.GroundingRunner`) instead of loading ``model_dir``'s.
         anatomy_model: who answers anatomy sentences (:class:`GroundingPredictor`); default: the
             default segmenter.
+        body_only: findings only inside the patient's body (:class:`GroundingPredictor`).
 
     Raises:
         OutputExistsError: outputs exist and not ``overwrite`` (checked first).
@@ -386,7 +402,8 @@ def ground(
         raise ConfigError(f"the model was trained on {', '.join(config.modalities)} images only; this image is "
                           f"{volume.modality}", model_dir)
     if predictor is None:
-        predictor = GroundingPredictor.from_package(model_dir, device=device, anatomy_model=anatomy_model)
+        predictor = GroundingPredictor.from_package(model_dir, device=device, anatomy_model=anatomy_model,
+                                                     body_only=body_only)
     t_read = time.perf_counter()
     results = predictor.ground(volume, queries)
     t_pred = time.perf_counter()

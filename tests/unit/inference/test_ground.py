@@ -167,3 +167,30 @@ def test_anatomy_sentences_on_a_real_ct_are_grounded_to_their_structure(ts_dir, 
         pred, ref = np.asarray(img.dataobj) > 0, labels == label
         dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
         assert dice >= least, (f["sentence"], dice)
+
+
+def _centre_and_corner(seg, gated, case, queries):
+    """Stands in for the network: the first sentence 'found' in the middle of the model grid and in
+    one of its corners (air around the phantom's body)."""
+    probs = _box_probabilities(seg, gated, case, queries)
+    probs[0, :3, :3, :3] = 0.95
+    return probs
+
+
+@pytest.mark.parametrize("body_only", [True, False])
+def test_findings_stay_inside_the_body(gpackage, phantom_image, monkeypatch, body_only):
+    from volumed.heads.grounding import finding_queries
+    from volumed.inference.body import body_mask
+
+    monkeypatch.setattr(ground_module, "_predict_gated", _centre_and_corner)
+    volume = read_volume(phantom_image)
+    body = body_mask(volume)
+    assert not body[0, 0, 0] and body[tuple(s // 2 for s in volume.shape)]
+    found = GroundingPredictor.from_package(gpackage, body_only=body_only).ground(volume, finding_queries(SENTENCES[:1]))[0]
+    assert found.found and found.mask[tuple(s // 2 for s in volume.shape)]
+    if body_only:  # the corner is gone from the mask, its instances and its confidence
+        assert len(found.instances) == 1 and not (found.mask & ~body).any()
+        assert found.max_probability == pytest.approx(0.9)
+    else:
+        assert len(found.instances) == 2 and (found.mask & ~body).any()
+        assert found.max_probability == pytest.approx(0.95)
