@@ -158,6 +158,8 @@ def ground_command(
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
     anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="Segmentation model folder that answers sentences naming one structure only ('The right lower lobe of the lung.'); default: the default segmenter; 'self': the grounding model's own location query."),
     body_only: bool = typer.Option(True, "--body-mask/--no-body-mask", help="Keep findings inside the patient's body (CT: tissue above -500 HU, its holes filled, 5 mm margin); no finding in the air, on the table or outside the field of view."),
+    organ_margin: float = typer.Option(10.0, "--organ-margin", min=0.0, help="Keep a finding near the structure its sentence names ('... in the right liver lobe': liver), as the anatomy model segments it, grown by this many mm plus the stated size."),
+    organ_gate: bool = typer.Option(True, "--organ-gate/--no-organ-gate", help="Turn the structure gate of --organ-margin on or off."),
 ) -> None:
     """Ground finding sentences: one mask per positive sentence on the input's grid, grounding.json
     (sentence -> mask file, confidence, volume, location) and a DICOM SEG for DICOM input."""
@@ -167,7 +169,7 @@ def ground_command(
         raise ConfigError("report file does not exist", report)
     result = ground(image, finding, report=report, model_dir=model, out_dir=output, overwrite=overwrite,
                     series_uid=series_uid, modality=modality, device=device, anatomy_model=anatomy_model,
-                    body_only=body_only)
+                    body_only=body_only, organ_margin_mm=organ_margin if organ_gate else None)
     for line in result.summary():
         typer.echo(line, err=line.startswith("warning:"))
 
@@ -509,6 +511,8 @@ def evaluate_grounding_command(
     anatomy_model: Optional[str] = typer.Option(None, "--anatomy-model", help="As for `volumed ground`."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda."),
     body_only: bool = typer.Option(True, "--body-mask/--no-body-mask", help="As for `volumed ground`."),
+    organ_margin: float = typer.Option(10.0, "--organ-margin", min=0.0, help="As for `volumed ground`."),
+    organ_gate: bool = typer.Option(True, "--organ-gate/--no-organ-gate", help="As for `volumed ground`."),
 ) -> None:
     """ReXGroundingCT-style scores of a grounding model on a finding-level datalist: per-finding
     Dice, hit rate (all, focal, non-focal), component hit rate, false positives on negated and
@@ -523,7 +527,8 @@ def evaluate_grounding_command(
         check_writable(output, overwrite)
     cases = load_grounding_datalist(datalist, section=section)
     predictor = GroundingPredictor.from_package(model, device=device, anatomy_model=anatomy_model,
-                                                 body_only=body_only)
+                                                 body_only=body_only,
+                                                 organ_margin_mm=organ_margin if organ_gate else None)
     metrics, rows = evaluate_grounding(predictor, cases)
     summary = asdict(metrics)
     width = max(len(k) for k in summary)

@@ -120,16 +120,25 @@ class GroundingPostprocessing:
         threshold: probability above which a voxel is in a sentence's mask; ``None``: the package's.
         min_instance_voxels: 26-connected components smaller than this are dropped from a mask;
             ``None``: the package's (``grounding.json``).
+        body_only: findings only inside the patient's body (CT).
+        organ_margin_mm: findings only near the structure their sentence names, as the default
+            segmenter segments it, grown by this margin plus the stated size; ``None``: no such
+            gate. Both as :class:`volumed.inference.ground.GroundingPredictor`.
     """
 
     threshold: float | None = None
     min_instance_voxels: int | None = None
+    body_only: bool = True
+    organ_margin_mm: float | None = 10.0
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
             raise ConfigError(f"postprocessing threshold must be in (0, 1), got {self.threshold!r}", "postprocessing")
         if self.min_instance_voxels is not None and int(self.min_instance_voxels) < 0:
             raise ConfigError(f"postprocessing min_instance_voxels must be >= 0, got {self.min_instance_voxels!r}",
+                              "postprocessing")
+        if self.organ_margin_mm is not None and float(self.organ_margin_mm) < 0:
+            raise ConfigError(f"postprocessing organ_margin_mm must be >= 0 or null, got {self.organ_margin_mm!r}",
                               "postprocessing")
 
 
@@ -188,7 +197,9 @@ class GroundingRunner:
         if self.postprocessing.min_instance_voxels is not None:
             grounding = replace(grounding, min_instance_voxels=int(self.postprocessing.min_instance_voxels))
         return GroundingPredictor(self.network, config, grounding, device=self.device,
-                                  preprocessing=self.dataset.transform, inferer=self.inferer)
+                                  preprocessing=self.dataset.transform, inferer=self.inferer,
+                                  body_only=bool(self.postprocessing.body_only),
+                                  organ_margin_mm=self.postprocessing.organ_margin_mm)
 
     def run(self) -> list:
         """Ground in each image; returns the :class:`volumed.inference.ground.GroundingResult` list."""

@@ -13,6 +13,9 @@ Pipeline (one image, ``N`` sentences)::
       -> the shared predictor (volumed.inference.segment.PromptSegPredictor): the package's
          preprocessing, MONAI sliding windows (the encoder runs once per window for all
          sentences), inversion of the probabilities onto the original grid
+      -> per sentence, its search region: the body (volumed.inference.body; CT only) and, when the
+         sentence names a structure the anatomy model knows, that structure as the anatomy model
+         segments it, grown by 10 mm plus the stated size; probabilities outside it are 0
       -> per sentence: mask = probability > threshold; 26-connected components = instances;
          confidence = mean probability inside the mask
 
@@ -24,8 +27,9 @@ existing outputs are refused unless ``overwrite``, and then replaced as a whole)
 * ``grounding.json``: per sentence: ``sentence``, ``negated``, ``mask`` (file, or null for a
   negated one), ``found``, ``confidence`` (mean probability inside the mask), ``max_probability``,
   ``volume_ml``, ``location`` (term, region, side and the text the query was conditioned on),
-  ``finding_type``, ``size_mm``, ``uncertain``, ``anatomy`` and ``instances`` (components: voxels, mL, centre in
-  voxels and RAS mm, bounding box, confidence);
+  ``finding_type``, ``size_mm``, ``uncertain``, ``anatomy``, ``instances`` (components: voxels, mL, centre in
+  voxels and RAS mm, bounding box, confidence) and ``search_region`` (``kind`` organ, body or
+  image; for an organ its ``term`` and ``margin_mm``);
 * ``grounding_seg.dcm``: for a DICOM series, a DICOM SEG with one segment per found sentence
   (where sentences overlap, a voxel goes to the sentence with the highest probability; the
   NIfTI masks keep the overlaps).
@@ -85,6 +89,9 @@ class GroundedFinding:
         max_probability: peak probability inside the mask; None likewise.
         volume_ml: mask volume in mL (0 when empty or negated).
         instances: the mask's 26-connected components, largest first.
+        search_region: where the mask was allowed to be (:meth:`GroundingPredictor.ground`):
+            ``{"kind": "organ", "term", "margin_mm"}``, ``{"kind": "body"}`` or
+            ``{"kind": "image"}``; None for a negated sentence or one answered by the anatomy model.
     """
 
     query: FindingQuery
@@ -93,6 +100,7 @@ class GroundedFinding:
     max_probability: float | None = None
     volume_ml: float = 0.0
     instances: list[Instance] = field(default_factory=list)
+    search_region: dict | None = None
 
     @property
     def found(self) -> bool:
@@ -120,15 +128,24 @@ class GroundingPredictor:
             (:func:`volumed.inference.body.body_mask`, CT only): no probability outside it, so no
             mask, instance or confidence there. Anatomy sentences answered by the segmenter are
             not masked (its masks are the ones ``volumed segment`` writes).
+        organ_margin_mm: keep a finding whose place names a structure the anatomy model knows
+            ("... in the right liver lobe": ``liver``) within that structure as the anatomy model
+            segments it (holes filled), grown by this margin plus the finding's stated size; None:
+            no such gate. The grounding model's own location query does not hold masks to the
+            named organ on real CT; the segmenter does. When the anatomy model does not know the
+            structure (a group such as ``lung``), does not find it, or is ``"self"``, the finding
+            is kept in the body only. Held-out phantoms: false positives 0.43 -> 0.10 at the same
+            hit rate (docs/grounding.md).
     """
 
     def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
                  text_encoder=None, device: str | torch.device = "cpu", sw_batch_size: int = 1,
                  preprocessing=None, inferer=None, anatomy_model: str | Path | None = None,
-                 body_only: bool = True):
+                 body_only: bool = True, organ_margin_mm: float | None = 10.0):
         from volumed.inference.segment import PromptSegPredictor
 
         self.body_only = body_only
+        self.organ_margin_mm = organ_margin_mm
         self.anatomy_model = anatomy_model
         self._anatomy = None
         self.model = model
@@ -168,10 +185,12 @@ class GroundingPredictor:
         return self._anatomy
 
     def _finish(self, volume: Volume, queries: Sequence[FindingQuery], seg, case, probs, todo: list[int],
-                threshold: float, out: list[GroundedFinding], components=None, within=None) -> None:
+                threshold: float, out: list[GroundedFinding], components=None, within=None,
+                regions=None) -> None:
         """Masks, confidences and instances of ``todo`` (rows of ``probs``) on the original grid,
         into ``out``; ``components``: the segmenter's connected-component rules, if any;
-        ``within``: bool mask on the original grid outside which probabilities are 0."""
+        ``within``: bool mask on the original grid outside which probabilities are 0, or one
+        such mask (or None) per row of ``probs``; ``regions``: their descriptions, per row."""
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         done = set()
         for j, pieces in seg.iter_original(probs, case, components):
@@ -180,17 +199,20 @@ class GroundingPredictor:
             prob = np.zeros(volume.shape, dtype=np.float32)
             for where, values in pieces or ():
                 prob[where] = np.maximum(prob[where], values)
-            if within is not None:
-                prob[~within] = 0.0
+            inside = within[j] if isinstance(within, list) else within
+            if inside is not None:
+                prob[~inside] = 0.0
             instances, mask = connected_instances(prob > threshold, volume.affine, prob,
                                                   int(self.grounding.min_instance_voxels))
             found = bool(mask.any())
             out[k] = GroundedFinding(
                 queries[k], mask, float(prob[mask].mean()) if found else None,
-                float(prob[mask].max()) if found else None, float(mask.sum()) * voxel_ml, instances)
-        for k in todo:
+                float(prob[mask].max()) if found else None, float(mask.sum()) * voxel_ml, instances,
+                regions[j] if regions else None)
+        for j, k in enumerate(todo):
             if k not in done:
-                out[k] = GroundedFinding(queries[k], np.zeros(volume.shape, dtype=bool))
+                out[k] = GroundedFinding(queries[k], np.zeros(volume.shape, dtype=bool),
+                                         search_region=regions[j] if regions else None)
 
     def ground(self, volume: Volume, queries: Sequence[FindingQuery]) -> list[GroundedFinding]:
         """Ground every query in ``volume`` (modality CT or MR); negated ones get no mask; anatomy
@@ -222,13 +244,69 @@ class GroundingPredictor:
         q, has = self.queries([queries[k] for k in todo], volume.modality)
         is_anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
         probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), is_anatomy), case, q)
-        within = None
+        within, regions = self._search_regions(volume, [queries[k] for k in todo])
+        self._finish(volume, queries, seg, case, probs, todo, threshold, out, within=within, regions=regions)
+        return out
+
+
+    def _search_regions(self, volume: Volume, queries: Sequence[FindingQuery]) -> tuple[list, list[dict]]:
+        """Per query: where its finding may be (a bool mask on the original grid, or None for
+        anywhere) and its description (:attr:`GroundedFinding.search_region`). The named structure
+        as the anatomy model segments it (holes filled, grown by ``organ_margin_mm`` plus the
+        stated size) within the body; the body alone when the anatomy model does not know the
+        structure or does not find it (see the class)."""
+        from scipy import ndimage
+
+        from volumed.inference.postprocess import ComponentFilter
+
+        body = None
         if self.body_only:
             from volumed.inference.body import body_mask
 
-            within = body_mask(volume)
-        self._finish(volume, queries, seg, case, probs, todo, threshold, out, within=within)
-        return out
+            body = body_mask(volume)
+        kind = {"kind": "image"} if body is None else {"kind": "body"}
+        within = [body] * len(queries)
+        regions = [dict(kind) for _ in queries]
+        anatomy = self.anatomy_predictor() if self.organ_margin_mm is not None else None
+        terms = sorted({q.location_term for q in queries if anatomy is not None and q.location_term in anatomy.config.terms})
+        if not terms:
+            return within, regions
+        case = anatomy.preprocess(volume)
+        resolved = anatomy.resolve_prompts(terms, volume.modality)
+        probs = anatomy.predict_probabilities(case, anatomy.term_queries(resolved, volume.modality))
+        threshold = float(anatomy.config.threshold)
+        organs = {}
+        for j, pieces in anatomy.iter_original(probs, case, ComponentFilter(anatomy.postprocess_rules(resolved), threshold)):
+            mask = np.zeros(volume.shape, dtype=bool)
+            for where, values in pieces or ():
+                mask[where] |= values > threshold
+            if mask.any():
+                organs[terms[j]] = ndimage.binary_fill_holes(mask)
+        spacing = np.asarray(volume.spacing)
+        for i, q in enumerate(queries):
+            organ = organs.get(q.location_term)
+            if organ is None:
+                continue
+            margin = float(self.organ_margin_mm) + (max(q.size_mm) if q.size_mm else 0.0)
+            region = _grow(organ, margin, spacing)
+            within[i] = region if body is None else region & body
+            regions[i] = {"kind": "organ", "term": q.location_term, "margin_mm": round(margin, 1)}
+        return within, regions
+
+
+def _grow(mask: np.ndarray, margin_mm: float, spacing) -> np.ndarray:
+    """``mask`` grown by ``margin_mm`` (Euclidean distance in mm, on its bounding box plus the
+    margin only)."""
+    from scipy import ndimage
+
+    where = np.argwhere(mask)
+    pad = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
+    lo = np.maximum(where.min(axis=0) - pad, 0)
+    hi = np.minimum(where.max(axis=0) + pad + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grown = np.zeros_like(mask)
+    grown[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= margin_mm
+    return grown
 
 
 class _GatedModel(torch.nn.Module):
@@ -333,6 +411,7 @@ def _finding_record(k: int, f: GroundedFinding, mask_name: str | None) -> dict:
         "uncertain": q.uncertain,
         "anatomy": q.anatomy,
         "instances": [i.to_dict() for i in f.instances],
+        "search_region": f.search_region,
     }
 
 
@@ -350,6 +429,7 @@ def ground(
     predictor: GroundingPredictor | None = None,
     anatomy_model: str | Path | None = None,
     body_only: bool = True,
+    organ_margin_mm: float | None = 10.0,
 ) -> GroundingResult:
     """Ground finding sentences (and a report's findings) in one image; write masks,
     ``grounding.json`` and, for DICOM input, a DICOM SEG (see the module docstring).
@@ -363,6 +443,8 @@ def ground(
         anatomy_model: who answers anatomy sentences (:class:`GroundingPredictor`); default: the
             default segmenter.
         body_only: findings only inside the patient's body (:class:`GroundingPredictor`).
+        organ_margin_mm: findings only near the structure their sentence names, as the anatomy
+            model segments it (:class:`GroundingPredictor`); None: no such gate.
 
     Raises:
         OutputExistsError: outputs exist and not ``overwrite`` (checked first).
@@ -403,7 +485,7 @@ def ground(
                           f"{volume.modality}", model_dir)
     if predictor is None:
         predictor = GroundingPredictor.from_package(model_dir, device=device, anatomy_model=anatomy_model,
-                                                     body_only=body_only)
+                                                     body_only=body_only, organ_margin_mm=organ_margin_mm)
     t_read = time.perf_counter()
     results = predictor.ground(volume, queries)
     t_pred = time.perf_counter()

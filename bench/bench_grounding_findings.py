@@ -1,0 +1,150 @@
+"""Finding sentences grounded with and without the search regions of ``volumed ground`` (issue 19).
+
+``volumed ground`` keeps a finding's probabilities inside a *search region*
+(:meth:`volumed.inference.ground.GroundingPredictor.ground`): the patient's body
+(:func:`volumed.inference.body.body_mask`) and, when the sentence names a structure the anatomy
+model knows, that structure as the anatomy model segments it, grown by 10 mm plus the stated size.
+This bench measures what each gate does, in one run, with ``bundles/volumed_ground_ct``:
+
+1. **Held-out phantoms** (``write_grounding_phantoms(folder, 10, seed=1)``; the bundle trained on
+   seed 0): the ReXGroundingCT-style scores of :func:`volumed.inference.ground.evaluate_grounding`
+   (hit rate, mean Dice of present findings, false positives on affirmative sentences about an
+   organ that holds no lesion) for no gate, the body, and the body plus the organ.
+2. **Real CTs** (the four of ``bench_generalisation.py``; none holds a nodule or a liver lesion, so
+   every mask is false): the volume and pieces of the masks of two sentences, for the same gates.
+   The default segmenter trained on these scans, so the organ gate is also run with the
+   leave-one-scan-out segmenter that never saw each scan
+   (``runs/generalisation/VARIANT/loso_<scan>/package``, ``--unseen VARIANT``, default ``M-ft``),
+   when those packages exist.
+
+    python bench/bench_grounding_findings.py            # writes BENCHMARKS.md's section
+    python bench/bench_grounding_findings.py --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _report import machine_description, write_section  # noqa: E402
+from bench_generalisation import _sources  # noqa: E402
+
+HEADING = "## Grounding: findings and their search regions"
+GROUND_BUNDLE = REPO / "bundles" / "volumed_ground_ct" / "models"
+RUNS = REPO / "runs" / "generalisation"
+REAL_FINDINGS = ("12 mm nodule in the right lower lobe", "24 mm hypodense lesion in the right liver lobe")
+#: (name, GroundingPredictor keyword arguments)
+GATES: tuple[tuple[str, dict], ...] = (
+    ("no gate", {"body_only": False, "organ_margin_mm": None}),
+    ("body", {"body_only": True, "organ_margin_mm": None}),
+    ("body + organ (default)", {"body_only": True, "organ_margin_mm": 10.0}),
+)
+
+
+def phantoms(folder: Path) -> list[dict]:
+    from volumed.data.grounding_datalist import load_grounding_datalist
+    from volumed.data.grounding_phantoms import write_grounding_phantoms
+    from volumed.inference.ground import GroundingPredictor, evaluate_grounding
+
+    write_grounding_phantoms(folder, 10, 1)
+    cases = load_grounding_datalist(folder / "grounding.json")
+    rows = []
+    for name, kwargs in GATES:
+        start = time.perf_counter()
+        metrics, _ = evaluate_grounding(GroundingPredictor.from_package(GROUND_BUNDLE, **kwargs), cases)
+        rows.append({"gate": name, "seconds": time.perf_counter() - start, **vars(metrics)})
+        print(f"phantoms, {name}: hit rate {metrics.hit_rate:.3f}, FP {metrics.false_positive_rate:.3f}", flush=True)
+    return rows
+
+
+def real(unseen: str | None) -> list[dict]:
+    from volumed.heads.grounding import finding_queries
+    from volumed.inference.ground import GroundingPredictor
+    from volumed.io import read_volume
+
+    queries = finding_queries(list(REAL_FINDINGS))
+    predictors = [(name, GroundingPredictor.from_package(GROUND_BUNDLE, **kwargs)) for name, kwargs in GATES]
+    rows = []
+    for scan, source in _sources().items():
+        volume = read_volume(source.image, modality=source.modality)
+        runs = list(predictors)
+        package = RUNS / unseen / f"loso_{scan}" / "package" if unseen else None
+        if package is not None and (package / "model.safetensors").is_file():
+            runs.append((f"body + organ, segmenter that never saw the scan ({unseen})",
+                         GroundingPredictor.from_package(GROUND_BUNDLE, anatomy_model=package)))
+        for name, predictor in runs:
+            start = time.perf_counter()
+            found = predictor.ground(volume, queries)
+            rows.append({"scan": scan, "gate": name, "seconds": time.perf_counter() - start,
+                         "findings": [(f.volume_ml, len(f.instances), f.confidence) for f in found]})
+        print(f"{scan}: done", flush=True)
+    return rows
+
+
+def render(phantom_rows: list[dict], real_rows: list[dict]) -> str:
+    lines = [
+        HEADING,
+        "",
+        f"Written by `python bench/bench_grounding_findings.py` ({machine_description()}).",
+        "",
+        "`bundles/volumed_ground_ct` through `volumed ground`'s path, with the search region of each finding "
+        "(`GroundingPredictor(body_only=..., organ_margin_mm=...)`): none, the patient's body "
+        "(`volumed.inference.body.body_mask`), or the body and the structure the sentence names as the default "
+        "segmenter segments it, grown by 10 mm plus the stated size (the default; a sentence whose place the "
+        "segmenter does not know keeps the body only).",
+        "",
+        "**Held-out phantoms** (10 cases, seed 1; the bundle trained on seed 0). Hit: the mask overlaps the "
+        "lesion. False positive: a mask for an affirmative sentence about an organ that holds no lesion.",
+        "",
+        "| search region | hit rate | mean Dice (present) | false-positive rate | false positives | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in phantom_rows:
+        lines.append(f"| {r['gate']} | {r['hit_rate']:.3f} ({r['n_present']}) | {r['mean_dice']:.3f} | "
+                     f"{r['false_positive_rate']:.3f} | {r['false_positives']} of {r['n_absent']} | {r['seconds']:.0f} |")
+    lines += [
+        "",
+        "**Real CTs**: none holds a nodule or a liver lesion, so every mask is false. Sentences: "
+        + ", ".join(f'"{s}"' for s in REAL_FINDINGS) + ". mL of each mask (pieces); the default segmenter "
+        "trained on these four scans, the last row of each scan gates with one that never saw it.",
+        "",
+        "| scan | search region | " + " | ".join(f"\"{s}\"" for s in REAL_FINDINGS) + " | seconds |",
+        "|---|---|" + "---:|" * len(REAL_FINDINGS) + "---:|",
+    ]
+    for r in real_rows:
+        cells = " | ".join(f"{ml:.2f} ({n})" for ml, n, _ in r["findings"])
+        lines.append(f"| {r['scan']} | {r['gate']} | {cells} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unseen", metavar="VARIANT", default="M-ft",
+                        help="leave-one-scan-out segmenters for the organ gate on the real CTs ('' for none)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    np.seterr(all="ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        phantom_rows = phantoms(Path(tmp) / "phantoms")
+    real_rows = real(args.unseen or None)
+    section = render(phantom_rows, real_rows)
+    print(section)
+    if not args.no_write:
+        write_section(args.output, HEADING, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
