@@ -133,8 +133,8 @@ class GroundingPredictor:
             segments it (holes filled), grown by this margin plus the finding's stated size; None:
             no such gate. The grounding model's own location query does not hold masks to the
             named organ on real CT; the segmenter does. When the anatomy model does not know the
-            structure (a group such as ``lung``), does not find it, or is ``"self"``, the finding
-            is kept in the body only. Held-out phantoms: false positives 0.43 -> 0.10 at the same
+            structure (a group such as ``lung``), does not find it, was not trained on the image's
+            modality, or is ``"self"``, the finding is kept in the body only. Held-out phantoms: false positives 0.43 -> 0.10 at the same
             hit rate (docs/grounding.md).
     """
 
@@ -268,6 +268,8 @@ class GroundingPredictor:
         within = [body] * len(queries)
         regions = [dict(kind) for _ in queries]
         anatomy = self.anatomy_predictor() if self.organ_margin_mm is not None else None
+        if anatomy is not None and volume.modality not in anatomy.config.modalities:
+            anatomy = None  # e.g. a CT segmenter and an MR: no structure to gate with
         terms = sorted({q.location_term for q in queries if anatomy is not None and q.location_term in anatomy.config.terms})
         if not terms:
             return within, regions

@@ -227,3 +227,15 @@ def test_a_finding_stays_near_the_structure_its_sentence_names(gpackage, ts_dir,
     near = distance[lesion.mask] <= 30.0 + 9.0
     assert near.mean() >= 0.95 and distance[lesion.mask].max() <= 30.0 + 35.0
     assert lesion.mask.sum() < 0.6 * nodule.mask.sum()
+
+
+def test_an_mr_is_not_gated_by_a_ct_segmenter(gpackage, phantom_image, monkeypatch):
+    """The default segmenter is CT-only: on an MR the finding keeps the whole image (no body mask
+    either: MR has no fixed intensity scale), and says so."""
+    from volumed.heads.grounding import finding_queries
+
+    monkeypatch.setattr(ground_module, "_predict_gated", _centre_and_corner)
+    ct = read_volume(phantom_image)
+    mr = type(ct)(ct.data, ct.affine, "MR")
+    found = GroundingPredictor.from_package(gpackage).ground(mr, finding_queries(SENTENCES[:1]))[0]
+    assert found.search_region == {"kind": "image"} and len(found.instances) == 2
