@@ -134,8 +134,8 @@ class GroundingPredictor:
             no such gate. The grounding model's own location query does not hold masks to the
             named organ on real CT; the segmenter does. When the anatomy model does not know the
             structure (a group such as ``lung``), does not find it, was not trained on the image's
-            modality, or is ``"self"``, the finding is kept in the body only. Held-out phantoms: false positives 0.43 -> 0.10 at the same
-            hit rate (docs/grounding.md).
+            modality, or is ``"self"``, the finding is kept in the body only. Held-out phantoms:
+            false positives 0.43 -> 0.10 at the same hit rate (docs/grounding.md).
     """
 
     def __init__(self, model: GroundingModel, config: PromptSegConfig, grounding: GroundingConfig, *,
@@ -247,7 +247,6 @@ class GroundingPredictor:
         within, regions = self._search_regions(volume, [queries[k] for k in todo])
         self._finish(volume, queries, seg, case, probs, todo, threshold, out, within=within, regions=regions)
         return out
-
 
     def _search_regions(self, volume: Volume, queries: Sequence[FindingQuery]) -> tuple[list, list[dict]]:
         """Per query: where its finding may be (a bool mask on the original grid, or None for
