@@ -16,7 +16,9 @@ How (CT only; an MR has no fixed intensity scale and is not masked):
 3. holes filled in each slice across the patient's long axis (the axis of the affine closest to
    superior-inferior): the lungs, the airways and gas in the bowel are inside the patient but
    are air. Holes are filled per slice, not in 3-D, because the airways open into the edge of a
-   chest CT's field of view, so in 3-D the lungs are not a hole;
+   chest CT's field of view, so in 3-D the lungs are not a hole. Where the body reaches the edge
+   of a slice (a crop, a field of view narrower than the patient), a lung the edge cuts is no
+   hole either: such a slice is filled to the convex hull of its body;
 4. dilated by ``margin_mm`` (skin lesions, partial volume at the surface).
 
 The mask is computed on a grid subsampled to about ``work_mm`` and taken back to the image by
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from volumed.io.volume import Volume
 
@@ -70,7 +73,7 @@ def body_mask(volume: Volume, *, threshold_hu: float = -500.0, keep_fraction: fl
     for k in range(body.shape[axis]):
         index = [slice(None)] * 3
         index[axis] = k
-        body[tuple(index)] = ndimage.binary_fill_holes(body[tuple(index)])
+        body[tuple(index)] = _fill_slice(body[tuple(index)])
     ball = _ellipsoid(np.full(3, margin_mm), coarse_mm)
     if ball.size > 1:
         body = ndimage.binary_dilation(body, structure=ball)
@@ -85,3 +88,31 @@ def _ellipsoid(radius_mm: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
     radius = np.maximum(0, np.round(np.asarray(radius_mm) / voxel_mm)).astype(int)
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
     return sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius)) <= 1.0
+
+
+def _fill_slice(section: np.ndarray) -> np.ndarray:
+    """One 2-D slice of the body, its holes filled; filled to its convex hull instead when it
+    reaches the slice's edge (module docstring, step 3; the hull holds the holes)."""
+    if not (section[0].any() or section[-1].any() or section[:, 0].any() or section[:, -1].any()):
+        return ndimage.binary_fill_holes(section)
+    points = np.argwhere(section)
+    try:
+        facets = ConvexHull(points).equations  # half-planes a i + b j + c <= 0
+    except (QhullError, ValueError):  # fewer than 3 points, or all on one line: nothing to fill
+        return section.copy()
+    # A convex region is one interval of j per row i: the half-planes bound j from above
+    # (b > 0) or below (b < 0), or bound i alone (b = 0).
+    rows = np.arange(section.shape[0], dtype=np.float64)[:, None]
+    a, b, c = facets[:, 0], facets[:, 1], facets[:, 2]
+    tol = 1e-9
+    up, down, flat = b > tol, b < -tol, np.abs(b) <= tol
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = (-c - a * rows) / b
+    upper = np.min(np.where(up, bound, np.inf), axis=1)
+    lower = np.max(np.where(down, bound, -np.inf), axis=1)
+    if flat.any():
+        row_ok = np.all((a[flat] * rows + c[flat]) <= tol, axis=1)
+        upper = np.where(row_ok, upper, -np.inf)
+    cols = np.arange(section.shape[1], dtype=np.float64)[None, :]
+    hull = (cols >= lower[:, None] - tol) & (cols <= upper[:, None] + tol)
+    return hull | section

@@ -42,6 +42,19 @@ def test_body_keeps_the_lungs_and_drops_table_air_and_padding():
     assert wide[50, 67, 20] and not wide[50, 70, 20] and wide[14, 40, 20] and not wide[10, 40, 20]
 
 
+def test_a_lung_cut_by_the_edge_of_the_field_of_view_stays_in_the_body():
+    """A crop through the 'lung' (the body reaches the slice's edge): the lung is no hole in the
+    slice, and is kept by the convex hull; the air outside the body in the crop is not."""
+    volume = _torso()
+    crop = Volume(np.ascontiguousarray(volume.data[36:, :, :]), volume.affine, "CT")
+    mask = body_mask(crop, margin_mm=0.0)
+    lung = crop.data < -500
+    inside = lung & (np.arange(crop.shape[1])[None, :, None] >= 30) & (np.arange(crop.shape[1])[None, :, None] <= 50)
+    inside &= (np.arange(crop.shape[0])[:, None, None] <= 14)
+    assert inside.sum() > 500 and mask[inside].all()  # the cut lung
+    assert not mask[60, 5, 20] and not mask[40, 74, 20]  # air beside the body, the table
+
+
 def test_body_follows_the_long_axis_of_any_orientation():
     # The same torso with the slices along the first voxel axis: holes are filled across it.
     volume = _torso()
@@ -75,6 +88,15 @@ def test_every_reference_mask_of_the_real_cts_lies_in_the_body(shared_data):
     # partial volume just above -500 HU.
     assert dense_outside.sum() > 200_000
     assert np.mean(np.argwhere(dense_outside)[:, 1] >= 200) > 0.99
+    # The same CT cropped through the right lung (the crop's edge cuts it): still inside.
+    right = slice(0, 110)
+    crop = Volume(np.ascontiguousarray(volume.data[right]), volume.affine, "CT")
+    crop_mask = body_mask(crop)
+    lobes = [read_volume(ccth / "masks" / f"lung_{lobe}_right.nii.gz").data[right] > 0
+             for lobe in ("upper_lobe", "middle_lobe", "lower_lobe")]
+    assert any(lobe[-1].any() for lobe in lobes)  # the crop's last plane cuts the lung
+    for lobe in lobes:
+        assert lobe.any() and not (lobe & ~crop_mask).any()
     series = read_volume(shared_data / "totalsegmentator_ct_sm" / "example_ct_dicom_with_uids")
     labels = read_volume(shared_data / "totalsegmentator_ct_sm" / "example_seg_dicom.nii.gz").data[:, ::-1] > 0
     slab = body_mask(series)
