@@ -3,6 +3,7 @@ spawning a measured child process (wall, CPU, peak RSS)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -25,6 +26,24 @@ def machine_description() -> str:
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}, "
         f"load average {load} (1, 5, 15 min) at the end"
     )
+
+
+def bench_parser(doc: str, benchmarks: Path) -> argparse.ArgumentParser:
+    """The options every bench takes: ``--output`` (default ``benchmarks``), ``--no-write``,
+    ``--threads`` (torch threads, default 2); described by ``doc``'s first line."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=benchmarks)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def publish(args: argparse.Namespace, heading: str, section: str) -> None:
+    """Print ``section``, and write it into ``args.output`` unless ``args.no_write``
+    (:func:`bench_parser`'s options)."""
+    print(section)
+    if not args.no_write:
+        write_section(args.output, heading, section)
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

@@ -27,7 +27,6 @@ grounding path (``--anatomy-model`` set to that package). Its own section of BEN
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _report import machine_description, write_section  # noqa: E402
+from _report import bench_parser, machine_description, publish  # noqa: E402
 from bench_generalisation import _sources  # noqa: E402
 from bench_promptseg_dice import dice, reference_masks  # noqa: E402
 
@@ -180,10 +179,7 @@ def _finish(lines: list[str], rows: list[dict], notes: list[str], *, own: bool, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, REPO / "BENCHMARKS.md")
     parser.add_argument("--unseen", metavar="VARIANT", default=None,
                         help="score unseen scans with this variant's leave-one-scan-out segmenters (e.g. M-ft)")
     args = parser.parse_args(argv)
@@ -193,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         heading, section = HEADING, render(rows, notes)
     else:
         heading, section = UNSEEN_HEADING, render_unseen(rows, notes, args.unseen)
-    print(section)
-    if not args.no_write:
-        write_section(args.output, heading, section)
+    publish(args, heading, section)
     return 0
 
 

@@ -23,7 +23,6 @@ This bench measures what each gate does, in one run, with ``bundles/volumed_grou
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _report import machine_description, write_section  # noqa: E402
+from _report import bench_parser, machine_description, publish  # noqa: E402
 from bench_generalisation import _sources  # noqa: E402
 
 HEADING = "## Grounding: findings and their search regions"
@@ -127,10 +126,7 @@ def render(phantom_rows: list[dict], real_rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, REPO / "BENCHMARKS.md")
     parser.add_argument("--unseen", metavar="VARIANT", default="M-ft",
                         help="leave-one-scan-out segmenters for the organ gate on the real CTs ('' for none)")
     args = parser.parse_args(argv)
@@ -139,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         phantom_rows = phantoms(Path(tmp) / "phantoms")
     real_rows = real(args.unseen or None)
-    section = render(phantom_rows, real_rows)
-    print(section)
-    if not args.no_write:
-        write_section(args.output, HEADING, section)
+    publish(args, HEADING, render(phantom_rows, real_rows))
     return 0
 
 
