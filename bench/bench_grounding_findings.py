@@ -89,13 +89,20 @@ def real(unseen: str | None) -> list[dict]:
     return rows
 
 
+def _version() -> str:
+    import json
+
+    return json.loads((GROUND_BUNDLE.parent / "configs" / "metadata.json").read_text())["version"]
+
+
 def render(phantom_rows: list[dict], real_rows: list[dict]) -> str:
     lines = [
         HEADING,
         "",
         f"Written by `python bench/bench_grounding_findings.py` ({machine_description()}).",
         "",
-        "`bundles/volumed_ground_ct` through `volumed ground`'s path, with the search region of each finding "
+        f"`bundles/volumed_ground_ct` (version {_version()}) through `volumed ground`'s path, with the search "
+        "region of each finding "
         "(`GroundingPredictor(body_only=..., organ_margin_mm=...)`): none, the patient's body "
         "(`volumed.inference.body.body_mask`), or the body and the structure the sentence names as the default "
         "segmenter segments it, grown by 10 mm plus the stated size (the default; a sentence whose place the "
