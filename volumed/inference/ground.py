@@ -184,16 +184,17 @@ class GroundingPredictor:
             self._anatomy = PromptSegPredictor.from_package(path, device=self.predictor.device)
         return self._anatomy
 
-    def _finish(self, volume: Volume, queries: Sequence[FindingQuery], seg, case, probs, todo: list[int],
-                threshold: float, out: list[GroundedFinding], components=None, within=None,
-                regions=None) -> None:
-        """Masks, confidences and instances of ``todo`` (rows of ``probs``) on the original grid,
-        into ``out``; ``components``: the segmenter's connected-component rules, if any;
-        ``within``: bool mask on the original grid outside which probabilities are 0, or one
-        such mask (or None) per row of ``probs``; ``regions``: their descriptions, per row."""
+    def _finish(self, volume: Volume, queries: Sequence[FindingQuery], found_pieces, todo: list[int],
+                threshold: float, out: list[GroundedFinding], within=None, regions=None) -> None:
+        """Masks, confidences and instances of ``todo`` on the original grid, into ``out``;
+        ``found_pieces``: ``(j, pieces)`` for rows ``j`` of ``todo`` (as
+        :meth:`~volumed.inference.segment.PromptSegPredictor.iter_original` yields them; a row
+        not yielded or with no pieces found nothing); ``within``: bool mask on the original grid
+        outside which probabilities are 0, or one such mask (or None) per row; ``regions``:
+        their descriptions, per row."""
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         done = set()
-        for j, pieces in seg.iter_original(probs, case, components):
+        for j, pieces in found_pieces:
             k = todo[j]
             done.add(k)
             prob = np.zeros(volume.shape, dtype=np.float32)
@@ -224,18 +225,17 @@ class GroundingPredictor:
         # Terms the anatomy model never trained on stay with the grounding model's location query.
         by_anatomy = [k for k in todo if anatomy is not None and queries[k].anatomy
                       and queries[k].location_term in anatomy.config.terms]
+        todo = [k for k in todo if k not in by_anatomy]
+        gate, gate_terms = self._gate(volume, [queries[k] for k in todo])
+        anatomy = anatomy or gate
+        # One anatomy pass for both uses: the anatomy sentences' masks and the findings' organs.
+        terms = sorted({queries[k].location_term for k in by_anatomy} | set(gate_terms))
+        organs = self._anatomy_pieces(anatomy, volume, terms) if terms else {}
         if by_anatomy:
-            from volumed.inference.postprocess import ComponentFilter
-
-            todo = [k for k in todo if k not in by_anatomy]
-            case = anatomy.preprocess(volume)
-            terms = anatomy.resolve_prompts([queries[k].location_term for k in by_anatomy], volume.modality)
-            probs = anatomy.predict_probabilities(case, anatomy.term_queries(terms, volume.modality))
-            # The segmenter's own component rules (largest component of a femur, ...): the mask is
-            # the one `volumed segment -p TERM` writes.
-            threshold = float(anatomy.config.threshold)
-            components = ComponentFilter(anatomy.postprocess_rules(terms), threshold)
-            self._finish(volume, queries, anatomy, case, probs, by_anatomy, threshold, out, components)
+            # The segmenter's own threshold and component rules (largest component of a femur,
+            # ...): the mask is the one `volumed segment -p TERM` writes.
+            found = ((j, organs.get(queries[k].location_term)) for j, k in enumerate(by_anatomy))
+            self._finish(volume, queries, found, by_anatomy, float(anatomy.config.threshold), out)
         if not todo:
             return out
         threshold = float(self.config.threshold)
@@ -244,19 +244,40 @@ class GroundingPredictor:
         q, has = self.queries([queries[k] for k in todo], volume.modality)
         is_anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
         probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), is_anatomy), case, q)
-        within, regions = self._search_regions(volume, [queries[k] for k in todo])
-        self._finish(volume, queries, seg, case, probs, todo, threshold, out, within=within, regions=regions)
+        threshold_organ = float(gate.config.threshold) if gate is not None else None
+        within, regions = self._search_regions(volume, [queries[k] for k in todo], organs, threshold_organ)
+        self._finish(volume, queries, seg.iter_original(probs, case), todo, threshold, out, within=within, regions=regions)
         return out
 
-    def _search_regions(self, volume: Volume, queries: Sequence[FindingQuery]) -> tuple[list, list[dict]]:
+    @staticmethod
+    def _anatomy_pieces(anatomy, volume: Volume, terms: Sequence[str]) -> dict[str, list]:
+        """One preprocessing and one sliding-window pass of the anatomy model over ``terms``:
+        each found term's pieces on the original grid (``iter_original``), with the segmenter's
+        component rules applied."""
+        from volumed.inference.postprocess import ComponentFilter
+
+        case = anatomy.preprocess(volume)
+        resolved = anatomy.resolve_prompts(list(terms), volume.modality)
+        probs = anatomy.predict_probabilities(case, anatomy.term_queries(resolved, volume.modality))
+        components = ComponentFilter(anatomy.postprocess_rules(resolved), float(anatomy.config.threshold))
+        return {terms[j]: pieces for j, pieces in anatomy.iter_original(probs, case, components) if pieces}
+
+    def _gate(self, volume: Volume, queries: Sequence[FindingQuery]) -> tuple:
+        """The anatomy model that gates findings to their named structure (None: no organ gate)
+        and the structures to segment for it: those of ``queries`` it knows."""
+        anatomy = self.anatomy_predictor() if self.organ_margin_mm is not None and queries else None
+        if anatomy is None or volume.modality not in anatomy.config.modalities:
+            return None, []  # e.g. a CT segmenter and an MR: no structure to gate with
+        return anatomy, sorted({q.location_term for q in queries if q.location_term in anatomy.config.terms})
+
+    def _search_regions(self, volume: Volume, queries: Sequence[FindingQuery], organ_pieces: dict,
+                        threshold: float | None) -> tuple[list, list[dict]]:
         """Per query: where its finding may be (a bool mask on the original grid, or None for
         anywhere) and its description (:attr:`GroundedFinding.search_region`). The named structure
-        as the anatomy model segments it (holes filled, grown by ``organ_margin_mm`` plus the
-        stated size) within the body; the body alone when the anatomy model does not know the
-        structure or does not find it (see the class)."""
+        as the anatomy model segments it (``organ_pieces``, above ``threshold``: holes filled,
+        grown by ``organ_margin_mm`` plus the stated size) within the body; the body alone when
+        the anatomy model does not know the structure or does not find it (see the class)."""
         from scipy import ndimage
-
-        from volumed.inference.postprocess import ComponentFilter
 
         body = None
         if self.body_only:
@@ -266,23 +287,15 @@ class GroundingPredictor:
         kind = {"kind": "image"} if body is None else {"kind": "body"}
         within = [body] * len(queries)
         regions = [dict(kind) for _ in queries]
-        anatomy = self.anatomy_predictor() if self.organ_margin_mm is not None else None
-        if anatomy is not None and volume.modality not in anatomy.config.modalities:
-            anatomy = None  # e.g. a CT segmenter and an MR: no structure to gate with
-        terms = sorted({q.location_term for q in queries if anatomy is not None and q.location_term in anatomy.config.terms})
-        if not terms:
+        if self.organ_margin_mm is None:
             return within, regions
-        case = anatomy.preprocess(volume)
-        resolved = anatomy.resolve_prompts(terms, volume.modality)
-        probs = anatomy.predict_probabilities(case, anatomy.term_queries(resolved, volume.modality))
-        threshold = float(anatomy.config.threshold)
         organs = {}
-        for j, pieces in anatomy.iter_original(probs, case, ComponentFilter(anatomy.postprocess_rules(resolved), threshold)):
+        for term in {q.location_term for q in queries} & set(organ_pieces):
             mask = np.zeros(volume.shape, dtype=bool)
-            for where, values in pieces or ():
+            for where, values in organ_pieces[term]:
                 mask[where] |= values > threshold
             if mask.any():
-                organs[terms[j]] = ndimage.binary_fill_holes(mask)
+                organs[term] = ndimage.binary_fill_holes(mask)
         spacing = np.asarray(volume.spacing)
         for i, q in enumerate(queries):
             organ = organs.get(q.location_term)

@@ -239,3 +239,34 @@ def test_an_mr_is_not_gated_by_a_ct_segmenter(gpackage, phantom_image, monkeypat
     mr = type(ct)(ct.data, ct.affine, "MR")
     found = GroundingPredictor.from_package(gpackage).ground(mr, finding_queries(SENTENCES[:1]))[0]
     assert found.search_region == {"kind": "image"} and len(found.instances) == 2
+
+
+@pytest.mark.realdata
+def test_anatomy_sentences_and_the_organ_gate_share_one_segmenter_pass(gpackage, ts_dir, monkeypatch):
+    """A request with an anatomy sentence and a finding in the same structure runs the default
+    segmenter once (one preprocessing, one sliding-window pass over the union of structures), and
+    each answer is what it is alone."""
+    from volumed.heads.grounding import finding_queries
+    from volumed.inference.segment import PromptSegPredictor
+
+    def everywhere(seg, gated, case, queries):
+        return torch.full((queries.shape[0] // 2, *case.model_shape), 0.9)
+
+    monkeypatch.setattr(ground_module, "_predict_gated", everywhere)
+    calls = []
+    original = PromptSegPredictor.predict_probabilities
+
+    def counted(self, case, queries, **kwargs):
+        calls.append(int(queries.shape[0]))
+        return original(self, case, queries, **kwargs)
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", counted)
+    volume = read_volume(ts_dir / "example_ct_sm.nii.gz")
+    predictor = GroundingPredictor.from_package(gpackage)
+    liver, lesion = predictor.ground(volume, finding_queries(["The liver.", "A 20 mm hypodense lesion in the liver."]))
+    assert calls == [1]  # the liver, once, for both
+    assert liver.query.anatomy and liver.found and lesion.search_region["term"] == "liver"
+    alone_liver = predictor.ground(volume, finding_queries(["The liver."]))[0]
+    alone_lesion = predictor.ground(volume, finding_queries(["A 20 mm hypodense lesion in the liver."]))[0]
+    assert np.array_equal(liver.mask, alone_liver.mask) and liver.confidence == alone_liver.confidence
+    assert np.array_equal(lesion.mask, alone_lesion.mask) and lesion.search_region == alone_lesion.search_region
