@@ -740,6 +740,8 @@ class PromptSegPatchDataset(Dataset):
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
+        synthetic_heart_wall: a darker myocardium and septum around the blood of a synthetic
+            contrast-enhanced heart (:meth:`volumed.data.synthesis.CTSynthesizer.add_heart_wall`).
         pad_mode: how a real image smaller than the patch is padded, with its masks
             (:func:`volumed.data.transforms.pad_spatial`): ``"constant"`` (air, the default: what
             the committed model was trained with), ``"symmetric"`` (mirrored; removes the air
@@ -773,6 +775,7 @@ class PromptSegPatchDataset(Dataset):
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
+        synthetic_heart_wall: bool = False,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
     ):
@@ -801,7 +804,8 @@ class PromptSegPatchDataset(Dataset):
         self.sampling = sampling
         self.augment = patch_augmentation() if augment else None
         self.synthesizers = [
-            CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm, texture=synthetic_texture) if c.synthetic is not None else None
+            CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm, texture=synthetic_texture,
+                           heart_wall=synthetic_heart_wall) if c.synthetic is not None else None
             for c in self.cases
         ]  # fmt: skip
         self.contrast = [
@@ -1003,6 +1007,8 @@ class PromptSegDataModule(L.LightningDataModule):
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
+        synthetic_heart_wall: a darker myocardium and septum around the blood of a synthetic
+            contrast-enhanced heart (:meth:`volumed.data.synthesis.CTSynthesizer.add_heart_wall`).
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
         synthetic_share: fraction of the patches drawn from synthetic cases (:class:`PromptSegPatchDataset`;
@@ -1046,6 +1052,7 @@ class PromptSegDataModule(L.LightningDataModule):
         slice_thickness: float = 0.0,
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
+        synthetic_heart_wall: bool = False,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
         terms: Sequence[str] | None = None,
@@ -1106,7 +1113,7 @@ class PromptSegDataModule(L.LightningDataModule):
             self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
-            synthetic_texture=hp.synthetic_texture, pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
+            synthetic_texture=hp.synthetic_texture, synthetic_heart_wall=hp.synthetic_heart_wall, pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         if hp.val_datalist:

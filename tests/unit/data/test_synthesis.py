@@ -203,3 +203,33 @@ def test_texture_gives_lungs_a_bright_vessel_tail_and_bones_a_cortex():
         added = tex - flat
         assert float(added[shell].mean() - added[inner].mean()) > 100, seed
         assert float(added[~lung & ~bone].abs().max()) < 200  # neither touches the rest but by blur
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_heart_wall_darkens_the_rim_of_a_contrast_heart_only(phase):
+    """A label map's heart is one structure; with contrast, a real heart is bright chambers inside a
+    darker myocardium (the thorax crop: blood 466-578 HU, wall 131 HU). ``heart_wall`` draws that;
+    without contrast blood and muscle look alike and the heart stays flat."""
+    classes = torch.full((1, 40, 40, 32), 4, dtype=torch.int16)
+    x, y, z = torch.meshgrid(torch.arange(40), torch.arange(40), torch.arange(32), indexing="ij")
+    heart = ((x - 20) ** 2 + (y - 20) ** 2 + (z - 16) ** 2) <= 14**2  # a 42 mm radius ball at 3 mm
+    classes[0][heart] = 5
+    tissues = [t for _, t in BODY_CLASSES] + ["heart"]
+    r2 = (x - 20) ** 2 + (y - 20) ** 2 + (z - 16) ** 2
+    shell = heart & (r2 > 13**2)  # the outermost voxel: inside every wall (3-9 mm)
+    inner = r2 <= 10**2  # deeper than the widest wall
+    flat = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=3)(classes, phase=phase)[0][0] * 2000 - 1000
+    walled = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=3, heart_wall=True)(classes, phase=phase)[0][0] * 2000 - 1000
+    if phase == "native":
+        assert torch.allclose(flat, walled)
+        return
+    blood = float(flat[inner].median())
+    assert float(walled[shell].median()) < float(flat[shell].median()) - 25  # a wall all round
+    # Inside, only the septum's slab is muscle: some voxels, not most.
+    assert 0.02 < float((walled[inner] < blood - 25).float().mean()) < 0.6
+    assert float((walled - flat)[~heart].abs().max()) < 200  # the rest changes by blur only
+
+
+def test_heart_arterial_prior_covers_the_thorax_crops_blood(shared_data):
+    lo, hi = TISSUES["heart"].mean_range("arterial")
+    assert lo <= 466 and hi >= 578
