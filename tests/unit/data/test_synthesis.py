@@ -230,6 +230,6 @@ def test_heart_wall_darkens_the_rim_of_a_contrast_heart_only(phase):
     assert float((walled - flat)[~heart].abs().max()) < 200  # the rest changes by blur only
 
 
-def test_heart_arterial_prior_covers_the_thorax_crops_blood(shared_data):
+def test_heart_arterial_prior_covers_the_thorax_crops_blood():
     lo, hi = TISSUES["heart"].mean_range("arterial")
     assert lo <= 466 and hi >= 578
