@@ -7,7 +7,7 @@ model knows, that structure as the anatomy model segments it, grown by 10 mm plu
 This bench measures what each gate does, in one run, with ``bundles/volumed_ground_ct``:
 
 1. **Held-out phantoms** (``write_grounding_phantoms(folder, 10, seed=1)``; the bundle trained on
-   seed 0): the ReXGroundingCT-style scores of :func:`volumed.inference.ground.evaluate_grounding`
+   seeds 0 and 2): the ReXGroundingCT-style scores of :func:`volumed.inference.ground.evaluate_grounding`
    (hit rate, mean Dice of present findings, false positives on affirmative sentences about an
    organ that holds no lesion) for no gate, the body, and the body plus the organ.
 2. **Real CTs** (the four of ``bench_generalisation.py``; none holds a nodule or a liver lesion, so
@@ -83,7 +83,7 @@ def real(unseen: str | None) -> list[dict]:
         for name, predictor in runs:
             start = time.perf_counter()
             found = predictor.ground(volume, queries)
-            rows.append({"scan": scan, "gate": name, "seconds": time.perf_counter() - start,
+            rows.append({"scan": scan, "gate": name, "seconds": time.perf_counter() - start, "unseen": "never saw" in name,
                          "findings": [(f.volume_ml, len(f.instances), f.confidence) for f in found]})
         print(f"{scan}: done", flush=True)
     return rows
@@ -108,7 +108,8 @@ def render(phantom_rows: list[dict], real_rows: list[dict]) -> str:
         "segmenter segments it, grown by 10 mm plus the stated size (the default; a sentence whose place the "
         "segmenter does not know keeps the body only).",
         "",
-        "**Held-out phantoms** (10 cases, seed 1; the bundle trained on seed 0). Hit: the mask overlaps the "
+        "**Held-out phantoms** (10 cases, seed 1; the bundle's training phantoms are seeds 0 and 2, "
+        "`models/grounding.json`). Hit: the mask overlaps the "
         "lesion. False positive: a mask for an affirmative sentence about an organ that holds no lesion.",
         "",
         "| search region | hit rate | mean Dice (present) | false-positive rate | false positives | seconds |",
@@ -121,7 +122,10 @@ def render(phantom_rows: list[dict], real_rows: list[dict]) -> str:
         "",
         "**Real CTs**: none holds a nodule or a liver lesion, so every mask is false. Sentences: "
         + ", ".join(f'"{s}"' for s in REAL_FINDINGS) + ". mL of each mask (pieces); the default segmenter "
-        "trained on these four scans, the last row of each scan gates with one that never saw it.",
+        "trained on these four scans"
+        + (", the last row of each scan gates with one that never saw it." if any(r["unseen"] for r in real_rows) else
+           "; the leave-one-scan-out segmenters that never saw them (`--unseen`) were not there to gate with "
+           "(`runs/generalisation/<variant>/loso_<scan>/package`)."),
         "",
         "| scan | search region | " + " | ".join(f"\"{s}\"" for s in REAL_FINDINGS) + " | seconds |",
         "|---|---|" + "---:|" * len(REAL_FINDINGS) + "---:|",
