@@ -19,6 +19,7 @@ Two steps::
             a phase drawn per patch (native / portal / arterial), each class within a few HU of
             its tissue's (all lobes, all bones, all muscles alike, as in a CT), in HU + 1000
             (attenuation, 0 = air), so the bias field multiplies attenuation, not HU
+         -> texture (lung vessels, bone cortex) and, optionally, a contrast heart's wall
          -> TorchIO RandomBlur, RandomBiasField, RandomNoise -> HU -> the model's window, [0, 1]
 
 Why TorchIO: it implements exactly the SynthSeg generator (``RandomLabelsToImage``, written after
