@@ -202,3 +202,15 @@ def test_shipped_datalist_resolves(shared_data):
     assert dict(zip(spl.terms, spl.term_structures))["kidney_right"] == ("right_kidney",)
     assert "inferior_vena_cava" in synthetic[3].terms and all(synthetic[0].term_structures)
     assert len(BODY_CLASSES) == 5
+
+
+def test_heart_wall_reaches_the_synthesizers_from_the_datamodule(label_maps):
+    """`--data.synthetic_heart_wall true` (the M-hw runs of bench_generalisation.py) turns the
+    wall on in every label map's synthesizer and in none by default."""
+    path = _mixed_datalist(label_maps)
+    for flag in (False, True):
+        dm = PromptSegDataModule(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=2,
+                                 **({"synthetic_heart_wall": True} if flag else {}))
+        dm.setup()
+        synths = [s for s in dm.train_set.synthesizers if s is not None]
+        assert len(synths) == 2 and all(s.heart_wall is flag for s in synths)
