@@ -244,8 +244,11 @@ class GroundingPredictor:
         q, has = self.queries([queries[k] for k in todo], volume.modality)
         is_anatomy = torch.tensor([queries[k].anatomy for k in todo], dtype=torch.bool, device=seg.device)
         probs = _predict_gated(seg, GatedSegmenter(self.model, has.to(seg.device), is_anatomy), case, q)
+        # No gate (none asked, or the segmenter cannot read this modality): the findings keep the
+        # body, even where an anatomy sentence's structure was segmented.
         threshold_organ = float(gate.config.threshold) if gate is not None else None
-        within, regions = self._search_regions(volume, [queries[k] for k in todo], organs, threshold_organ)
+        within, regions = self._search_regions(volume, [queries[k] for k in todo], organs if gate is not None else {},
+                                               threshold_organ)
         self._finish(volume, queries, seg.iter_original(probs, case), todo, threshold, out, within=within, regions=regions)
         return out
 
