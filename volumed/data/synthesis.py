@@ -387,15 +387,14 @@ class CTSynthesizer:
         image = ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
         return image, deformed, phase
 
-
     def add_heart_wall(self, attenuation: torch.Tensor, classes: torch.Tensor, blood_hu: float, phase: str) -> torch.Tensor:
         """The myocardium of a contrast-enhanced heart, on the drawn image (HU + 1000), before blur.
 
         A label map's "heart" is one structure, so a flat draw paints it as one pool of blood. In
         a contrast CT only the chambers are bright: the thorax crop's heart (arterial phase) has
         its blood at 466-578 HU (median, 90th percentile) inside a wall and septum of 131 HU (the
-        quarter of its voxels under 250 HU), and a network that
-        saw only flat hearts found its cavities alone (Dice 0.18-0.35, docs/synthesis.md round 14).
+        quarter of its voxels under 250 HU), and a network that saw only flat hearts found its
+        cavities alone (Dice 0.18-0.35, docs/synthesis.md round 14).
         Here the heart voxels within a random 3-9 mm of its boundary (the wall, computed on the
         patch) and a slab of random 6-12 mm through its centre at a random orientation (a
         septum) take a myocardium value drawn per patch (:data:`MYOCARDIUM_HU` of the phase),
@@ -406,14 +405,16 @@ class CTSynthesizer:
             return attenuation
         dist = ndimage.distance_transform_edt(heart, sampling=self.spacing)
         wall = heart & (dist <= float(self.rng.uniform(3.0, 9.0)))
-        idx = np.argwhere(heart).astype(np.float64)
+        idx = np.argwhere(heart)
         centre = idx.mean(0) + self.rng.normal(0.0, 2.0, 3)
         normal = self.rng.normal(size=3)
         normal /= np.linalg.norm(normal) + 1e-9
-        grid = np.indices(heart.shape, dtype=np.float64).reshape(3, -1).T
-        offset = np.abs(((grid - centre) * np.asarray(self.spacing)) @ normal).reshape(heart.shape)
-        septum = heart & (offset <= 0.5 * float(self.rng.uniform(6.0, 12.0)))
-        muscle = torch.from_numpy(wall | septum)[None]
+        # The septum: heart voxels within half a random thickness of a plane through the centre
+        # (distances of the heart's voxels only, not of the whole patch).
+        offset = np.abs(((idx - centre) * np.asarray(self.spacing)) @ normal)
+        muscle = wall.copy()
+        muscle[tuple(idx[offset <= 0.5 * float(self.rng.uniform(6.0, 12.0))].T)] = True
+        muscle = torch.from_numpy(muscle)[None]
         lo, hi = MYOCARDIUM_HU[phase]
         # Never brighter than the blood: portal blood (110-200 HU) and muscle (80-130) overlap.
         shift = min(float(self.rng.uniform(lo, hi)), float(blood_hu) - 30.0) - float(blood_hu)
