@@ -108,6 +108,10 @@ VARIANTS["M-hw"] = [*VARIANTS["M"], "--data.synthetic_heart_wall", "true"]
 # M-ft's recipe from the M-hw synthetic-only model, the heart wall kept on.
 VARIANTS["M-hw-ft"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw/synthetic_only/package/model.safetensors",
                        *VARIANTS["S-ft"][2:]]
+# M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's own M-hw-ft model, heart
+# wall on (docs/synthesis.md, round 15).
+VARIANTS["M-hw-ft2"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw-ft/{run}/package/model.safetensors",
+                        *VARIANTS["M-ft2"][-6:]]
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,7 @@ VARIANT_TEXT = {
     "S-ft": "size S fine-tuned from the S synthetic-only model with 70% synthetic patches",
     "M-ft": "size M fine-tuned from the M synthetic-only model with 70% synthetic patches",
     "M-ft2": "M-ft, then a second phase with 70% real patches (lr 1e-3) from each fold's M-ft model",
+    "M-hw-ft2": "M-hw-ft, then M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's M-hw-ft model",
     "M-hw-ft": "M-ft's recipe (70% synthetic patches) from the M-hw synthetic-only model, heart wall on",
     "M-hw": "size M with the synthetic contrast heart drawn as blood inside a darker wall and septum, and the "
             "heart's arterial prior up to 600 HU (docs/synthesis.md, round 14)",
