@@ -412,8 +412,7 @@ def capacity_table() -> str:
     def size_of(params) -> str:
         return f"{params / 1e6:.1f} M ({params * 4 / 1e6:.0f} MB)" if params else "?"
 
-    for variant in sorted(VARIANTS):
-        res = _stored(variant)
+    def fold_row(label: str, res: dict) -> None:
         cells, minutes, params = [], [], None
         for fold in folds:
             if fold not in res:
@@ -425,8 +424,16 @@ def capacity_table() -> str:
             params = params or info.get("parameters")
         mins = [m for m in minutes if m is not None]
         if any(c != "-" for c in cells):
-            rows.append(f"| {variant} | {size_of(params)} | {', '.join(f'{m:g}' for m in mins) or '?'} | "
+            rows.append(f"| {label} | {size_of(params)} | {', '.join(f'{m:g}' for m in mins) or '?'} | "
                         + " | ".join(cells) + " |")
+
+    for variant in sorted(VARIANTS):
+        res = _stored(variant)
+        reps = _stored_repeats(variant)
+        n = max((len(reps.get(f, [])) for f in folds), default=0)
+        for k in range(n):  # earlier trainings of the folds, oldest first
+            fold_row(f"{variant}, repeat {k + 1} of {n + 1}", {f: reps[f][k] for f in folds if len(reps.get(f, [])) > k})
+        fold_row(f"{variant}, repeat {n + 1} of {n + 1}" if n else variant, res)
         synth = res.get("synthetic_only")
         earlier = _stored_repeats(variant).get("synthetic_only", [])
         for k, entry in enumerate([*earlier, synth] if synth else []):
