@@ -24,6 +24,7 @@ from volumed.data.transforms import BoxInverter
 from volumed.data.vocab import default_vocabulary
 from volumed.errors import ConfigError
 from volumed.inference.blending import WindowLogits
+from volumed.inference.body import body_mask
 from volumed.inference.package import PromptSegConfig, build_model, load_package, read_config
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
@@ -166,7 +167,8 @@ def test_index_copy_of_hot_voxels_keeps_the_largest_blob_exactly(package, text_e
     np.testing.assert_array_equal(pred.masks[1], raw.masks[1])
     assert compute_statistics(pred.masks[0], volume, "liver").components == 1
     assert [p.to_dict() for p in pred.postprocessing] == [
-        {"postprocess": LARGEST_COMPONENT, "removed_components": 1}, {"postprocess": None, "removed_components": None}]
+        {"postprocess": LARGEST_COMPONENT, "removed_components": 1, "removed_outside_body_ml": 0.0},
+        {"postprocess": None, "removed_components": None, "removed_outside_body_ml": 0.0}]
     assert [p.rule for p in raw.postprocessing] == [None, None]
     # The label map: the removed blob goes to the colon (the liver won the tie there before).
     removed = raw_liver & ~post_liver
@@ -198,7 +200,11 @@ def test_resampled_boxes_of_blended_windows_keep_the_largest_blob_exactly(packag
 
     monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: probs)
     pred = predictor.predict(volume, terms)
-    np.testing.assert_array_equal(pred.masks[0], post_liver)
+    # The kept component, less what lies outside the patient's body (the blobs are placed by hand).
+    body = body_mask(volume)
+    np.testing.assert_array_equal(pred.masks[0], post_liver & body)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    assert pred.postprocessing[0].outside_body_ml == pytest.approx(np.count_nonzero(post_liver & ~body) * voxel_ml, abs=1e-3)
     assert compute_statistics(pred.masks[0], volume, "liver").components == 1
     assert not np.any(pred.label_map[raw_liver & ~post_liver] == 1)
 
