@@ -105,14 +105,20 @@ class Postprocessing:
     Attributes:
         rule: the rule applied (:data:`LARGEST_COMPONENT`), or ``None`` (every component kept).
         removed_components: components dropped on the model grid (``None`` when ``rule`` is ``None``).
+        outside_body_ml: mL of the mask (voxels above the threshold) removed because they lay
+            outside the patient's body (CT, :func:`volumed.inference.body.body_mask`); ``None``
+            when no body mask was applied (MR, or post-processing off).
     """
 
     rule: str | None
     removed_components: int | None = None
+    outside_body_ml: float | None = None
 
     def to_dict(self) -> dict:
-        """The fields of ``statistics.json``: ``postprocess`` and ``removed_components``."""
-        return {"postprocess": self.rule, "removed_components": self.removed_components}
+        """The fields of ``statistics.json``: ``postprocess``, ``removed_components`` and
+        ``removed_outside_body_ml``."""
+        return {"postprocess": self.rule, "removed_components": self.removed_components,
+                "removed_outside_body_ml": self.outside_body_ml}
 
 
 def check_rules(rules: object, where: object = "postprocess") -> dict[str, str | None]:

@@ -15,7 +15,9 @@ Pipeline (one image, ``N`` prompts)::
          (26-connected, one bool map); a one-body structure (liver, heart, a vertebra, ...)
          keeps only its largest component, others (colon, groups, free text) keep all
          (volumed.inference.postprocess; the kept values are unchanged)
-      -> trilinear inversion of the boxes onto the original grid, threshold -> mask, label map;
+      -> trilinear inversion of the boxes onto the original grid; CT: voxels outside the
+         patient's body (volumed.inference.body: the table, the air) set to 0
+      -> threshold -> mask, label map;
          per term, while its mask is set: voxel count, summed and peak probability
          (confidence), no probability map kept
       -> absent terms (empty mask): the maximum of their blend on the model grid, found by
@@ -40,11 +42,14 @@ Outputs in ``out_dir``:
   at most the threshold; ``null`` for a present one); volume (mL), intensity (HU for CT),
   bounding boxes (voxels and RAS mm), connected components (see :mod:`volumed.inference.stats`);
   ``postprocess`` (the rule applied, or ``null``) and ``removed_components`` (the components it
-  dropped on the model grid). All measured on the post-processed masks. A mask turned away is
+  dropped on the model grid), ``removed_outside_body_ml`` (CT: mL of the mask that lay outside the
+  patient's body and was removed; ``null`` for MR or without post-processing). All measured on
+  the post-processed masks. A mask turned away is
   absent with ``rejected``: its volume, mean and peak probability, and ``rule``: ``"presence"``
   (the package's presence rule: small and unsure) or ``"anatomy"`` (the anatomy check: it lies on
   the axial slices of found structures it never shares a slice with, a femur beside the liver;
-  ``conflicts_with`` names them, :mod:`volumed.data.craniocaudal`).
+  ``conflicts_with`` names them, :mod:`volumed.data.craniocaudal`) or ``"outside_body"`` (CT: all
+  of it lay outside the patient's body).
   ``hu_check`` (CT, present terms): the mask's mean HU against its tissue's prior
   (:func:`volumed.inference.stats.hu_check`); an implausible one is flagged in the summary too.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
@@ -68,6 +73,12 @@ scattered false-positive fragments elsewhere disappear and the kept component's 
 those of the raw output, voxel for voxel. The rule of each term comes from its kind (one-body
 TotalSegmentator class or not), the package's ``config.postprocess`` and the caller's
 ``postprocess`` (``False``, ``--no-postprocess``: every component of every term, the raw output).
+On a CT, post-processing also keeps every mask inside the patient's body
+(:func:`volumed.inference.body.body_mask`: the tissue above -500 HU, the table and blankets
+dropped, the lungs filled, 5 mm of margin): no organ lies on the table or in the air around the
+patient, where a model that never saw that scanner's table may put one (a leave-one-out model put
+"small bowel" under the tcia scan's patient, docs/synthesis.md round 15). A structure with no
+voxel left inside the body is absent with ``rejected.rule = "outside_body"``.
 
 Untrained terms: a prompt for a term not in the package's ``terms`` (a vocabulary term the model
 never saw, or free text other than a trained one) would get a mask that means nothing, so it is
@@ -113,6 +124,7 @@ from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, nor
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
+from volumed.inference.body import body_mask
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
     RULE_DESCRIPTIONS,
@@ -128,6 +140,8 @@ from volumed.inference.stats import (
     compute_statistics,
     hu_check,
     mask_evidence,
+    ml_text,
+    outside_body_evidence,
     presence_rejects,
     rejected_evidence,
     rejection_text,
@@ -772,6 +786,9 @@ class PromptSegPredictor:
         clock.append(time.perf_counter())
         threshold = float(self.config.threshold)
         components = ComponentFilter(self.postprocess_rules(terms, postprocess), threshold)
+        # CT with post-processing: masks are kept inside the patient's body (module docstring).
+        body = body_mask(volume) if isinstance(postprocess, Mapping) or postprocess else None
+        outside: dict[int, float] = {}  # mL removed outside the body, per term
         # The running best probability above the threshold (0 where none is): zeros, not the
         # threshold, so that the pages of the grid no piece touches are never written (calloc).
         best = np.zeros(volume.shape, dtype=np.float32)
@@ -787,6 +804,10 @@ class PromptSegPredictor:
             # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
             # not the image's. The label map and the running best probability are full-grid
             # arrays, written only inside the pieces.
+            dropped = (0, 0.0, None)
+            if body is not None and pieces:
+                pieces, dropped = _inside_body(pieces, body, threshold)
+                outside[k] = round(dropped[0] * voxel_ml, 3)
             origin, crop = _pieces_box(pieces or ())
             # The mask's voxels are counted and their probabilities summed as they are set: pieces
             # may overlap (with equal values above the threshold), so each voxel counts once, and
@@ -821,6 +842,10 @@ class PromptSegPredictor:
                     label[winners] = k + 1
             mask = BoxMask(volume.shape, origin, crop)
             found[k] = (voxels, total, peak)
+            if not voxels and dropped[0]:
+                # Found only outside the patient (the table, the air): absent, with what was seen there.
+                rejected[k] = outside_body_evidence(*dropped, voxel_ml)
+                found[k] = (0, 0.0, None)
             if voxels and presence_rejects(presence, voxels * voxel_ml, total / voxels):
                 # Small and unsure: reported absent (the evidence keeps what was seen). Its voxels
                 # leave the label map; another term's lower probability there is not restored.
@@ -862,7 +887,39 @@ class PromptSegPredictor:
         stages = ("queries", "preprocess", "sliding_window", "invert")
         seconds = {s: b - a for s, a, b in zip(stages, clock, clock[1:])}
         seconds["postprocess"] = components.seconds  # part of "invert"
-        return Prediction(label, masks, evidence, seconds, [components.postprocessing(k) for k in range(len(terms))])
+        post = [components.postprocessing(k) for k in range(len(terms))]
+        if body is not None:
+            post = [replace(p, outside_body_ml=outside.get(k, 0.0)) for k, p in enumerate(post)]
+        return Prediction(label, masks, evidence, seconds, post)
+
+
+def _inside_body(pieces: list, body: np.ndarray, threshold: float) -> tuple[list, tuple[int, float, float | None]]:
+    """``pieces`` (``(where, probabilities)``: a box of slices or voxel indices, as
+    :meth:`Segmenter.iter_original` yields them) with every value outside ``body`` set to 0 (a
+    box) or dropped (voxels), and what was removed above ``threshold``: its voxels (each once,
+    pieces may overlap), their summed probability and the peak (``None`` when nothing was)."""
+    kept, index, values = [], [], []
+    for where, prob in pieces:
+        inside = body[where]
+        if isinstance(where[0], slice):
+            out = (prob > threshold) & ~inside
+            if out.any():
+                local = np.nonzero(out)
+                index.append(np.ravel_multi_index(tuple(a + w.start for a, w in zip(local, where)), body.shape))
+                values.append(prob[out])
+                prob = np.where(inside, prob, 0).astype(prob.dtype, copy=False)
+            kept.append((where, prob))
+        else:  # voxels, all above the threshold
+            if not inside.all():
+                index.append(np.ravel_multi_index(tuple(a[~inside] for a in where), body.shape))
+                values.append(prob[~inside])
+                where, prob = tuple(a[inside] for a in where), prob[inside]
+            kept.append((where, prob))
+    if not index:
+        return kept, (0, 0.0, None)
+    index, first = np.unique(np.concatenate(index), return_index=True)
+    values = np.concatenate(values)[first]
+    return kept, (len(index), float(values.sum(dtype=np.float64)), float(values.max()))
 
 
 def _absent_why(evidence: MaskEvidence) -> str:
@@ -970,9 +1027,11 @@ def findings_lines(terms: Sequence[SegmentedTerm], threshold: float | None) -> l
         hu = f", mean {s.intensity.mean:.1f} {s.intensity.unit}" if s.intensity.mean is not None else ""
         volume = f"{s.volume_ml:9.1f}" if s.volume_ml >= 1 else f"{s.volume_ml:9.2f}"  # 0.04 mL is not 0.0
         removed = t.postprocessing.removed_components
+        outside = t.postprocessing.outside_body_ml
         lines.append(
             f"{t.value:3d} {t.name:<28s} {volume} mL, confidence {t.evidence.confidence:.2f}{hu}, "
             f"{s.components} component(s)" + (f", {removed} fragment(s) removed" if removed else "")
+            + (f", {ml_text(outside)} mL outside the body removed" if outside else "")
             + (f" [{flags}]" if flags else "")
         )
     # An absent structure's evidence: an upper bound of its probability anywhere in the image.

@@ -164,7 +164,10 @@ class MaskEvidence:
             "max_probability", "min_ml", "min_confidence"}``; or the anatomy check (it shares
             axial slices with structures it never shares them with, see
             :mod:`volumed.data.craniocaudal`): ``{"rule": "anatomy", "volume_ml", "confidence",
-            "max_probability", "extent_mm", "conflicts_with", "violation_mm", "atlas_min_gap_mm"}``.
+            "max_probability", "extent_mm", "conflicts_with", "violation_mm", "atlas_min_gap_mm"}``;
+            or the body check (CT: every voxel of it lay outside the patient's body, on the table
+            or in the air, :func:`volumed.inference.body.body_mask`): ``{"rule": "outside_body",
+            "volume_ml", "confidence", "max_probability"}``.
     """
 
     present: bool
@@ -233,6 +236,14 @@ def anatomy_evidence(why: dict, voxels: int, probability_sum: float, peak: float
     return MaskEvidence(False, None, None, float(peak), info)
 
 
+def outside_body_evidence(voxels: int, probability_sum: float, peak: float, voxel_ml: float) -> MaskEvidence:
+    """The :class:`MaskEvidence` of a mask that lay wholly outside the patient's body (CT; the
+    voxels the body mask removed): absent, with what was seen there."""
+    info = {"rule": "outside_body", "volume_ml": round(voxels * voxel_ml, 3),
+            "confidence": float(probability_sum / voxels), "max_probability": float(peak)}
+    return MaskEvidence(False, None, None, float(peak), info)
+
+
 def ml_text(v: float) -> str:
     """A volume in mL for a sentence: one decimal from 1 mL, two below, one significant digit under
     0.01 mL (a 0.004 mL region is not "0.0 mL")."""
@@ -251,6 +262,8 @@ def rejection_text(r: dict) -> str:
         others = ", ".join(r["conflicts_with"])
         return (f"{seen} on the same axial slices as {others}, which it never shares a slice with "
                 f"(craniocaudal atlas)")
+    if r.get("rule") == "outside_body":
+        return f"{seen}, all of it outside the patient's body (the table or the air around the patient)"
     return f"{seen}, under the presence rule ({r['min_ml']:g} mL and mean probability {r['min_confidence']:.2f})"
 
 

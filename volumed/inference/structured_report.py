@@ -576,6 +576,9 @@ def build_structured_report(
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
                         f"mean probability {_num(rejected['confidence'], 2)} on the same axial slices as the {others}, "
                         "which it never shares a slice with.")
+            elif rejected.get("rule") == "outside_body":
+                text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
+                        f"mean probability {_num(rejected['confidence'], 2)}, all of it outside the patient's body.")
             else:
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
                         f"mean probability {_num(rejected['confidence'], 2)}, under the model's presence rule "

@@ -493,6 +493,8 @@ def _page_html(template: str, out_dir: Path, volume: Volume, seg: _SegmentOutput
                 evidence = f"rejected: {ml_text(s.rejected['volume_ml'])} mL at mean p {s.rejected['confidence']:.2f}"
                 if s.rejected.get("rule") == "anatomy":
                     evidence += f", on the slices of {', '.join(s.rejected['conflicts_with'])}"
+                elif s.rejected.get("rule") == "outside_body":
+                    evidence += ", outside the body"
         volume_ml = "" if s.volume_ml is None else ml_text(s.volume_ml)
         rows.append(
             f'<tr class="{"present" if s.present else "absent"}" data-values="{s.value}">'

@@ -24,6 +24,7 @@ from volumed.data.transforms import BoxInverter
 from volumed.data.vocab import default_vocabulary
 from volumed.errors import ConfigError
 from volumed.inference.blending import WindowLogits
+from volumed.inference.body import body_mask
 from volumed.inference.package import PromptSegConfig, build_model, load_package, read_config
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
@@ -166,7 +167,8 @@ def test_index_copy_of_hot_voxels_keeps_the_largest_blob_exactly(package, text_e
     np.testing.assert_array_equal(pred.masks[1], raw.masks[1])
     assert compute_statistics(pred.masks[0], volume, "liver").components == 1
     assert [p.to_dict() for p in pred.postprocessing] == [
-        {"postprocess": LARGEST_COMPONENT, "removed_components": 1}, {"postprocess": None, "removed_components": None}]
+        {"postprocess": LARGEST_COMPONENT, "removed_components": 1, "removed_outside_body_ml": 0.0},
+        {"postprocess": None, "removed_components": None, "removed_outside_body_ml": 0.0}]
     assert [p.rule for p in raw.postprocessing] == [None, None]
     # The label map: the removed blob goes to the colon (the liver won the tie there before).
     removed = raw_liver & ~post_liver
@@ -198,7 +200,11 @@ def test_resampled_boxes_of_blended_windows_keep_the_largest_blob_exactly(packag
 
     monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: probs)
     pred = predictor.predict(volume, terms)
-    np.testing.assert_array_equal(pred.masks[0], post_liver)
+    # The kept component, less what lies outside the patient's body (the blobs are placed by hand).
+    body = body_mask(volume)
+    np.testing.assert_array_equal(pred.masks[0], post_liver & body)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    assert pred.postprocessing[0].outside_body_ml == pytest.approx(np.count_nonzero(post_liver & ~body) * voxel_ml, abs=1e-3)
     assert compute_statistics(pred.masks[0], volume, "liver").components == 1
     assert not np.any(pred.label_map[raw_liver & ~post_liver] == 1)
 
@@ -258,8 +264,16 @@ def test_segment_writes_postprocessed_masks_statistics_and_label_map_and_no_post
     raw, raw_label, raw_stats, raw_table = read(tmp_path / "raw")
     labels, count = ndimage.label(raw["liver"], CONNECTIVITY_26)
     assert count == 2  # --no-postprocess keeps both blobs
-    np.testing.assert_array_equal(post["liver"], labels == 1 + int(np.bincount(labels.ravel())[1:].argmax()))
-    np.testing.assert_array_equal(post["colon"], raw["colon"])
+    # Post-processed: the largest component, then only what lies inside the patient's body (the
+    # small blob's corner reaches the air beside the patient).
+    body = body_mask(read_volume(image))
+    largest = labels == 1 + int(np.bincount(labels.ravel())[1:].argmax())
+    assert (largest & ~body).any()
+    np.testing.assert_array_equal(post["liver"], largest & body)
+    np.testing.assert_array_equal(post["colon"], raw["colon"] & body)
+    voxel_ml = float(np.prod(read_volume(image).spacing)) / 1000
+    assert post_stats["liver"]["removed_outside_body_ml"] == pytest.approx((largest & ~body).sum() * voxel_ml, abs=1e-3)
+    assert raw_stats["liver"]["removed_outside_body_ml"] is None
     assert ndimage.label(post["colon"], CONNECTIVITY_26)[1] == 2
     # Statistics: of the post-processed masks, with the rule applied and what it removed.
     assert post_stats["liver"]["components"] == 1 and post_stats["colon"]["components"] == 2
@@ -271,9 +285,11 @@ def test_segment_writes_postprocessed_masks_statistics_and_label_map_and_no_post
     assert [post_table["labels"][v]["postprocess"] for v in ("1", "2")] == ["largest_component", None]
     assert [raw_table["labels"][v]["postprocess"] for v in ("1", "2")] == [None, None]
     assert "largest_component" in post_table["postprocess"]
-    # The label map: no liver voxel in the removed blob, which the colon now holds.
-    removed = raw["liver"] & ~post["liver"]
-    assert removed.any() and not np.any(post_label[removed] == 1) and np.all(post_label[removed] == 2)
+    # The label map: no liver voxel in the removed blob, which the colon now holds inside the body
+    # (outside it, neither).
+    removed = raw["liver"] & ~largest
+    assert removed.any() and not np.any(post_label[removed] == 1)
+    assert np.all(post_label[removed & body] == 2) and np.all(post_label[~body] == 0)
     assert np.all(raw_label[removed] == 1)
     assert "1 fragment(s) removed" in result.summary()[1]
     # An override from the caller: the liver keeps both blobs too.
@@ -283,3 +299,62 @@ def test_segment_writes_postprocessed_masks_statistics_and_label_map_and_no_post
     with pytest.raises(ConfigError, match="unknown post-processing rule"):
         segment(image, ["liver"], model_dir=package, out_dir=tmp_path / "bad", postprocess={"liver": "largest"})
     assert not (tmp_path / "bad").exists()
+
+
+def _torso_with_table() -> Volume:
+    """A 2 mm soft-tissue torso in air with a dense table 7 mm under it (RAS, so the model grid is
+    the image grid turned only by the package's resampling)."""
+    shape = (60, 56, 24)
+    x, y, _ = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    data = np.full(shape, -1000.0, dtype=np.float32)
+    data[np.broadcast_to(((x - 30) / 22.0) ** 2 + ((y - 26) / 16.0) ** 2 <= 1.0, shape)] = 40.0
+    data[8:52, 46:49, :] = 1000.0  # the table
+    return Volume(data, np.diag([2.0, 2.0, 2.0, 1.0]), "CT")
+
+
+def _liver_inside_colon_on_the_table(self, case, queries, *, progress=False):
+    """Stands in for the network: the liver a box in the middle of the torso, the colon exactly
+    the table (the brightest voxels of the model-grid image), kidney_left nowhere."""
+    image = case.image[0]
+    probs = torch.full((queries.shape[0], *case.model_shape), 0.05)
+    x, y, z = (s // 2 for s in case.model_shape)
+    probs[0, x - 4 : x + 4, y - 4 : y + 4, z - 3 : z + 3] = 0.9
+    probs[1][image >= image.max() - 1e-3] = 0.9
+    return probs
+
+
+def test_ct_masks_stay_inside_the_body_and_a_structure_only_on_the_table_is_absent(package, tmp_path, monkeypatch):
+    from volumed.inference.structured_report import build_structured_report
+    from volumed.inference.view import render_view
+    from volumed.io.writer import write_nifti
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", _liver_inside_colon_on_the_table)
+    volume = _torso_with_table()
+    image = write_nifti(volume, tmp_path / "torso.nii.gz")
+    body = body_mask(volume)
+    assert not body[30, 47, 12] and body[30, 26, 12]  # the table is out, the torso in
+    result = segment(image, TERMS, model_dir=package, out_dir=tmp_path / "post", progress=False)
+    liver, colon, _ = result.terms
+    assert liver.evidence.present and colon.evidence.present is False
+    assert colon.evidence.rejected["rule"] == "outside_body"
+    # What the table held: about its 44 x 3 x 24 voxels of 8 uL, at probability 0.9.
+    assert colon.evidence.rejected["volume_ml"] == pytest.approx(44 * 3 * 24 * 0.008, rel=0.35)
+    assert colon.evidence.rejected["max_probability"] == pytest.approx(0.9, abs=1e-3)
+    assert colon.postprocessing.outside_body_ml == pytest.approx(colon.evidence.rejected["volume_ml"])
+    assert liver.postprocessing.outside_body_ml == 0.0
+    out = tmp_path / "post"
+    mask = np.asarray(nib.load(str(out / "masks" / "colon.nii.gz")).dataobj)
+    labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
+    assert not mask.any() and not np.any(labels == 2) and np.any(labels == 1)
+    stats = json.loads((out / "statistics.json").read_text())["terms"]
+    assert stats["colon"]["rejected"]["rule"] == "outside_body" and stats["colon"]["present"] is False
+    assert stats["colon"]["removed_outside_body_ml"] == pytest.approx(colon.postprocessing.outside_body_ml)
+    summary = "\n".join(result.summary())
+    assert "outside the patient's body" in summary
+    report = build_structured_report(out, volume)
+    assert any("colon" in s.text.lower() and "outside the patient's body" in s.text for s in report.sentences)
+    page = render_view(out, tmp_path / "view.html")
+    assert ", outside the body" in page.path.read_text()
+    # Without post-processing the table's "colon" is kept: the raw output.
+    raw = segment(image, TERMS, model_dir=package, out_dir=tmp_path / "raw", progress=False, postprocess=False)
+    assert raw.terms[1].evidence.present and raw.terms[1].postprocessing.outside_body_ml is None

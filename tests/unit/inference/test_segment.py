@@ -21,6 +21,7 @@ from volumed.errors import ConfigError, OutputExistsError, UnknownTermError
 from volumed.data.transforms import BoxInverter, invert_to_original
 from volumed.inference import preview as preview_module
 from volumed.inference import segment as segment_module
+from volumed.inference.body import body_mask
 from volumed.inference.blending import WindowLogits, _cell_upper_bound, _merge_boxes
 from volumed.inference.package import load_package
 from volumed.inference.segment import (
@@ -361,7 +362,10 @@ def test_box_by_box_masks_equal_whole_grid_inversion_on_the_dicom_series(package
     queries = predictor.term_queries(terms, "CT")
     probs = predictor.predict_probabilities(case, queries)
     full = _monai_full_resolution(predictor, case, queries, probs)
-    marked = removed = 0
+    body = body_mask(volume)
+    assert body.any() and not body.all()
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    marked = removed = outside_ml = 0
     for k in range(len(terms)):
         model_grid = full[k].clone()
         if terms[k].name != "costal_cartilages":  # every component of the cartilages is kept
@@ -372,6 +376,11 @@ def test_box_by_box_masks_equal_whole_grid_inversion_on_the_dicom_series(package
             removed += count - 1
         for pred, values in ((raw, full[k]), (post, model_grid)):
             inverted = invert_to_original(values, case, mode="bilinear")
+            if pred is post:  # post-processed: only inside the patient's body
+                outside = float(((inverted > 0.5) & ~body).sum()) * voxel_ml
+                assert post.postprocessing[k].outside_body_ml == pytest.approx(outside, abs=2e-3)
+                outside_ml += outside
+                inverted = np.where(body, inverted, 0)
             expected = inverted > 0.5
             # Equal, but for voxels within float rounding of the threshold (1 of 5.2 million here).
             differ = pred.masks[k] != expected
@@ -385,6 +394,8 @@ def test_box_by_box_masks_equal_whole_grid_inversion_on_the_dicom_series(package
             assert evidence.max_probability == pytest.approx(float(inverted.max()), abs=1e-5)
         assert not np.any(post.masks[k] & ~raw.masks[k])  # post-processing only removes voxels
     assert removed > 0, "the untrained tiny model should mark scattered fragments"
+    assert outside_ml > 0, "and some outside the patient's body"
+    assert all(p.outside_body_ml is None for p in raw.postprocessing)
 
 
 @pytest.mark.parametrize("stride", [(2, 2, 2), (2, 2, 1), (4, 2, 1)])
