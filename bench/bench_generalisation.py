@@ -21,7 +21,11 @@ patches); "Recipes compared" in BENCHMARKS.md puts every variant's folds side by
 Each test goes through the path of ``volumed segment`` (``predict_probabilities``: the
 package's preprocessing, sliding window, exact blending, inversion to the scan's original grid,
 threshold); Dice is taken on the original grid against the scan's reference masks (MONAI
-``compute_dice``). References under 1 mL are listed, not scored.
+``compute_dice``). References under 1 mL are listed, not scored. A second figure per structure
+("as ``volumed segment --all`` writes it", ``dice_segment`` in the json; from 2026-12-05 on) is
+of the masks the command writes: every term of the package prompted, then its post-processing
+(largest component, masks kept inside the body, the presence rule, the anatomy check), which the
+first figure leaves out.
 
 The HU-threshold baseline is what a tuned threshold plus the largest connected component can do,
 for the structures where that makes sense: the contrast-filled aorta and heart, the lungs (the
@@ -169,10 +173,12 @@ def _sources():
 def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview_dir: Path | None = None) -> dict:
     """``{scan: {"dice": {term: value}, "too_small": {...}, "seconds": s}}`` of one package."""
     from volumed.inference.package import load_package
+    from volumed.inference.segment import PromptSegPredictor
     from volumed.io import read_volume
     from volumed.tasks.promptseg import encode_terms, predict_probabilities
 
     model, config = load_package(package)
+    predictor = PromptSegPredictor(model, config)
     sources = _sources()
     out: dict = {}
     for scan in scans:
@@ -188,13 +194,16 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
         probs = predict_probabilities(model, config, volume, terms, emb)
         seconds = time.perf_counter() - start
         pred = {t: probs[i] > config.threshold for i, t in enumerate(terms)}
-        scores = {t: dice(pred[t], refs[t]) for t in terms}
-        lobes = [t for t in LOBES if t in refs]
-        if len(lobes) >= 2:
-            union_ref = np.any([refs[t] for t in lobes], axis=0)
-            union_pred = np.any([pred[t] for t in lobes], axis=0)
-            scores["lungs (union of lobes)"] = dice(union_pred, union_ref)
-        out[scan] = {"dice": scores, "too_small": small, "seconds": round(seconds, 1)}
+        scores = _scores(pred, refs, terms)
+        # What `volumed segment --all` writes: every term of the package prompted at once, then
+        # its post-processing (largest component, the body mask, the presence rule, the anatomy
+        # check against the other found structures). `--all` prompts the vocabulary's trained
+        # terms only, so a trained free text (the crop's "pulmonary artery") has no such figure.
+        every = predictor.resolve_prompts([], volume.modality, all_terms=True)
+        written = predictor.predict(volume, every)
+        kept = {t.name: np.asarray(m, dtype=bool) for t, m in zip(every, written.masks) if t.name in refs}
+        out[scan] = {"dice": scores, "dice_segment": _scores(kept, refs, [t for t in terms if t in kept]),
+                     "too_small": small, "seconds": round(seconds, 1)}
         if preview_dir is not None:
             from volumed.inference.preview import render_preview
 
@@ -206,6 +215,17 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
                            label_names={i: t for i, t in enumerate(terms, 1)}, title=f"{package.parent.name} on {scan}")
         print(package.parent.name, scan, {t: round(v, 3) for t, v in scores.items()}, f"{seconds:.1f} s", flush=True)
     return out
+
+
+def _scores(pred: dict, refs: dict, terms: list[str]) -> dict:
+    """Dice of each term's mask, plus the lungs as one (the union of the lobes) where there are two
+    or more lobes."""
+    scores = {t: dice(pred[t], refs[t]) for t in terms}
+    lobes = [t for t in LOBES if t in refs]
+    if len(lobes) >= 2:
+        scores["lungs (union of lobes)"] = dice(np.any([pred[t] for t in lobes], axis=0),
+                                                np.any([refs[t] for t in lobes], axis=0))
+    return scores
 
 
 # ------------------------------------------------------------------------------ HU baselines
@@ -382,16 +402,22 @@ def report(results: dict, base: dict, variant: str) -> str:
             for scan, res in entry["scans"].items():
                 lines.append(f"**{scan}** (run `{name}`{info}; inference {res['seconds']} s)")
                 lines.append("")
-                lines.append("| structure | Dice | target | HU-threshold baseline |")
-                lines.append("|---|---:|---:|---|")
+                written = res.get("dice_segment")
+                if written is None:  # measured before 2026-12-05: the first figure only
+                    lines.append("| structure | Dice | target | HU-threshold baseline |")
+                    lines.append("|---|---:|---:|---|")
+                else:
+                    lines.append("| structure | Dice | Dice as `volumed segment --all` writes it | target | HU-threshold baseline |")
+                    lines.append("|---|---:|---:|---:|---|")
                 for t, v in sorted(res["dice"].items(), key=lambda kv: (kv[0] not in TARGETS, kv[0])):
                     target = TARGETS.get(t)
                     cell = _dice_cell(t, v)
                     b = base.get(scan, {}).get(t)
                     bcell = f"{b[0]:.3f} ({b[1]})" if b else ""
-                    if b and v < b[0]:
+                    if b and max(v, (written or {}).get(t, v)) < b[0]:
                         bcell += " **model below it**"
-                    lines.append(f"| {t} | {cell} | {_fmt(target) if target else ''} | {bcell} |")
+                    wcell = "" if written is None else f" {_dice_cell(t, written[t]) if t in written else 'not prompted by --all'} |"
+                    lines.append(f"| {t} | {cell} |{wcell} {_fmt(target) if target else ''} | {bcell} |")
                 if res["too_small"]:
                     lines.append("")
                     lines.append("Not scored (reference under 1 mL): " + ", ".join(f"{t} {v}" for t, v in res["too_small"].items()) + ".")
