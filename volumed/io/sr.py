@@ -177,6 +177,47 @@ def _check_seg(seg_ds, source: Volume, where: Path) -> dict[int, object]:
     return {int(s.SegmentNumber): s for s in seg_ds.SegmentSequence}
 
 
+def _referenced_segment(seg_ds, number: int):
+    """``hd.sr.ReferencedSegment`` of segment ``number`` of the SEG ``seg_ds``, with its source images.
+
+    highdicom's ``ReferencedSegment.from_segmentation`` reads each frame's segment from the
+    per-frame functional groups only; highdicom itself writes a SEG of one segment with the
+    segment identification in the *shared* functional groups (valid DICOM: it holds for every
+    frame), and ``from_segmentation`` then fails with an AttributeError. The frames of segment
+    ``number`` are found here in either place, and their source images taken from the frames'
+    derivation sequences as highdicom does (else the SEG's referenced instances).
+    """
+    import highdicom as hd
+
+    shared = getattr(seg_ds, "SharedFunctionalGroupsSequence", [None])[0]
+    shared_id = getattr(shared, "SegmentIdentificationSequence", None) if shared is not None else None
+    frames = []
+    for frame in getattr(seg_ds, "PerFrameFunctionalGroupsSequence", []):
+        ident = getattr(frame, "SegmentIdentificationSequence", None) or shared_id
+        if ident is not None and int(ident[0].ReferencedSegmentNumber) == int(number):
+            frames.append(frame)
+    sources, seen = [], set()
+    for frame in frames:
+        for derivation in getattr(frame, "DerivationImageSequence", []):
+            for src in getattr(derivation, "SourceImageSequence", []):
+                if src.ReferencedSOPInstanceUID not in seen:
+                    seen.add(src.ReferencedSOPInstanceUID)
+                    ref_frames = getattr(src, "ReferencedFrameNumber", None)
+                    if ref_frames is not None and src["ReferencedFrameNumber"].VM == 1:
+                        ref_frames = [ref_frames]
+                    sources.append(hd.sr.SourceImageForSegmentation(src.ReferencedSOPClassUID,
+                                                                    src.ReferencedSOPInstanceUID, ref_frames))
+    if not sources:
+        for series in getattr(seg_ds, "ReferencedSeriesSequence", []):
+            for src in getattr(series, "ReferencedInstanceSequence", []):
+                sources.append(hd.sr.SourceImageForSegmentation(src.ReferencedSOPClassUID,
+                                                                src.ReferencedSOPInstanceUID))
+    if not sources:
+        raise VolumedError(f"the DICOM SEG names no source image of segment {number}", "DICOM SEG")
+    return hd.sr.ReferencedSegment(sop_class_uid=seg_ds.SOPClassUID, sop_instance_uid=seg_ds.SOPInstanceUID,
+                                   segment_number=int(number), source_images=sources)
+
+
 def write_dicom_sr(
     findings: Sequence[StructureFinding],
     source: Volume,
@@ -267,7 +308,7 @@ def write_dicom_sr(
             group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=getattr(seg_item, "TrackingUID", None) or hd.UID(),
                                                              identifier=f.name[:64]),
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_ds, segment_number=f.segment_number),
+                referenced_segment=_referenced_segment(seg_ds, f.segment_number),
                 **common,
             )
         else:

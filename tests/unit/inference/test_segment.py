@@ -210,6 +210,30 @@ def _write_itk(volume: Volume, path: Path) -> Path:
     return path
 
 
+def test_dicom_series_with_one_structure_gets_its_seg_and_sr(package, ts_dir, tmp_path, monkeypatch):
+    """One prompt on a DICOM series: a SEG of one segment (highdicom puts its identification in
+    the shared functional groups) and an SR that references it. This once failed in highdicom's
+    ``ReferencedSegment.from_segmentation`` with an AttributeError and wrote nothing."""
+    import highdicom as hd
+    import pydicom
+
+    def liver_only(self, case, queries, *, progress=False):
+        return fake_probabilities(self, case, queries[:1])  # liver: HU above 300
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", liver_only)
+    series = ts_dir / "example_ct_dicom_with_uids"
+    out = tmp_path / "out"
+    result = segment(series, ["liver"], model_dir=package, out_dir=out, progress=False)
+    assert result.warnings == () and result.dicom_seg == out / "segmentation.dcm" and result.dicom_sr == out / "report_sr.dcm"
+    seg = pydicom.dcmread(out / "segmentation.dcm", stop_before_pixels=True)
+    assert [s.TrackingID for s in seg.SegmentSequence] == ["liver"]
+    (group,) = hd.sr.srread(out / "report_sr.dcm").content.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+    assert (group.tracking_identifier, ref.ReferencedSOPInstanceUID, ref.ReferencedSegmentNumber) == ("liver", seg.SOPInstanceUID, 1)
+    stats = json.loads((out / "statistics.json").read_text())["terms"]["liver"]
+    assert [m.value for m in group.get_measurements() if m.name.meaning == "Volume"] == [pytest.approx(stats["volume_ml"], rel=1e-9)]
+
+
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
 def test_image_smaller_than_the_patch_is_padded_and_comes_back_on_its_grid(package, ts_dir, tmp_path, suffix):
     full = read_volume(ts_dir / "example_ct_sm.nii.gz")

@@ -160,3 +160,44 @@ def test_sr_needs_a_dicom_source_series(ts_dir, sr_case, tmp_path):
     with pytest.raises(DicomSeriesError, match="empty StudyInstanceUID.*a DICOM SR must reference them"):
         write_dicom_sr(findings, anonymised, seg_path, tmp_path / "sr.dcm")
     assert not list(tmp_path.iterdir())
+
+
+def test_sr_of_a_seg_with_one_segment(reference_seg_and_findings, tmp_path):
+    """highdicom writes a one-segment SEG with the segment identification in the shared
+    functional groups; the SR must still reference it (``volumed segment DICOM -p liver`` once
+    failed here with an AttributeError from highdicom's ``ReferencedSegment.from_segmentation``)."""
+    import highdicom as hd
+
+    vol, entries, seg_path, findings = reference_seg_and_findings(["liver", "kidney_left"], tmp_path)
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    assert len(seg.SegmentSequence) == 1
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert "SegmentIdentificationSequence" in shared  # the case highdicom's reader does not take
+    assert not any("SegmentIdentificationSequence" in f for f in seg.PerFrameFunctionalGroupsSequence)
+
+    out = write_dicom_sr(findings, vol, seg_path, tmp_path / "report_sr.dcm", threshold=0.5)
+    sr = hd.sr.srread(out)
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.tracking_identifier == "liver"
+    ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSegmentNumber) == (seg.SOPInstanceUID, 1)
+    # Its source images: the slices the SEG's frames were derived from, each once.
+    sources = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in group.referenced_segment[1:]]
+    derived = {s.ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence
+               for d in f.DerivationImageSequence for s in d.SourceImageSequence}
+    assert len(sources) == len(set(sources)) == len(derived) > 1 and set(sources) == derived
+    assert derived <= set(vol.source.sop_instance_uids)
+
+
+def test_sr_segment_reference_equals_highdicoms_where_highdicom_reads_the_seg(sr_case):
+    """With one segment per frame group (several segments), the reference is highdicom's own."""
+    import highdicom as hd
+
+    from volumed.io.sr import _referenced_segment
+
+    _, _, seg_path, findings = sr_case
+    seg = pydicom.dcmread(seg_path)
+    numbers = [f.segment_number for f in findings if f.segment_number is not None]
+    assert len(numbers) == 4
+    for number in numbers:
+        assert _referenced_segment(seg, number) == hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
