@@ -150,7 +150,7 @@ def ground_command(
     image: Path = typer.Argument(..., help="NIfTI/NRRD/MHA file or DICOM series folder."),
     finding: List[str] = typer.Option([], "--finding", "-f", help="A finding sentence to ground, repeatable: '12 mm nodule in the right lower lobe'."),
     report: Optional[Path] = typer.Option(None, "--report", help="A report text file; each finding clause is grounded (negated ones are listed, with no mask)."),
-    model: Path = typer.Option(..., "--model", help="Grounding model folder (config.json, grounding.json, model.safetensors) from `volumed train ground`."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Grounding model folder (config.json, grounding.json, model.safetensors) from `volumed train ground`; default: bundles/volumed_ground_ct/models (trained on phantoms: experimental for findings)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder: masks/finding_NN.nii.gz, grounding.json (+ grounding_seg.dcm for DICOM)."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="SeriesInstanceUID, when the folder holds several series."),
     modality: Optional[str] = typer.Option(None, "--modality", help="CT or MR, when the reader cannot tell."),
@@ -190,8 +190,10 @@ def classify_command(
     from volumed.inference.classify import classify
 
     if model is None:
-        raise ConfigError("no CLIP model is shipped yet: pass --model DIR, a package written by `volumed train clip` "
-                          "(docs/clip.md)", "volumed classify")
+        raise ConfigError("no default CLIP model: the shipped bundle was trained on phantoms only and its scores "
+                          "on a real CT mean nothing (bundles/volumed_clip_ct/docs/README.md); pass --model DIR, a "
+                          "package written by `volumed train clip`, or --model bundles/volumed_clip_ct/models to try "
+                          "it anyway (docs/clip.md)", "volumed classify")
     result = classify(image, finding, model_dir=model, output=output, overwrite=overwrite, series_uid=series_uid,
                       modality=modality, device=device)
     typer.echo(result.to_table())

@@ -70,6 +70,7 @@ __all__ = [
     "GroundingPredictor",
     "GroundingResult",
     "evaluate_grounding",
+    "default_ground_model_dir",
     "ground",
 ]
 
@@ -432,12 +433,18 @@ def _finding_record(k: int, f: GroundedFinding, mask_name: str | None) -> dict:
     }
 
 
+def default_ground_model_dir() -> Path:
+    """``<repo>/bundles/volumed_ground_ct/models``: the shipped grounding package (trained on
+    phantoms: experimental for findings, docs/grounding.md)."""
+    return Path(__file__).resolve().parents[2] / "bundles" / "volumed_ground_ct" / "models"
+
+
 def ground(
     image_path: str | Path,
     findings: Sequence[str] = (),
     *,
     report: str | Path | None = None,
-    model_dir: str | Path,
+    model_dir: str | Path | None = None,
     out_dir: str | Path,
     overwrite: bool = False,
     series_uid: str | None = None,
@@ -454,7 +461,8 @@ def ground(
     Args:
         findings: sentences, each one query ("12 mm nodule in the right lower lobe").
         report: a report text, or the path of a text file holding one; each finding clause is a query.
-        model_dir: a grounding package (``volumed train ground``).
+        model_dir: a grounding package (``volumed train ground``); default: the shipped bundle's
+            (:func:`default_ground_model_dir`).
         predictor: ground with this predictor (a bundle's network, preprocessing and inferer:
             :class:`volumed.bundle.ground.GroundingRunner`) instead of loading ``model_dir``'s.
         anatomy_model: who answers anatomy sentences (:class:`GroundingPredictor`); default: the
@@ -484,7 +492,7 @@ def ground(
         raise OutputExistsError(f"output folder holds outputs of an earlier run ({', '.join(p.name for p in existing)}); "
                                 "pass overwrite=True (--overwrite) or another folder", out)
     # Cheap checks before the network is built: model folder, sentences, image.
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir) if model_dir is not None else default_ground_model_dir()
     if not is_grounding_package(model_dir):
         raise ConfigError("not a grounding model folder (no grounding.json); train one with `volumed train ground`",
                           model_dir)

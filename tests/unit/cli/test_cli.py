@@ -85,3 +85,16 @@ def test_train_unknown_task_is_a_one_line_error(capsys):
     err = capsys.readouterr().err
     assert "unknown training task 'nope'; available: " in err
     assert {"multiclass", "promptseg", "report"} <= set(err.split("available: ")[1].strip().split(", "))
+
+
+def test_classify_without_a_model_says_why_there_is_no_default(ts_dir, capsys):
+    """The shipped CLIP bundle is phantom-trained: not a silent default on a real CT, and the
+    error names the bundle a user can pass anyway."""
+    from volumed.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["classify", str(ts_dir / "example_ct_sm.nii.gz")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("volumed: error: volumed classify: no default CLIP model: the shipped bundle was trained on phantoms only")
+    assert "--model bundles/volumed_clip_ct/models" in err

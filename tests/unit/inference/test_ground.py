@@ -154,10 +154,12 @@ def test_anatomy_sentences_on_a_real_ct_are_grounded_to_their_structure(ts_dir, 
     volume = read_volume(image)
     labels = read_label(ts_dir / "example_seg.nii.gz", reference=volume).data
     with pytest.raises(SystemExit) as exit_info:
+        # No --model: the shipped grounding bundle is the default, as for `volumed segment`.
         main(["ground", str(image), "-f", "The liver.", "-f", "the left kidney", "-f", "No ascites.",
-              "--model", str(bundle), "-o", str(tmp_path / "out")])
+              "-o", str(tmp_path / "out")])
     assert exit_info.value.code in (0, None)
     record = json.loads((tmp_path / "out" / "grounding.json").read_text())
+    assert Path(record["model"]["path"]).resolve() == bundle.resolve()
     findings = record["findings"]
     assert [(f["anatomy"], f["location"]["term"]) for f in findings[:2]] == [(True, "liver"), (True, "kidney_left")]
     assert findings[2]["negated"] and findings[2]["mask"] is None
