@@ -112,6 +112,10 @@ VARIANTS["M-hw"] = [*VARIANTS["M"], "--data.synthetic_heart_wall", "true"]
 # M-ft's recipe from the M-hw synthetic-only model, the heart wall kept on.
 VARIANTS["M-hw-ft"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw/synthetic_only/package/model.safetensors",
                        *VARIANTS["S-ft"][2:]]
+# M-hw-ft with weaker contrast drawn too: a contrast patch enhances by 40-100 % of its phase's prior
+# over native (docs/synthesis.md, round 16: the DICOM slab's spleen, 80 HU beside a 93 HU liver,
+# lies between the native and portal spleen priors, and no model has found it).
+VARIANTS["M-hw-ft-e"] = [*VARIANTS["M-hw-ft"], "--data.synthetic_enhancement", "[0.4, 1.0]"]
 # M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's own M-hw-ft model, heart
 # wall on (docs/synthesis.md, round 15).
 VARIANTS["M-hw-ft2"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw-ft/{run}/package/model.safetensors",
@@ -326,6 +330,7 @@ VARIANT_TEXT = {
     "M-ft2": "M-ft, then a second phase with 70% real patches (lr 1e-3) from each fold's M-ft model",
     "M-hw-ft2": "M-hw-ft, then M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's M-hw-ft model",
     "M-hw-ft": "M-ft's recipe (70% synthetic patches) from the M-hw synthetic-only model, heart wall on",
+    "M-hw-ft-e": "M-hw-ft with synthetic contrast patches enhanced by 40-100 % of their phase's prior over native",
     "M-hw": "size M with the synthetic contrast heart drawn as blood inside a darker wall and septum, and the "
             "heart's arterial prior up to 600 HU (docs/synthesis.md, round 14)",
 }

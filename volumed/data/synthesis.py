@@ -284,6 +284,12 @@ class CTSynthesizer:
             in the lungs, a cortical shell on bones.
         heart_wall: with contrast (portal, arterial), draw the heart as blood pool inside a
             darker myocardium and septum (:meth:`add_heart_wall`); a label map has one "heart".
+        enhancement: ``(low, high)`` in [0, 1]: with contrast, each patch draws one fraction ``f``
+            in this range and every tissue's mean range becomes ``native + f * (phase - native)``
+            (both ends), so that a patch may enhance less than the phase's prior: contrast dose,
+            injection rate and timing vary between scans, and a real portal-venous scan may show
+            a spleen of 80 HU beside a liver of 90 HU, between the native and portal priors. The
+            default ``(1, 1)`` draws nothing (the priors as they are, the same random stream).
 
     Call: ``(classes (1, px, py, pz) int) -> (image (1, px, py, pz) float32 in [0, 1],
     deformed classes (1, px, py, pz) int16, phase)``.
@@ -300,6 +306,7 @@ class CTSynthesizer:
         structure_jitter_hu: float = 5.0,
         texture: bool = True,
         heart_wall: bool = False,
+        enhancement: Sequence[float] = (1.0, 1.0),
     ):
         import torchio as tio
 
@@ -314,6 +321,11 @@ class CTSynthesizer:
         self.structure_jitter_hu = float(structure_jitter_hu)
         self.texture = bool(texture)
         self.heart_wall = bool(heart_wall)
+        low, high = (float(v) for v in enhancement)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ConfigError(f"enhancement must be (low, high) with 0 <= low <= high <= 1, got {tuple(enhancement)}",
+                              "enhancement")
+        self.enhancement = (low, high)
         self._heart = torch.tensor([t == "heart" for t in self.class_tissues])
         self._lung = torch.tensor([t == "lung" for t in self.class_tissues])
         self._bone = torch.tensor([t == "bone" for t in self.class_tissues])
@@ -364,8 +376,11 @@ class CTSynthesizer:
             present, contiguous = torch.unique(deformed.long(), return_inverse=True)
             tissue_mean: dict[str, float] = {}
             tissue_std: dict[str, float] = {}
+            enhance = 1.0
+            if phase != "native" and self.enhancement != (1.0, 1.0):
+                enhance = float(self.rng.uniform(*self.enhancement))
             for name in sorted({self.class_tissues[c] for c in present.tolist()}):
-                tissue_mean[name] = float(self.rng.uniform(*TISSUES[name].mean_range(phase)))
+                tissue_mean[name] = float(self.rng.uniform(*self.mean_range(name, phase, enhance)))
                 tissue_std[name] = float(self.rng.uniform(*TISSUES[name].std))
             j = self.structure_jitter_hu
             means, stds = [], []
@@ -386,6 +401,16 @@ class CTSynthesizer:
         lo, hi = self.window
         image = ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
         return image, deformed, phase
+
+    @staticmethod
+    def mean_range(tissue: str, phase: str, enhance: float = 1.0) -> tuple[float, float]:
+        """A tissue's mean-HU range in ``phase``, its enhancement over native scaled by
+        ``enhance`` (1: the prior as it is; 0: native)."""
+        low, high = TISSUES[tissue].mean_range(phase)
+        if enhance == 1.0:
+            return float(low), float(high)
+        n_low, n_high = TISSUES[tissue].mean_range("native")
+        return n_low + enhance * (low - n_low), n_high + enhance * (high - n_high)
 
     def add_heart_wall(self, attenuation: torch.Tensor, classes: torch.Tensor, blood_hu: float, phase: str) -> torch.Tensor:
         """The myocardium of a contrast-enhanced heart, on the drawn image (HU + 1000), before blur.

@@ -742,6 +742,9 @@ class PromptSegPatchDataset(Dataset):
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         synthetic_heart_wall: a darker myocardium and septum around the blood of a synthetic
             contrast-enhanced heart (:meth:`volumed.data.synthesis.CTSynthesizer.add_heart_wall`).
+        synthetic_enhancement: ``(low, high)``: a synthetic contrast patch enhances by a fraction
+            in this range of its phase's prior over native
+            (:class:`volumed.data.synthesis.CTSynthesizer`'s ``enhancement``); ``(1, 1)``: the priors.
         pad_mode: how a real image smaller than the patch is padded, with its masks
             (:func:`volumed.data.transforms.pad_spatial`): ``"constant"`` (air, the default: what
             the committed model was trained with), ``"symmetric"`` (mirrored; removes the air
@@ -776,6 +779,7 @@ class PromptSegPatchDataset(Dataset):
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         synthetic_heart_wall: bool = False,
+        synthetic_enhancement: Sequence[float] = (1.0, 1.0),
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
     ):
@@ -805,7 +809,8 @@ class PromptSegPatchDataset(Dataset):
         self.augment = patch_augmentation() if augment else None
         self.synthesizers = [
             CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm, texture=synthetic_texture,
-                           heart_wall=synthetic_heart_wall) if c.synthetic is not None else None
+                           heart_wall=synthetic_heart_wall, enhancement=synthetic_enhancement)
+            if c.synthetic is not None else None
             for c in self.cases
         ]  # fmt: skip
         self.contrast = [
@@ -1009,6 +1014,9 @@ class PromptSegDataModule(L.LightningDataModule):
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
         synthetic_heart_wall: a darker myocardium and septum around the blood of a synthetic
             contrast-enhanced heart (:meth:`volumed.data.synthesis.CTSynthesizer.add_heart_wall`).
+        synthetic_enhancement: ``(low, high)``: a synthetic contrast patch enhances by a fraction
+            in this range of its phase's prior over native
+            (:class:`volumed.data.synthesis.CTSynthesizer`'s ``enhancement``); ``(1, 1)``: the priors.
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
         synthetic_share: fraction of the patches drawn from synthetic cases (:class:`PromptSegPatchDataset`;
@@ -1053,6 +1061,7 @@ class PromptSegDataModule(L.LightningDataModule):
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         synthetic_heart_wall: bool = False,
+        synthetic_enhancement: Sequence[float] = (1.0, 1.0),
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
         terms: Sequence[str] | None = None,
@@ -1113,7 +1122,8 @@ class PromptSegDataModule(L.LightningDataModule):
             self.cases, self.terms, hp.patch_size, hp.fg_rate, hp.samples_per_epoch, hp.sampling, hp.augment,
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
-            synthetic_texture=hp.synthetic_texture, synthetic_heart_wall=hp.synthetic_heart_wall, pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
+            synthetic_texture=hp.synthetic_texture, synthetic_heart_wall=hp.synthetic_heart_wall,
+            synthetic_enhancement=tuple(hp.synthetic_enhancement), pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         if hp.val_datalist:

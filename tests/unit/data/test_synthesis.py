@@ -230,6 +230,40 @@ def test_heart_wall_darkens_the_rim_of_a_contrast_heart_only(phase):
     assert float((walled - flat)[~heart].abs().max()) < 200  # the rest changes by blur only
 
 
+@pytest.mark.parametrize("phase", ["portal", "arterial"])
+def test_enhancement_draws_contrast_between_native_and_the_phase(phase):
+    """``enhancement=(f, f)`` moves each tissue's mean range to ``native + f * (phase - native)``:
+    a block of spleen beside liver then sits where a weakly enhanced real scan has them, between
+    the two priors; static tissues (muscle) do not move; ``(1, 1)`` is the prior, draw for draw."""
+    classes = torch.full((1, 32, 32, 16), 4, dtype=torch.int16)
+    classes[0, 2:14, 4:28, 2:14] = 5  # spleen
+    classes[0, 18:30, 4:28, 2:14] = 6  # liver
+    classes[0, :, :, 15] = 2  # a muscle layer
+    tissues = [t for _, t in BODY_CLASSES] + ["spleen", "liver"]
+    spleen, liver, muscle = classes[0] == 5, classes[0] == 6, classes[0] == 2
+    assert CTSynthesizer.mean_range("spleen", phase, 0.0) == pytest.approx(TISSUES["spleen"].mean_range("native"))
+    assert CTSynthesizer.mean_range("muscle", phase, 0.3) == pytest.approx(TISSUES["muscle"].mean_range(phase))
+    for f in (0.0, 0.3, 0.6):
+        lo, hi = CTSynthesizer.mean_range("spleen", phase, f)
+        n_lo, n_hi = TISSUES["spleen"].mean_range("native")
+        p_lo, p_hi = TISSUES["spleen"].mean_range(phase)
+        assert (lo, hi) == pytest.approx((n_lo + f * (p_lo - n_lo), n_hi + f * (p_hi - n_hi)))
+        for seed in range(3):
+            synth = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed, texture=False, enhancement=(f, f))
+            hu = synth(classes, phase=phase)[0][0] * 2000 - 1000
+            # The mean of a structure is drawn within its range (+-5 HU jitter); noise and blur
+            # move a block's median by a few HU.
+            assert lo - 15 < float(hu[spleen].median()) < hi + 15, (f, seed)
+            m_lo, m_hi = TISSUES["muscle"].mean_range(phase)
+            assert m_lo - 15 < float(hu[muscle].median()) < m_hi + 15
+    for seed in range(2):
+        default = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed)(classes, phase=phase)[0]
+        same = CTSynthesizer(tissues, (3.0, 3.0, 3.0), deform_mm=0.0, seed=seed, enhancement=(1.0, 1.0))(classes, phase=phase)[0]
+        assert torch.equal(default, same)
+    with pytest.raises(ConfigError, match="enhancement must be"):
+        CTSynthesizer(tissues, (3.0, 3.0, 3.0), enhancement=(0.8, 0.4))
+
+
 @pytest.mark.realdata
 def test_heart_arterial_prior_covers_the_thorax_crops_blood(shared_data):
     """The arterial heart prior (a range for the structure's mean HU) holds the mean of the real

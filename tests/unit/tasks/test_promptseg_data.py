@@ -214,3 +214,13 @@ def test_heart_wall_reaches_the_synthesizers_from_the_datamodule(label_maps):
         dm.setup()
         synths = [s for s in dm.train_set.synthesizers if s is not None]
         assert len(synths) == 2 and all(s.heart_wall is flag for s in synths)
+
+
+def test_enhancement_reaches_the_synthesizers_from_the_datamodule(label_maps):
+    """`--data.synthetic_enhancement [0.4, 1.0]` reaches every label map's synthesizer; (1, 1) by default."""
+    path = _mixed_datalist(label_maps)
+    for given, expected in (({}, (1.0, 1.0)), ({"synthetic_enhancement": [0.4, 1.0]}, (0.4, 1.0))):
+        dm = PromptSegDataModule(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=2, **given)
+        dm.setup()
+        synths = [s for s in dm.train_set.synthesizers if s is not None]
+        assert len(synths) == 2 and all(s.enhancement == expected for s in synths)
