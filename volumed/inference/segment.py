@@ -249,7 +249,9 @@ def resolve_prompts(
     """Prompts -> resolved terms for an image of ``modality``.
 
     ``all_terms`` appends every trained term that exists in ``modality`` and was not already
-    asked for, after the explicit prompts (in ``trained_terms`` order).
+    asked for, after the explicit prompts (in ``trained_terms`` order). A prompt outside the
+    vocabulary is accepted without ``allow_free_text`` when it is one of ``trained_terms`` (a term
+    the model was trained on as free text, e.g. "pulmonary artery"); it stays flagged free text.
 
     Raises:
         ConfigError: no prompts (and not ``all_terms``), duplicates, a term not available in
@@ -258,6 +260,15 @@ def resolve_prompts(
     """
     vocab = vocabulary or default_vocabulary()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not allow_free_text and prompts:
+        # A prompt outside the vocabulary that the model was trained on as that very text ("pulmonary
+        # artery") needs no --free-text: its mask means what it says (as the bundle runner accepts it).
+        trained_text = {normalize_text(t) for t in trained_terms}
+        for prompt in prompts:
+            if not (isinstance(prompt, str) and (vocab.lookup(prompt) is not None
+                                                 or normalize_text(prompt) in trained_text)):
+                vocab.resolve(prompt, modality)  # raises: unknown term (or an empty prompt)
+        allow_free_text = True
     if not all_terms:
         return vocab.resolve_all(prompts, modality=modality, allow_free_text=allow_free_text)
     # Trained vocabulary terms that exist in this modality, and terms trained as free text (not in

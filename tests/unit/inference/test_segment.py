@@ -290,6 +290,20 @@ def test_label_map_priority_highest_probability_then_prompt_order(package, text_
     assert set(pred.seconds) == {"queries", "preprocess", "sliding_window", "invert", "postprocess"}
 
 
+def test_a_term_trained_as_free_text_needs_no_free_text_flag():
+    """`volumed segment -p "pulmonary artery"` on the default model (trained on that text) was
+    refused as an unknown term, pointing at pulmonary_vein, while `--all`, the untrained-term error
+    and the bundle runner all list it as trained."""
+    trained = ["liver", "pulmonary artery"]
+    got = resolve_prompts(["liver", "Pulmonary Artery"], "CT", trained_terms=trained)
+    assert [(t.name, t.is_free_text) for t in got] == [("liver", False), ("Pulmonary Artery", True)]
+    refuse_untrained(got, trained)
+    with pytest.raises(UnknownTermError, match="'hepatic cyst'"):  # other free text still needs the flag
+        resolve_prompts(["pulmonary artery", "hepatic cyst"], "CT", trained_terms=trained)
+    with pytest.raises(UnknownTermError, match="'pulmonary artery'"):  # not trained: unknown, as before
+        resolve_prompts(["pulmonary artery"], "CT", trained_terms=["liver"])
+
+
 def test_all_terms_adds_trained_terms_available_in_the_modality(package, text_encoder):
     model, config = load_package(package)
     predictor = PromptSegPredictor(model, config, text_encoder=text_encoder)
