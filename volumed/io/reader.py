@@ -477,7 +477,23 @@ def read_label(path: str | Path, reference: Volume | None = None, *, series_uid:
     lab = Volume(data, lab.affine, "unknown", lab.source)
     if reference is None or lab.same_grid(reference):
         return lab
+    (lo, hi), (ref_lo, ref_hi) = _world_box(lab), _world_box(reference)
+    if np.any(hi < ref_lo) or np.any(ref_hi < lo):
+        # Resampling would give an all-background map, silently (an empty overlay, empty training masks).
+        def box(a, b):
+            return " x ".join(f"{x:.0f}..{y:.0f}" for x, y in zip(a, b))
+
+        raise InvalidVolumeError(f"label map does not overlap the image in space (label RAS {box(lo, hi)} mm, image "
+                                 f"{box(ref_lo, ref_hi)} mm): not a label map of this image", path)
     return resample_label_to(lab, reference)
+
+
+def _world_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The RAS bounding box (mm) of a grid's voxels, voxel edges included."""
+    corners = np.array([[i, j, k] for i in (-0.5, volume.shape[0] - 0.5) for j in (-0.5, volume.shape[1] - 0.5)
+                        for k in (-0.5, volume.shape[2] - 0.5)])
+    world = volume.voxel_to_world(corners)
+    return world.min(axis=0), world.max(axis=0)
 
 
 def resample_label_to(label: Volume, reference: Volume) -> Volume:

@@ -62,6 +62,16 @@ def test_dicom_segmentation_overlays_in_physical_space(ts_dir):
     np.testing.assert_array_equal(lab.data, raw[:, ::-1, :])
 
 
+def test_label_map_of_another_scan_is_refused_not_silently_emptied(ts_dir):
+    """`volumed preview example_ct_sm.nii.gz --label example_seg_dicom.nii.gz` (the DICOM slab's
+    label map, 80 cm lower) drew no overlay and said nothing: resampling gave all background."""
+    from volumed.errors import InvalidVolumeError
+
+    vol = read_volume(ts_dir / "example_ct_sm.nii.gz")
+    with pytest.raises(InvalidVolumeError, match="example_seg_dicom.nii.gz.*does not overlap the image"):
+        read_label(ts_dir / "example_seg_dicom.nii.gz", vol)
+
+
 def test_nifti_ct_and_segmentation(ts_dir):
     vol = read_volume(ts_dir / "example_ct_sm.nii.gz")
     assert vol.shape == (122, 101, 30) and vol.orientation == "RAS" and vol.modality == "CT"
