@@ -461,6 +461,15 @@ def build_structured_report(
     if tuple(stats["shape"]) != tuple(image.shape):
         raise ConfigError(f"the image is {' x '.join(map(str, image.shape))} voxels but statistics.json was measured "
                           f"on {' x '.join(map(str, stats['shape']))}: not the segmented image", seg_dir / STATISTICS_NAME)
+    from volumed.inference.segment import LABELS_NAME
+
+    if (seg_dir / LABELS_NAME).is_file():  # same shape is not enough: the grid must be the same in space
+        import nibabel as nib
+
+        labels_affine = nib.load(seg_dir / LABELS_NAME).affine
+        if not np.allclose(labels_affine, image.affine, atol=1e-3):
+            raise ConfigError("the image has the segmentation's shape but not its position, orientation or spacing "
+                              "(labels.nii.gz's affine differs): not the segmented image", seg_dir / LABELS_NAME)
     table_path = seg_dir / TABLE_NAME
     model = _read_json(table_path, "labels.json").get("model") if table_path.is_file() else None
     terms: dict[str, dict] = stats["terms"]

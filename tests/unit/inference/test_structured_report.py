@@ -210,6 +210,19 @@ def test_bad_segmentation_folders_are_named(case, tmp_path):
         build_structured_report(folder, Volume(np.zeros((40, 40, 23), np.float32), volume.affine, "CT"))
 
 
+def test_an_image_of_the_same_shape_elsewhere_in_space_is_not_the_segmented_image(case):
+    """`volumed report other.nii.gz --from-segmentation OUT` with an image of the segmented
+    image's shape but another affine (a rotated or shifted scan) was reported on, with the
+    segmented image's volumes and the lesions' sides and places read through the wrong grid."""
+    volume, _, folder, _ = case
+    moved = volume.affine.copy()
+    moved[:3, 3] += (0.0, 0.0, 30.0)
+    with pytest.raises(ConfigError, match="not its position, orientation or spacing") as err:
+        build_structured_report(folder, Volume(np.asarray(volume.data), moved, "CT"))
+    assert err.value.path == folder / "labels.nii.gz"
+    build_structured_report(folder, Volume(np.asarray(volume.data), volume.affine + 1e-5, "CT"))  # rounding is fine
+
+
 def test_a_missing_lesion_mask_file_is_named(case, tmp_path):
     import shutil
 
