@@ -30,7 +30,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch

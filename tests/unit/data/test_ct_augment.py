@@ -3,7 +3,6 @@ slice thickness."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
