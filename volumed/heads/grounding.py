@@ -46,6 +46,7 @@ original grid: :class:`volumed.inference.segment.PromptSegPredictor`) runs it un
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,10 @@ class FindingQuery:
             lung.", "the abdominal aorta"): it is grounded to that structure, by the anatomy
             model's answer for ``location_term`` (the gate's query, undilated), not by the
             sentence head, which learnt findings.
+        normal: the sentence holds no finding and says that what it names is normal ("The liver
+            is normal.", "Unremarkable pancreas.", "within normal limits"): NegBio's and the
+            CheXpert labeler's negation patterns read "X is normal/unremarkable" as X negated,
+            so it is ``negated`` too (no mask), and reported as a normal statement.
     """
 
     text: str
@@ -121,6 +126,7 @@ class FindingQuery:
     size_mm: tuple[float, ...] = ()
     uncertain: bool = False
     anatomy: bool = False
+    normal: bool = False
 
     @property
     def location(self) -> str | None:
@@ -130,7 +136,7 @@ class FindingQuery:
     def to_dict(self) -> dict:
         return {"negated": self.negated, "finding_type": self.finding_type, "location_term": self.location_term,
                 "region": self.region, "side": self.side, "size_mm": list(self.size_mm), "uncertain": self.uncertain,
-                "anatomy": self.anatomy}
+                "anatomy": self.anatomy, "normal": self.normal}
 
 
 def location_text(location_term: str | None, side: str | None = None) -> str | None:
@@ -178,14 +184,22 @@ def finding_queries(sentences: Sequence[str] = (), report: str | None = None) ->
 _ANATOMY_FILLER = frozenset({"the", "a", "an", "of", "in", "its", "whole", "entire", "structure", "organ", "region"})
 
 
-def _anatomy_query(text: str) -> FindingQuery:
-    """An anatomy query when ``text`` (which holds no finding) names exactly one vocabulary
-    structure and otherwise only filler words; else a free query without a location."""
-    import re
+#: A statement of normality (the CheXpert labeler's "normal|unremarkable" negation lemmas, and
+#: "within normal limits" / "no abnormality"); "abnormal" does not match.
+_NORMAL = re.compile(r"\b(?:normal|unremarkable|no\s+(?:\w+\s+)?abnormalit(?:y|ies))\b", re.IGNORECASE)
 
+
+def _anatomy_query(text: str) -> FindingQuery:
+    """For ``text`` holding no finding: a normal statement (negated, no mask) when it says what it
+    names is normal; an anatomy query when it names exactly one vocabulary structure and
+    otherwise only filler words; else a free query without a location."""
     from volumed.text.reports import find_locations
 
     locations = find_locations(text)
+    if _NORMAL.search(text):
+        loc = locations[0] if len(locations) == 1 else None
+        return FindingQuery(text, negated=True, normal=True, location_term=loc.term if loc else None,
+                            side=loc.side if loc else None)
     if len(locations) != 1 or locations[0].term is None:
         return FindingQuery(text)
     loc = locations[0]

@@ -393,7 +393,9 @@ class GroundingResult:
     def summary(self) -> list[str]:
         lines = []
         for f in self.findings:
-            if f["negated"]:
+            if f.get("normal"):
+                lines.append(f"normal: {f['sentence']!r} (no finding, no mask)")
+            elif f["negated"]:
                 lines.append(f"negated: {f['sentence']!r} (no mask)")
             elif f["found"]:
                 lines.append(f"found: {f['sentence']!r} -> {f['mask']} ({f['volume_ml']:.2f} mL, "
@@ -428,6 +430,7 @@ def _finding_record(k: int, f: GroundedFinding, mask_name: str | None) -> dict:
         "size_mm": list(q.size_mm),
         "uncertain": q.uncertain,
         "anatomy": q.anatomy,
+        "normal": q.normal,
         "instances": [i.to_dict() for i in f.instances],
         "search_region": f.search_region,
     }

@@ -118,6 +118,26 @@ def test_a_sentence_that_only_names_a_structure_is_an_anatomy_query():
     assert q[0].side == "right" and q[0].finding_type is None and q[0].to_dict()["anatomy"] is True
 
 
+def test_a_normal_statement_is_negated_not_grounded():
+    """"The liver is normal." holds no finding: grounded as a free sentence it once gave 321 mL in
+    26 pieces over the body. NegBio's / the CheXpert labeler's negation patterns read "X is
+    normal/unremarkable" as X negated, so it is negated (no mask) and flagged normal; "abnormal"
+    and a named structure alone are not."""
+    q = finding_queries(["The liver is normal.", "Unremarkable pancreas.", "The kidneys are unremarkable.",
+                         "Examination within normal limits.", "There is no abnormality in the spleen.",
+                         "The liver.", "Abnormal enhancement of the liver.",
+                         "Heart size is normal, no pericardial effusion.", "A 12 mm nodule in the right lower lobe."])
+    assert [(x.negated, x.normal, x.anatomy) for x in q] == [
+        (True, True, False), (True, True, False), (True, True, False), (True, True, False), (True, True, False),
+        (False, False, True),  # names a structure only: grounded to it
+        (False, False, False),  # "abnormal" is not "normal"
+        (True, False, False),  # a (negated) finding: the finding decides
+        (False, False, False),
+    ]
+    assert [x.location_term for x in q[:5]] == ["liver", "pancreas", "kidney", None, "spleen"]
+    assert q[0].to_dict()["normal"] is True and q[5].to_dict()["normal"] is False
+
+
 def test_connected_components_are_instances_largest_first():
     mask = np.zeros((10, 10, 10), bool)
     mask[1:3, 1:3, 1:3] = True  # 8 voxels

@@ -131,11 +131,16 @@ def test_cli_ground(gpackage, phantom_image, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ground_module, "_predict_gated", _box_probabilities)
     with pytest.raises(SystemExit) as exit_info:
         main(["ground", str(phantom_image), "--finding", SENTENCES[0], "--finding", SENTENCES[1],
-              "--model", str(gpackage), "-o", str(tmp_path / "out"), "--no-organ-gate"])
+              "--finding", "The liver is normal.", "--model", str(gpackage), "-o", str(tmp_path / "out"),
+              "--no-organ-gate"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "found: '12 mm nodule in the right lower lobe' -> masks/finding_01.nii.gz" in printed
     assert "negated: 'No pleural effusion.' (no mask)" in printed
+    assert "normal: 'The liver is normal.' (no finding, no mask)" in printed
+    record = json.loads((tmp_path / "out" / "grounding.json").read_text())["findings"]
+    assert [(f["negated"], f["normal"], f["mask"]) for f in record[1:]] == [(True, False, None), (True, True, None)]
+    assert not (tmp_path / "out" / "masks" / "finding_03.nii.gz").exists()
 
 
 @pytest.mark.realdata
