@@ -480,7 +480,7 @@ def ground(
             image of another modality. Reader errors for an unreadable image.
     """
     from volumed.heads.grounding import is_grounding_package
-    from volumed.inference.package import read_config
+    from volumed.inference.package import package_version, read_config
     from volumed.io import read_volume
     from volumed.io.atomic import atomic_write_text, check_creatable
     from volumed.io.writer import write_nifti
@@ -548,7 +548,7 @@ def ground(
             "spacing_mm": list(volume.spacing),
             "threshold": float(predictor.config.threshold),
             "confidence": "mean probability inside the mask (the model's, not a measured accuracy)",
-            "model": {"path": str(model_dir), "encoder": config.encoder, "version": config.version},
+            "model": {"path": str(model_dir), "encoder": config.encoder, "version": package_version(model_dir, config)},
             "findings": records,
         }
         if volume.source.format == "dicom":

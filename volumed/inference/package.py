@@ -184,3 +184,19 @@ def load_package(path: str | Path, *, strict: bool = True) -> tuple[TextPrompted
     load_encoder_weights(model, weights, key_map=None, strict=strict)
     model.eval()
     return model, config
+
+
+def package_version(model_dir: str | Path, config: "PromptSegConfig | None" = None) -> str:
+    """The version a user knows a model by: its MONAI bundle's (``version`` of
+    ``configs/metadata.json`` beside the ``models/`` folder the package is, bumped by every
+    ``volumed bundle new`` and fine-tuning), else ``config.json``'s own ``version``."""
+    metadata = Path(model_dir).resolve().parent / "configs" / "metadata.json"
+    if Path(model_dir).name == "models" and metadata.is_file():
+        try:
+            version = json.loads(metadata.read_text(encoding="utf-8")).get("version")
+        except (OSError, ValueError):
+            version = None
+        if isinstance(version, str) and version:
+            return version
+    return (config or read_config(model_dir)).version
+

@@ -123,7 +123,7 @@ from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedC
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
-from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, read_config
+from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, package_version, read_config
 from volumed.inference.body import body_mask
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
@@ -1336,7 +1336,7 @@ def _write_outputs(
         "priority": PRIORITY_RULE,
         "postprocess": RULE_DESCRIPTIONS,
         "threshold": float(config.threshold),
-        "model": {"path": str(model_dir), "version": config.version, "encoder": config.encoder},
+        "model": {"path": str(model_dir), "version": package_version(model_dir, config), "encoder": config.encoder},
     }
     atomic_write_text(staging / TABLE_NAME, json.dumps(table, indent=2) + "\n")
     statistics = {
@@ -1346,7 +1346,7 @@ def _write_outputs(
         "spacing_mm": list(volume.spacing),
         "threshold": float(config.threshold),
         "terms": {t.name: _term_statistics(t) for t in terms},
-        "model": {"path": str(model_dir), "version": config.version},
+        "model": {"path": str(model_dir), "version": package_version(model_dir, config)},
         "software": software_versions(),
     }
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
@@ -1408,7 +1408,7 @@ def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: Promp
     lines = [
         "volumed segmentation findings (research use only; not a medical device, not for diagnosis)",
         f"image: {source} ({volume.modality}, {' x '.join(map(str, volume.shape))} voxels of {spacing} mm)",
-        f"model: {model_dir} (version {config.version}, encoder {config.encoder})",
+        f"model: {model_dir} (version {package_version(model_dir, config)}, encoder {config.encoder})",
         "",
         *findings_lines(terms, float(config.threshold)),
         "",

@@ -210,6 +210,30 @@ def _write_itk(volume: Volume, path: Path) -> Path:
     return path
 
 
+def test_outputs_name_the_bundle_version_of_a_bundles_model(package, ts_dir, tmp_path, monkeypatch):
+    """A package that is a bundle's models/ folder is known by the bundle's version (what
+    `volumed bundle new` and fine-tuning bump), not by config.json's own field; a loose package
+    keeps config.json's."""
+    import shutil
+
+    from volumed.inference.package import package_version, read_config
+
+    monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", fake_probabilities)
+    bundle = tmp_path / "my_bundle"
+    shutil.copytree(package, bundle / "models")
+    (bundle / "configs").mkdir()
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"version": "2.3.1"}))
+    loose = read_config(package).version
+    assert loose != "2.3.1" and package_version(package) == loose
+    image = ts_dir / "example_ct_sm.nii.gz"
+    for model, expected in ((bundle / "models", "2.3.1"), (package, loose)):
+        out = tmp_path / f"out_{expected}"
+        segment(image, ["liver"], model_dir=model, out_dir=out, progress=False)
+        assert json.loads((out / "labels.json").read_text())["model"]["version"] == expected
+        assert json.loads((out / "statistics.json").read_text())["model"]["version"] == expected
+        assert f"(version {expected}, encoder" in (out / "report.txt").read_text()
+
+
 def test_dicom_series_with_one_structure_gets_its_seg_and_sr(package, ts_dir, tmp_path, monkeypatch):
     """One prompt on a DICOM series: a SEG of one segment (highdicom puts its identification in
     the shared functional groups) and an SR that references it. This once failed in highdicom's
