@@ -108,9 +108,10 @@ class FindingQuery:
         size_mm: the stated size per axis, in mm (empty if none).
         uncertain: the finding is hedged ("cannot be excluded").
         anatomy: the sentence names one structure and nothing else ("The right lower lobe of the
-            lung.", "the abdominal aorta"): it is grounded to that structure, by the anatomy
-            model's answer for ``location_term`` (the gate's query, undilated), not by the
-            sentence head, which learnt findings.
+            lung.", "the abdominal aorta"), or the enlargement of a whole organ ("Hepatomegaly.",
+            "The spleen is enlarged."; a non-focal finding whose mask is the organ): it is
+            grounded to that structure, by the anatomy model's answer for ``location_term`` (the
+            gate's query, undilated), not by the sentence head, which learnt focal findings.
         normal: the sentence holds no finding and says that what it names is normal ("The liver
             is normal.", "Unremarkable pancreas.", "within normal limits"): NegBio's and the
             CheXpert labeler's negation patterns read "X is normal/unremarkable" as X negated,
@@ -209,13 +210,26 @@ def _anatomy_query(text: str) -> FindingQuery:
     return FindingQuery(text, location_term=loc.term, side=loc.side, anatomy=True)
 
 
+#: An enlargement of a whole organ ("Hepatomegaly.", "The spleen is enlarged."), not an aneurysm,
+#: and of an organ whose mask is the finding (not "enlargement of the pulmonary conus", a vessel
+#: segment the parser places in the lung, nor a duct "in" the pancreas).
+_ORGAN_ENLARGEMENT = re.compile(r"megal|enlarg", re.IGNORECASE)
+_ENLARGEABLE_ORGANS = frozenset({"liver", "spleen", "heart", "kidney", "kidney_left", "kidney_right", "thyroid_gland",
+                                 "prostate", "adrenal_gland_left", "adrenal_gland_right"})
+
+
 def _query(text: str, findings: Sequence) -> FindingQuery:
     if not findings:
         return _anatomy_query(text)
     positive = [f for f in findings if not f.negated]
     f = positive[0] if positive else findings[0]
+    # The mask of an enlarged organ is the organ (a non-focal finding): answered as an anatomy
+    # sentence, by the segmenter, not by the finding head, which learnt focal lesions.
+    whole_organ = (bool(positive) and f.finding_type == "enlargement" and f.location_term in _ENLARGEABLE_ORGANS
+                   and _ORGAN_ENLARGEMENT.search(f.span.text) is not None)
     return FindingQuery(text, negated=not positive, finding_type=f.finding_type, location_term=f.location_term,
-                        region=f.region, side=f.side, size_mm=tuple(f.size_mm), uncertain=bool(f.uncertain))
+                        region=f.region, side=f.side, size_mm=tuple(f.size_mm), uncertain=bool(f.uncertain),
+                        anatomy=whole_organ)
 
 
 # ------------------------------------------------------------------------------------ network

@@ -137,7 +137,9 @@ FINDING_TYPES: dict[str, tuple[str, ...]] = {
     "pneumothorax": (r"\bpneumothora\w*",),
     "fracture": (r"\bfractur\w*",),
     "stone": (r"\bcalcul(?:us|i)\b", r"\bstones?\b", r"\b\w*lithiasis\b"),
-    "enlargement": (r"\b\w+megal(?:y|ic)\b", r"\baneurysm\w*", r"\bectasia\b"),
+    # "The liver is enlarged." as well as "hepatomegaly"; not the "enlarged" of lymph nodes (above).
+    "enlargement": (r"\b\w+megal(?:y|ic)\b", r"\baneurysm\w*", r"\bectasia\b",
+                    r"(?<!node\s)(?<!nodes\s)\benlarge(?:d|ment)\b(?!(?:\s+\w+){0,3}?\s+(?:lymph|nod))"),
     "steatosis": (r"\b(?:hepato)?steatosis\b", r"\bfatty\s+liver\b"),
     "mosaic attenuation": (r"\bmosaic(?:\s+attenuation)?(?:\s+pattern)?\b",),
     "degenerative change": (r"\bdegenerative\s+changes?\b", r"\bosteophyt\w*"),
@@ -146,6 +148,10 @@ FINDING_TYPES: dict[str, tuple[str, ...]] = {
 # Words that look like a finding but are not one here ("portal vein" is not a port catheter;
 # "effusion-thickening" reads twice otherwise).
 _EXCLUDE: tuple[str, ...] = (*RULES["Medical material"].exclude, r"\bnodular\s+(?:thicken\w*|contour\w*)")
+
+#: The organ an "X-megaly" names when no location word does ("Hepatomegaly."): root -> vocabulary term.
+_MEGALY_ORGANS: dict[str, str] = {"hepato": "liver", "spleno": "spleen", "cardio": "heart", "nephro": "kidney"}
+_MEGALY = re.compile(r"\b(" + "|".join(_MEGALY_ORGANS) + r")megal", re.IGNORECASE)
 
 #: Regions of a report that the vocabulary has no term for: name -> pattern.
 REGIONS: dict[str, str] = {
@@ -501,6 +507,10 @@ def _finding(mention: Mention, own: _Phrase, others: Sequence[_Phrase], vocabula
         near = _nearest(sides, anchor.span if anchor is not None else mention.span, lambda s: s[1])
         side = near[0] if near is not None else None
     name = _narrow(vocabulary, term.term, side) if term is not None else None
+    megaly = _MEGALY.match(mention.span.text)
+    if megaly is not None and vocabulary.lookup(_MEGALY_ORGANS[megaly.group(1).lower()]) is not None:
+        # The word names its organ, whatever location words stand nearby ("Dilatation of the aorta, cardiomegaly").
+        name = _narrow(vocabulary, _MEGALY_ORGANS[megaly.group(1).lower()], side)
     if name is not None and _side_of(name):
         side = _side_of(name)
     return Finding(

@@ -138,6 +138,24 @@ def test_a_normal_statement_is_negated_not_grounded():
     assert q[0].to_dict()["normal"] is True and q[5].to_dict()["normal"] is False
 
 
+def test_an_enlarged_organ_is_grounded_to_the_organ():
+    """"Hepatomegaly." / "The spleen is enlarged." are non-focal findings: the parser names the
+    organ (from the word itself when no location word does) and the query is an anatomy query
+    (the segmenter's mask of the organ), not a lesion search. Negated, an aneurysm (a segment of
+    a vessel) and two organs in one word stay findings."""
+    q = finding_queries(["Hepatomegaly.", "Mild cardiomegaly is noted.", "The spleen is enlarged, measuring 15 cm.",
+                         "Enlargement of the left kidney.", "The heart is not enlarged.",
+                         "Aneurysmal dilatation of the abdominal aorta.", "Hepatosplenomegaly.",
+                         "Enlarged mediastinal lymph nodes."])
+    assert [(x.anatomy, x.negated, x.location_term, x.finding_type) for x in q] == [
+        (True, False, "liver", "enlargement"), (True, False, "heart", "enlargement"),
+        (True, False, "spleen", "enlargement"), (True, False, "kidney_left", "enlargement"),
+        (False, True, "heart", "enlargement"), (False, False, "aorta", "enlargement"),
+        (False, False, None, "enlargement"), (False, False, None, "lymph node"),
+    ]
+    assert q[2].size_mm == (150.0,)
+
+
 def test_connected_components_are_instances_largest_first():
     mask = np.zeros((10, 10, 10), bool)
     mask[1:3, 1:3, 1:3] = True  # 8 voxels

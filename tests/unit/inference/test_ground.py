@@ -161,14 +161,16 @@ def test_anatomy_sentences_on_a_real_ct_are_grounded_to_their_structure(ts_dir, 
     with pytest.raises(SystemExit) as exit_info:
         # No --model: the shipped grounding bundle is the default, as for `volumed segment`.
         main(["ground", str(image), "-f", "The liver.", "-f", "the left kidney", "-f", "No ascites.",
-              "-o", str(tmp_path / "out")])
+              "-f", "Splenomegaly.", "-o", str(tmp_path / "out")])
     assert exit_info.value.code in (0, None)
     record = json.loads((tmp_path / "out" / "grounding.json").read_text())
     assert Path(record["model"]["path"]).resolve() == bundle.resolve()
     findings = record["findings"]
     assert [(f["anatomy"], f["location"]["term"]) for f in findings[:2]] == [(True, "liver"), (True, "kidney_left")]
     assert findings[2]["negated"] and findings[2]["mask"] is None
-    for f, label, least in zip(findings[:2], (5, 3), (0.88, 0.80)):
+    # An enlarged organ is a non-focal finding: its mask is the organ, from the segmenter.
+    assert (findings[3]["anatomy"], findings[3]["location"]["term"], findings[3]["finding_type"]) == (True, "spleen", "enlargement")
+    for f, label, least in zip([*findings[:2], findings[3]], (5, 3, 1), (0.88, 0.80, 0.88)):
         img = nib.load(str(tmp_path / "out" / f["mask"]))
         assert np.allclose(img.affine, nib.load(str(image)).affine, atol=1e-4) and img.shape == volume.shape
         pred, ref = np.asarray(img.dataobj) > 0, labels == label

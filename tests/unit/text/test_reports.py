@@ -72,6 +72,12 @@ CT_RATE_SENTENCES = [
      "wall thickening", "thickening", True, False, "esophagus", None, ()),
     (("No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary "
       "pathological dimensions were detected."), "enlarged lymph nodes", "lymph node", True, False, None, "bilateral", ()),
+    # An enlarged organ: the "-megaly" word names its organ, even beside another location word.
+    ("Hepatomegaly, periportal edema.", "Hepatomegaly", "enlargement", False, False, "liver", None, ()),
+    ("Dilatation of the ascending and descending aorta, cardiomegaly",
+     "cardiomegaly", "enlargement", False, False, "heart", None, ()),
+    ("Spleen CC size measured 142 mm and increased (splenomegaly).",
+     "splenomegaly", "enlargement", False, False, "spleen", None, (142.0,)),
     # Uncertain: hedged, not negated.
     ("Possible neoplastic lesion cannot be excluded.", "lesion", "lesion", False, True, None, None, ()),
     ("Mosaic attenuation pattern in both lungs (small vessel disease? small airway disease?).",
