@@ -1026,7 +1026,7 @@ class PromptSegDataModule(L.LightningDataModule):
         max_cases: use only the first ``max_cases`` image entries (few-shot fine-tuning).
         val_datalist: datalist of whole scans scored after every validation interval (Dice on
             their original grid, :meth:`PromptSegModule.validation_step`); section ``val_section``.
-            ``None``: no validation.
+            Only the terms that train are scored. ``None``: no validation.
     """
 
     def __init__(
@@ -1132,8 +1132,10 @@ class PromptSegDataModule(L.LightningDataModule):
             else:
                 val = load_promptseg_datalist(hp.val_datalist, section=hp.val_section, default_modality=hp.default_modality,
                                               allow_free_text=hp.allow_free_text)  # fmt: skip
-                if hp.terms:
-                    val = restrict_terms(val, [t for t in hp.terms if any(t in v.terms for v in val)] or hp.terms, hp.val_datalist)
+                # Only the terms that train are scored: Dice of a term the run does not train (another
+                # datalist's structure) would steer early stopping and the kept weights.
+                wanted = list(hp.terms) if hp.terms else list(self.terms)
+                val = restrict_terms(val, [t for t in wanted if any(t in v.terms for v in val)] or wanted, hp.val_datalist)
             self.validation_cases = [load_validation_case(v) for v in val]
         for c in self.cases:
             log.info("case %s: model shape %s, %d terms%s", c.name, c.shape, len(c.terms),

@@ -500,3 +500,20 @@ def test_promptseg_recipes_parse_into_the_module_and_datamodule(recipe, capsys):
     printed = capsys.readouterr().out
     assert "bce_topk: null" in printed and "datalist: configs/datalists/promptseg_ct_all.json" in printed
     assert "pad_mode: symmetric_z" in printed and "min_confidence: 0.8" in printed
+
+
+def test_validation_scores_only_the_terms_that_train(tiny_data):
+    """A validation datalist annotating other structures too (or only others) must not let their
+    Dice steer early stopping and the kept weights: only the trained terms are validated, and a
+    validation datalist without any of them is refused, naming it."""
+    train = _write_json(tiny_data, "val_train.json", [{"image": "ct0.nii.gz", "masks": {"liver": "liver.nii.gz"}}])
+    both = _write_json(tiny_data, "val_both.json",
+                       [{"image": "ct1.nii.gz", "masks": {"liver": "liver.nii.gz", "spleen": "spleen_fine.nii.gz"}}])  # fmt: skip
+    other = _write_json(tiny_data, "val_other.json", [{"image": "ct2.nii.gz", "masks": {"spleen": "spleen_fine.nii.gz"}}])
+    common = dict(datalist=str(train), patch_size=(16, 16, 8), target_spacing=(3.0, 3.0, 3.0), samples_per_epoch=2)
+    dm = PromptSegDataModule(**common, val_datalist=str(both), val_section="training")
+    dm.setup()
+    assert dm.terms == ["liver"]
+    assert [c.terms for c in dm.validation_cases] == [("liver",)]
+    with pytest.raises(ConfigError, match=r"val_other.json: term\(s\) \['liver'\] are annotated by no datalist entry"):
+        PromptSegDataModule(**common, val_datalist=str(other), val_section="training").setup()
