@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from volumed.errors import ConfigError
+
 
 def checkpoint_dir(out: str | Path) -> str:
     return str(Path(out) / "checkpoints")
@@ -99,6 +101,11 @@ def build_cli(cli_class: type[RunCLI], model_class, datamodule_class, argv: list
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": description},
         )
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path \
+            and not Path(ckpt_path).is_file():
+        # Before any data is loaded: Lightning would only fail at fit, with a traceback.
+        raise ConfigError("checkpoint to resume from does not exist (--ckpt_path: 'last' or a .ckpt file)", ckpt_path)
     if cli.config["num_threads"]:
         torch.set_num_threads(int(cli.config["num_threads"]))
     cli.trainer.callbacks.append(RecordEnvironment(cli.config["out"], argv, cli.config.get("seed_everything")))

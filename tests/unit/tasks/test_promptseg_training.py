@@ -517,3 +517,19 @@ def test_validation_scores_only_the_terms_that_train(tiny_data):
     assert [c.terms for c in dm.validation_cases] == [("liver",)]
     with pytest.raises(ConfigError, match=r"val_other.json: term\(s\) \['liver'\] are annotated by no datalist entry"):
         PromptSegDataModule(**common, val_datalist=str(other), val_section="training").setup()
+
+
+@pytest.mark.parametrize("command", [["train", "promptseg", "--config", "train_promptseg-phantom-cpu.yaml"],
+                                     ["pretrain", "--config", "pretrain_voco-cpu.yaml"]])  # fmt: skip
+def test_resuming_from_a_missing_checkpoint_is_one_line_before_any_output(command, tmp_path, capsys):
+    """--ckpt_path naming no file: one line naming it and exit code 2, before the data is loaded and
+    anything is written under --out (Lightning's own failure came at fit, as a traceback)."""
+    from volumed.cli import main
+
+    argv = [c if not c.endswith(".yaml") else str(REPO / "configs" / c) for c in command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"volumed: error: {tmp_path / 'nope.ckpt'}: checkpoint to resume from does not exist (--ckpt_path: 'last' or a .ckpt file)"
+    assert not (tmp_path / "run").exists()
