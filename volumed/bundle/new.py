@@ -134,6 +134,10 @@ def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_mode
     state = read_state_dict(checkpoint).state_dict
     if any(k.startswith("net.") for k in state):  # a Lightning module's checkpoint
         state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    if any(".lora_A." in k or ".lora_B." in k for k in state):
+        raise ConfigError("the checkpoint holds LoRA adapters not merged into their layers (a `volumed finetune "
+                          "--method lora` training checkpoint); use the merged package that run wrote "
+                          "(<work-dir>/package) or the bundle it made", checkpoint)
     load_encoder_weights(model, state, key_map=None, strict=True)
     kind.save(model, *rest, staging_models)
 

@@ -115,6 +115,19 @@ def test_bundle_new_refuses_bad_requests(tiny_bundle, tmp_path):
     assert bump_version("1.4.2") == "1.5.0"
 
 
+def test_bundle_new_names_a_lora_training_checkpoint(tiny_bundle, tmp_path):
+    """The best.ckpt of a `volumed finetune --method lora` run holds the adapters unmerged: one
+    clear line pointing to the merged package, not a list of 'missing' and 'unexpected' keys."""
+    from volumed.tasks.finetune import apply_method
+
+    net = load_package(tiny_bundle / "models")[0]
+    apply_method(net, "lora", lora_rank=2)
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    with pytest.raises(ConfigError, match=r"best.ckpt: the checkpoint holds LoRA adapters not merged .*<work-dir>/package"):
+        new_bundle(ckpt, "x", bundles_dir=tmp_path, base=tiny_bundle, config=tiny_bundle / "models" / "config.json")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
 def test_cli_bundle_new(tiny_bundle, tmp_path, capsys):
     from volumed.cli import main
 
