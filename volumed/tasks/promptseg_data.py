@@ -266,13 +266,14 @@ def load_validation_case(source: LabelSource, volume: Volume | None = None) -> V
 
 
 def _resolve_term(
-    text: str, modality: str, vocab: Vocabulary, allow_free_text: bool, where: str, problems: list[str]
+    text: str, modality: str, vocab: Vocabulary, allow_free_text: bool, where: str, problems: list[str],
+    free_text_hint: str = "set allow_free_text to train free text",
 ) -> str | None:
     try:
         return vocab.resolve(text, modality, allow_free_text=allow_free_text).name
     except UnknownTermError as err:
         hint = ", ".join(err.suggestions)
-        problems.append(f"{where}: unknown term {text!r} (nearest: {hint}; set allow_free_text to train free text)")
+        problems.append(f"{where}: unknown term {text!r} (nearest: {hint}; {free_text_hint})")
     except ConfigError as err:
         problems.append(f"{where}: term {text!r}: {err}")
     return None
@@ -316,7 +317,9 @@ def _resolve_entry(
         terms = []
         if entry.terms:
             for text in entry.terms:
-                name = _resolve_term(text, modality, vocab, False, where, problems)
+                # A label map's ids are TotalSegmentator's: free text can never index it.
+                name = _resolve_term(text, modality, vocab, False, where, problems,
+                                     "a label map's terms must be vocabulary terms; free text needs 'masks' ({term: mask})")
                 if name is not None and name not in terms:
                     terms.append(name)
         label_ids = tuple(vocab.label_ids(t, modality) for t in terms)

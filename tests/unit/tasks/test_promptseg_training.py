@@ -533,3 +533,14 @@ def test_resuming_from_a_missing_checkpoint_is_one_line_before_any_output(comman
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"volumed: error: {tmp_path / 'nope.ckpt'}: checkpoint to resume from does not exist (--ckpt_path: 'last' or a .ckpt file)"
     assert not (tmp_path / "run").exists()
+
+
+def test_unknown_term_of_a_label_map_does_not_suggest_free_text(tiny_data):
+    """Free text can never index a TotalSegmentator-id label map, even with allow_free_text (as
+    `volumed finetune` sets it): the hint says so instead of 'set allow_free_text'."""
+    path = _write_json(tiny_data, "label_livr.json", [{"image": "ct0.nii.gz", "label": "seg.nii.gz", "terms": ["livr"]}])
+    with pytest.raises(DatalistError) as err:
+        load_promptseg_datalist(path, allow_free_text=True)
+    (problem,) = err.value.problems
+    assert problem.startswith("training[0]: unknown term 'livr' (nearest: liver")
+    assert "allow_free_text" not in problem and "free text needs 'masks'" in problem
