@@ -37,7 +37,7 @@ from pathlib import Path
 
 from volumed.errors import ConfigError, OutputExistsError
 
-__all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version"]
+__all__ = ["TASKS", "NewBundle", "new_bundle", "bump_version", "check_bundle_name"]
 
 TASKS = {"promptseg": "volumed_promptseg_ct", "ground": "volumed_ground_ct", "clip": "volumed_clip_ct",
          "report": "volumed_report_ct"}  # task -> the bundle whose configs a new bundle starts from
@@ -142,6 +142,13 @@ def _package_from_checkpoint(checkpoint: Path, config: Path | None, staging_mode
     kind.save(model, *rest, staging_models)
 
 
+def check_bundle_name(name: str, source: str = "NAME") -> None:
+    """Refuse a bundle folder name that is not letters, digits, ``_`` or ``-`` (``source``: the
+    argument to name in the message)."""
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ConfigError(f"bundle name must be letters, digits, '_' or '-', got {name!r}", source)
+
+
 def new_bundle(
     checkpoint: str | Path,
     name: str,
@@ -178,8 +185,7 @@ def new_bundle(
 
     if task not in TASKS:
         raise ConfigError(f"unknown bundle task {task!r}; available: {', '.join(sorted(TASKS))}", "--task")
-    if not name or not all(c.isalnum() or c in "_-" for c in name):
-        raise ConfigError(f"bundle name must be letters, digits, '_' or '-', got {name!r}", "NAME")
+    check_bundle_name(name)
     root = Path(bundles_dir)
     dest = root / name
     if dest.exists() and not overwrite:

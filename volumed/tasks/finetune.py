@@ -204,7 +204,7 @@ def finetune(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from volumed.bundle.loader import check_bundle
-    from volumed.bundle.new import new_bundle
+    from volumed.bundle.new import check_bundle_name, new_bundle
     from volumed.environment import software_versions
     from volumed.errors import OutputExistsError
     from volumed.inference.package import read_config
@@ -224,6 +224,7 @@ def finetune(
     models = bundle / "models"
     base = read_config(models)
     name = name or f"{bundle.name}_finetuned"
+    check_bundle_name(name, "--name")  # before training, not after it
     bundles_dir = Path(bundles_dir) if bundles_dir is not None else bundle.parent
     dest = bundles_dir / name
     if dest.resolve() == bundle.resolve() and not overwrite:

@@ -108,6 +108,10 @@ def test_bad_requests_are_refused_before_any_training(tmp_path, shared_data):
         finetune(BUNDLE, datalist, name="taken", bundles_dir=tmp_path)
     with pytest.raises(OutputExistsError, match="needs --overwrite"):
         finetune(BUNDLE, datalist, name=BUNDLE.name, bundles_dir=BUNDLE.parent)
+    # A name `volumed bundle new` would refuse is refused before training, not after it.
+    with pytest.raises(ConfigError, match=r"--name: bundle name must be letters, digits, '_' or '-', got 'my.bundle'"):
+        finetune(BUNDLE, datalist, name="my.bundle", bundles_dir=tmp_path, work_dir=tmp_path / "work", max_steps=1, val_every=1)
+    assert not (tmp_path / "work").exists()
 
 
 def _crop_datalist(tmp_path: Path, shared_data: Path) -> Path:
