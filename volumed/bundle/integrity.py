@@ -154,6 +154,21 @@ def verify_hashes(bundle: str | Path) -> list[HashRecord]:
     return records
 
 
+def verify_bundle_package(model_dir: str | Path) -> list[HashRecord] | None:
+    """When ``model_dir`` is a bundle's ``models/`` folder with a ``large_files.yml`` beside it,
+    :func:`verify_hashes` of that bundle (so ``volumed segment --model BUNDLE/models`` and the
+    default model refuse weights that are not the bundle's, as ``volumed run`` does); ``None``
+    for a loose package (no record to check against).
+
+    Raises:
+        WeightsLoadError, ConfigError: as :func:`verify_hashes`.
+    """
+    path = Path(model_dir)
+    if path.name != "models" or not (path.parent / RECORD_NAME).is_file():
+        return None
+    return verify_hashes(path.parent)
+
+
 def _release(version: str) -> tuple[int, ...]:
     parts = []
     for piece in str(version).split("+")[0].split("."):

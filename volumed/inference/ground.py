@@ -160,6 +160,11 @@ class GroundingPredictor:
 
     @classmethod
     def from_package(cls, path: str | Path, **kwargs) -> GroundingPredictor:
+        """Load a grounding package; a bundle's ``models/`` folder has its weights checked
+        against the bundle's sha256 first (as :meth:`PromptSegPredictor.from_package`)."""
+        from volumed.bundle.integrity import verify_bundle_package
+
+        verify_bundle_package(path)
         model, config, grounding = load_grounding_package(path)
         return cls(model, config, grounding, **kwargs)
 

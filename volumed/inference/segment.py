@@ -475,8 +475,13 @@ class PromptSegPredictor:
 
     @classmethod
     def from_package(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", **kwargs) -> "PromptSegPredictor":
-        """Load a package folder (``config.json`` + ``model.safetensors``); default :func:`default_model_dir`."""
+        """Load a package folder (``config.json`` + ``model.safetensors``); default :func:`default_model_dir`.
+        A bundle's ``models/`` folder has its weights checked against the bundle's sha256 first
+        (:func:`volumed.bundle.integrity.verify_bundle_package`)."""
+        from volumed.bundle.integrity import verify_bundle_package
+
         path, _ = read_package_config(model_dir)
+        verify_bundle_package(path)
         model, config = load_package(path)
         return cls(model, config, device=device, **kwargs)
 

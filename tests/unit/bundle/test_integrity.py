@@ -56,6 +56,25 @@ def test_a_changed_weight_file_is_refused_naming_the_file(tiny_bundle):
     assert load(tiny_bundle).network is not None
 
 
+def test_segment_on_a_bundles_models_folder_checks_its_sha256(tiny_bundle, ts_dir, tmp_path):
+    """`volumed segment --model BUNDLE/models` (and the default model, a bundle's models/) refuse
+    weights that are not the bundle's, as `volumed run` does; a loose package has no record."""
+    from volumed.inference.segment import PromptSegPredictor, segment
+
+    models = tiny_bundle / "models"
+    assert PromptSegPredictor.from_package(models) is not None
+    weights = models / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsLoadError, match="sha256 mismatch") as err:
+        segment(ts_dir / "example_ct_sm.nii.gz", ["liver"], model_dir=models, out_dir=tmp_path / "out", progress=False)
+    assert str(err.value).startswith(f"{weights}: ")
+    assert not (tmp_path / "out").exists()  # nothing written
+    (tiny_bundle / RECORD_NAME).unlink()  # no record: a loose package, loaded as it is
+    assert PromptSegPredictor.from_package(models) is not None
+
+
 def test_unrecorded_missing_and_absent_records(tiny_bundle):
     extra = tiny_bundle / "models" / "other.pt"
     extra.write_bytes(b"x")
