@@ -203,15 +203,6 @@ class PromptSegRunner:
             config = replace(config, threshold=float(self.postprocessing.threshold))
         return config
 
-    def _allow_free_text(self, config: PromptSegConfig) -> bool:
-        """Free text is needed for prompts outside the vocabulary; it is safe without ``free_text``
-        when each such prompt is a term the model was trained on (e.g. "pulmonary artery")."""
-        from volumed.data.vocab import default_vocabulary, normalize_text
-
-        vocab = default_vocabulary()
-        trained = {normalize_text(t) for t in config.terms}
-        return self.free_text or all(vocab.lookup(p) is not None or normalize_text(p) in trained for p in self.prompts)
-
     def _items(self) -> list[str]:
         data = getattr(self.dataset, "data", None)
         if not data:
@@ -243,7 +234,7 @@ class PromptSegRunner:
         for image in images:
             out = self.output_dir if len(images) == 1 else self.output_dir / Path(image.rstrip("/")).name.split(".")[0]
             result = self._process(image, out, dict(
-                model_dir=self.model_dir, all_terms=self.all_terms, allow_free_text=self._allow_free_text(config),
+                model_dir=self.model_dir, all_terms=self.all_terms, allow_free_text=self.free_text,
                 allow_untrained=self.allow_untrained, overwrite=self.overwrite, progress=self.progress,
                 postprocess=self.postprocessing.segment_argument, predictor=predictor, dicom_uids=self.dicom_uids,
                 **read_options))

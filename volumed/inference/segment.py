@@ -1331,6 +1331,7 @@ def _write_outputs(
     from volumed.io.writer import write_dicom_seg, write_label_map
 
     write_label_map(label_map, volume, staging / LABELS_NAME)
+    version = package_version(model_dir, config)  # the bundle's, once for every output
     table = {
         "background": 0,
         "labels": {
@@ -1341,7 +1342,7 @@ def _write_outputs(
         "priority": PRIORITY_RULE,
         "postprocess": RULE_DESCRIPTIONS,
         "threshold": float(config.threshold),
-        "model": {"path": str(model_dir), "version": package_version(model_dir, config), "encoder": config.encoder},
+        "model": {"path": str(model_dir), "version": version, "encoder": config.encoder},
     }
     atomic_write_text(staging / TABLE_NAME, json.dumps(table, indent=2) + "\n")
     statistics = {
@@ -1351,11 +1352,11 @@ def _write_outputs(
         "spacing_mm": list(volume.spacing),
         "threshold": float(config.threshold),
         "terms": {t.name: _term_statistics(t) for t in terms},
-        "model": {"path": str(model_dir), "version": package_version(model_dir, config)},
+        "model": {"path": str(model_dir), "version": version},
         "software": software_versions(),
     }
     atomic_write_text(staging / STATISTICS_NAME, json.dumps(statistics, indent=2) + "\n")
-    atomic_write_text(staging / REPORT_NAME, _report_text(volume, terms, config, model_dir))
+    atomic_write_text(staging / REPORT_NAME, _report_text(volume, terms, config, model_dir, version))
     found = [t for t in terms if t.present]
     absent = [f"{t.display_name} ({_absent_why(t.evidence)})" for t in terms if not t.present]
     render_preview(
@@ -1404,7 +1405,8 @@ def _write_outputs(
         warnings.append(f"DICOM SR skipped: {err}")
 
 
-def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: PromptSegConfig, model_dir: Path) -> str:
+def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: PromptSegConfig, model_dir: Path,
+                 version: str) -> str:
     """``report.txt``: the findings in words (:func:`findings_lines`) under a header naming the
     image and the model. A plain-text findings list, not a radiology report (the DICOM SR is
     ``report_sr.dcm``, written for DICOM input)."""
@@ -1413,7 +1415,7 @@ def _report_text(volume: Volume, terms: tuple[SegmentedTerm, ...], config: Promp
     lines = [
         "volumed segmentation findings (research use only; not a medical device, not for diagnosis)",
         f"image: {source} ({volume.modality}, {' x '.join(map(str, volume.shape))} voxels of {spacing} mm)",
-        f"model: {model_dir} (version {package_version(model_dir, config)}, encoder {config.encoder})",
+        f"model: {model_dir} (version {version}, encoder {config.encoder})",
         "",
         *findings_lines(terms, float(config.threshold)),
         "",
