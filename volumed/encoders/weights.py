@@ -67,7 +67,7 @@ __all__ = [
 
 logger = logging.getLogger("volumed.encoders.weights")
 
-InChannelsMode = Literal["repeat", "mean", "reinit"]
+InChannelsMode = Literal["repeat", "mean", "pad", "reinit"]
 #: ``"auto"``, ``{old_prefix: new_prefix}``, a callable ``name -> new name`` (``None`` drops the
 #: entry), or ``None`` for the names as they are.
 KeyMap = Union[str, Mapping[str, str], Callable[[str], Union[str, None]], None]
@@ -79,7 +79,7 @@ KeyMap = Union[str, Mapping[str, str], Callable[[str], Union[str, None]], None]
 #: use is a modelling decision, not a file-format detail.
 CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "net", "network_weights", "module", "student")
 
-_IN_CHANNEL_MODES = ("repeat", "mean", "reinit")
+_IN_CHANNEL_MODES = ("repeat", "mean", "pad", "reinit")
 _KEY_MAP_KINDS = "key_map must be 'auto', a dict {old_prefix: new_prefix}, a callable or None"
 _SAVE_SUFFIXES = (".pt", ".pth", ".safetensors")
 # Prefix depths searched by key_map="auto": checkpoint prefixes like ``model.module.encoder.``
@@ -508,11 +508,17 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int, mode: InChannel
 
     With ``c == 1`` or ``in_channels == 1`` the two modes give the same weights.
 
+    * ``"pad"``: the first ``c`` filters as they are, zeros for the new channels (fewer channels:
+      the first ``in_channels`` kept): the layer answers the old channels exactly as before and
+      ignores the new ones until training gives them weight; for channels *added* to the old
+      input (e.g. the image through a second intensity window,
+      :class:`volumed.heads.promptseg.InputWindows`).
+
     Args:
         weight: ``(C_out, c, k1, ..., kn)``.
         in_channels: the new input-channel count.
-        mode: ``"repeat"`` or ``"mean"`` (``"reinit"`` is handled by the loader: it keeps the
-            model's own tensor).
+        mode: ``"repeat"``, ``"mean"`` or ``"pad"`` (``"reinit"`` is handled by the loader: it
+            keeps the model's own tensor).
 
     Returns:
         ``(C_out, in_channels, k1, ..., kn)``, same dtype.
@@ -526,8 +532,13 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int, mode: InChannel
     c = weight.shape[1]
     if mode == "mean":
         return weight.mean(dim=1, keepdim=True).repeat_interleave(in_channels, dim=1) * (c / in_channels)
+    if mode == "pad":
+        out = weight.new_zeros((weight.shape[0], in_channels, *weight.shape[2:]))
+        keep = min(c, in_channels)
+        out[:, :keep] = weight[:, :keep]
+        return out
     if mode != "repeat":
-        raise ConfigError(f"adapt_input_channels: mode must be 'repeat' or 'mean', got {mode!r}")
+        raise ConfigError(f"adapt_input_channels: mode must be 'repeat', 'mean' or 'pad', got {mode!r}")
     if in_channels >= c:
         return weight[:, torch.arange(in_channels) % c] * (c / in_channels)
     folded = weight.new_zeros((weight.shape[0], in_channels, *weight.shape[2:]))
@@ -572,7 +583,7 @@ def load_encoder_weights(
             prefix wins; other names kept), a callable ``name -> name`` (``None`` drops the
             entry), or ``None`` to use the names as they are.
         in_channels: what to do when the input convolution differs only in its input-channel
-            count: ``"repeat"`` / ``"mean"`` (see :func:`adapt_input_channels`), or
+            count: ``"repeat"`` / ``"mean"`` / ``"pad"`` (see :func:`adapt_input_channels`), or
             ``"reinit"`` to keep the model's own initialisation for it. Either way the key is
             listed in ``report.adapted``, not in ``mismatched``.
         strict: raise :class:`WeightsLoadError` if anything is missing, unexpected or

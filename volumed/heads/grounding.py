@@ -58,12 +58,12 @@ from scipy import ndimage
 from torch import nn
 
 from volumed.errors import ConfigError, WeightsLoadError
-from volumed.heads.promptseg import create_prompt_segmenter
 from volumed.inference.package import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     PromptSegConfig,
     TextPromptedSegmenter,
+    build_segmenter,
     read_config,
 )
 
@@ -375,9 +375,7 @@ class GroundingConfig:
 
 def build_grounding_model(config: PromptSegConfig, sentence_weight: float = 1.0, gate_kernel: int = 9) -> GroundingModel:
     """The untrained grounding network for the segmenter described by ``config``."""
-    segmenter = create_prompt_segmenter(config.encoder, text_dim=config.text_dim, in_channels=config.in_channels,
-                                        encoder_kwargs=config.encoder_kwargs, **config.decoder_kwargs)
-    return GroundingModel(segmenter, config.text_dim, sentence_weight, gate_kernel)
+    return GroundingModel(build_segmenter(config), config.text_dim, sentence_weight, gate_kernel)
 
 
 def is_grounding_package(path: str | Path) -> bool:

@@ -58,6 +58,7 @@ from volumed.errors import ConfigError
 
 __all__ = [
     "PADDING_LOGIT",
+    "InputWindows",
     "PromptSegmenter",
     "SinCosPositionEncoding3D",
     "TermCrossAttentionLayer",
@@ -366,19 +367,73 @@ class TermQueryDecoder(nn.Module):
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
+class InputWindows(nn.Module):
+    """More input channels: the image seen through narrower intensity windows.
+
+    The model's input is one CT mapped linearly from the preprocessing window (``scale_hu``, by
+    default -1000..1000 HU) to ``[0, 1]``. On that scale a hypodense liver lesion 40 HU below its
+    organ differs by 2 % of the range, while air, fat and bone span all of it. Each window
+    ``(lo, hi)`` HU adds, per input channel, ``clip((hu - lo) / (hi - lo), 0, 1)`` computed from
+    the ``[0, 1]`` input (a soft-tissue window, -160..240 HU, makes that lesion 10 %), as a
+    radiologist switches windows. Nothing is learned here and nothing is stored in the weights:
+    the windows are part of the network's config (``PromptSegConfig.input_windows``), and
+    :meth:`set_scale` follows the preprocessing's window.
+
+    ``forward(x (B, C, ...)) -> (B, C * (1 + len(windows)), ...)``: the input first, then each
+    channel through each window.
+    """
+
+    def __init__(self, windows_hu: Sequence[Sequence[float]], scale_hu: Sequence[float] = (-1000.0, 1000.0)):
+        super().__init__()
+        windows = []
+        for w in windows_hu:
+            if len(w) != 2 or not float(w[0]) < float(w[1]):
+                raise ConfigError(f"InputWindows: each window must be [low, high] HU with low < high, got {list(w)!r}")
+            windows.append((float(w[0]), float(w[1])))
+        if not windows:
+            raise ConfigError("InputWindows: give at least one window [low, high] HU")
+        self.windows = tuple(windows)
+        self.register_buffer("low", torch.zeros(len(windows)), persistent=False)
+        self.register_buffer("width", torch.ones(len(windows)), persistent=False)
+        self.set_scale(scale_hu)
+
+    def set_scale(self, scale_hu: Sequence[float]) -> None:
+        """The HU of the input's 0 and 1 (the preprocessing's ``ct_window``)."""
+        a, b = float(scale_hu[0]), float(scale_hu[1])
+        if not a < b:
+            raise ConfigError(f"InputWindows: the input scale must be [low, high] HU with low < high, got {list(scale_hu)!r}")
+        w = torch.tensor(self.windows, dtype=torch.float32)
+        self.low.copy_((w[:, 0] - a) / (b - a))
+        self.width.copy_((w[:, 1] - w[:, 0]) / (b - a))
+        self.scale_hu = (a, b)
+
+    @property
+    def factor(self) -> int:
+        """Output channels per input channel."""
+        return 1 + len(self.windows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, 1, -1) + (1,) * (x.ndim - 2)
+        low, width = self.low.to(x.dtype).view(shape), self.width.to(x.dtype).view(shape)
+        windowed = ((x.unsqueeze(2) - low) / width).clamp(0.0, 1.0)  # (B, C, K, ...)
+        return torch.cat([x, windowed.flatten(1, 2)], dim=1)
+
+
 class PromptSegmenter(nn.Module):
     """An encoder and a :class:`TermQueryDecoder`: ``(image, terms) -> per-term mask logits``.
 
     Args:
         encoder: any registry encoder (``forward(x)`` returns maps finest first; has ``feature_info``).
         decoder: a :class:`TermQueryDecoder` built for that encoder's ``feature_info``.
+        input_windows: optional :class:`InputWindows` applied to the image before the encoder
+            (whose input channels must then be ``C * input_windows.factor``).
 
     ``forward(image (B, C, X, Y, Z), term_embeddings (B, N, D_text) or (N, D_text))`` returns
     logits ``(B, N, X, Y, Z)``. For inference with many terms, :meth:`encode_image` once and
     :meth:`decode` (or :meth:`iter_decode`) as often as needed.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: TermQueryDecoder):
+    def __init__(self, encoder: nn.Module, decoder: TermQueryDecoder, input_windows: InputWindows | None = None):
         super().__init__()
         info = getattr(encoder, "feature_info", None)
         if info is None:
@@ -390,11 +445,14 @@ class PromptSegmenter(nn.Module):
             )
         self.encoder = encoder
         self.decoder = decoder
+        self.input_windows = input_windows
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         """``image`` ``(B, C, X, Y, Z)`` -> the encoder's maps, finest first."""
         if image.ndim != 5:
             raise ConfigError(f"PromptSegmenter: image must be (B, C, X, Y, Z), got shape {tuple(image.shape)}")
+        if self.input_windows is not None:
+            image = self.input_windows(image)
         return list(self.encoder(image))
 
     def decode(
@@ -436,13 +494,20 @@ def create_prompt_segmenter(
     text_dim: int = 384,
     in_channels: int = 1,
     encoder_kwargs: dict | None = None,
+    input_windows: Sequence[Sequence[float]] | None = None,
+    window_scale: Sequence[float] = (-1000.0, 1000.0),
     **decoder_kwargs,
 ) -> PromptSegmenter:
     """Build a registry encoder (``create_encoder(encoder_name, in_channels, **encoder_kwargs)``)
-    and a :class:`TermQueryDecoder` for its ``feature_info`` (``decoder_kwargs`` go to it)."""
-    encoder = create_encoder(encoder_name, in_channels=in_channels, **(encoder_kwargs or {}))
+    and a :class:`TermQueryDecoder` for its ``feature_info`` (``decoder_kwargs`` go to it).
+    With ``input_windows`` (HU; ``window_scale``: the HU of the input's 0 and 1), the image also
+    enters through those windows (:class:`InputWindows`), and the encoder reads
+    ``in_channels * (1 + len(input_windows))`` channels."""
+    windows = InputWindows(input_windows, window_scale) if input_windows else None
+    channels = in_channels * (windows.factor if windows is not None else 1)
+    encoder = create_encoder(encoder_name, in_channels=channels, **(encoder_kwargs or {}))
     decoder = TermQueryDecoder(encoder.feature_info, text_dim=text_dim, **decoder_kwargs)
-    return PromptSegmenter(encoder, decoder)
+    return PromptSegmenter(encoder, decoder, windows)
 
 
 def fpn_level_key_map(old_levels: Sequence[int], new_levels: Sequence[int], num_memory_levels: int):

@@ -80,6 +80,9 @@ class PromptSegConfig:
         probability is below C is reported absent, with what was seen recorded as its evidence
         (:func:`volumed.inference.stats.presence_rejects`). ``{}`` (the default, and packages
         written before the field existed): every non-empty mask is present.
+    input_windows: ``[[low, high], ...]`` HU: the image also enters the encoder through these
+        windows (:class:`volumed.heads.promptseg.InputWindows`, e.g. a soft-tissue window for
+        lesions). ``[]`` (the default, and packages written before the field existed): none.
     """
 
     encoder: str
@@ -89,6 +92,7 @@ class PromptSegConfig:
     text_model_hash: str = ""
     text_dim: int = 384
     in_channels: int = 1
+    input_windows: list = field(default_factory=list)
     preprocessing: dict = field(default_factory=dict)
     patch_size: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.25
@@ -118,6 +122,12 @@ class PromptSegConfig:
 
         if data.get("pad_mode", "constant") not in PAD_MODES:
             raise ConfigError(f"bad model config: pad_mode must be one of {list(PAD_MODES)}, got {data['pad_mode']!r}", where)
+        windows = data.get("input_windows") or []
+        if not isinstance(windows, list) or not all(
+                isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(v, (int, float)) for v in w) and w[0] < w[1]
+                for w in windows):
+            raise ConfigError(f"bad model config: input_windows must be [[low, high], ...] HU with low < high, got {windows!r}", where)
+        data["input_windows"] = [[float(w[0]), float(w[1])] for w in windows]
         presence = data.get("presence") or {}
         if presence and (set(presence) != {"min_ml", "min_confidence"}
                          or not all(isinstance(v, (int, float)) and v >= 0 for v in presence.values())):
@@ -129,16 +139,23 @@ class PromptSegConfig:
         return cls(**data)
 
 
-def build_model(config: PromptSegConfig) -> TextPromptedSegmenter:
-    """The untrained network described by ``config``."""
-    segmenter = create_prompt_segmenter(
+def build_segmenter(config: PromptSegConfig):
+    """The untrained :class:`~volumed.heads.promptseg.PromptSegmenter` of ``config`` (its input
+    windows on the scale of its preprocessing's ``ct_window``)."""
+    return create_prompt_segmenter(
         config.encoder,
         text_dim=config.text_dim,
         in_channels=config.in_channels,
         encoder_kwargs=config.encoder_kwargs,
+        input_windows=config.input_windows or None,
+        window_scale=tuple((config.preprocessing or {}).get("ct_window", (-1000.0, 1000.0))),
         **config.decoder_kwargs,
     )
-    return TextPromptedSegmenter(segmenter, config.text_dim)
+
+
+def build_model(config: PromptSegConfig) -> TextPromptedSegmenter:
+    """The untrained network described by ``config``."""
+    return TextPromptedSegmenter(build_segmenter(config), config.text_dim)
 
 
 def save_package(model: TextPromptedSegmenter, config: PromptSegConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:

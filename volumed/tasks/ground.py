@@ -321,6 +321,11 @@ class GroundingModule(L.LightningModule):
             learns "nothing anywhere" within a few dozen steps, because findings are so small.
         patch_size, overlap, threshold: recorded in the package for sliding-window inference.
         min_instance_voxels: recorded in grounding.json (components smaller are dropped).
+        input_windows: ``[[low, high], ...]`` HU: the image also enters the encoder through
+            these windows (:class:`~volumed.heads.promptseg.InputWindows`; a soft-tissue window
+            for lesions a few tens of HU from their organ). The encoder's input convolution
+            starts with zero weights for them (``in_channels="pad"``), so a network loaded from
+            ``init_weights`` answers exactly as before until training gives them weight.
     """
 
     def __init__(
@@ -343,11 +348,13 @@ class GroundingModule(L.LightningModule):
         overlap: float = 0.25,
         threshold: float = 0.5,
         min_instance_voxels: int = 0,
+        input_windows: Sequence[Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = PromptSegConfig(
             encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}), decoder_kwargs=dict(decoder_kwargs or {}),
+            input_windows=[[float(w[0]), float(w[1])] for w in (input_windows or [])],
             text_model=text_model, patch_size=tuple(int(p) for p in patch_size), overlap=float(overlap),
             threshold=float(threshold))
         self.grounding_config = GroundingConfig(gate_kernel=int(gate_kernel), min_instance_voxels=int(min_instance_voxels))
@@ -356,8 +363,10 @@ class GroundingModule(L.LightningModule):
         if init_weights:
             from volumed.encoders.weights import load_encoder_weights
 
+            # "pad": input channels added by input_windows start at zero weight (the start's
+            # answers unchanged); without windows the channel counts agree and nothing is adapted.
             report = load_encoder_weights(self.net, init_weights, key_map=_fpn_key_map(init_weights, self.net.segmenter.decoder),
-                                          strict=False)
+                                          in_channels="pad", strict=False)
             log.info("initial weights from %s:\n%s", init_weights, report.format_table())
 
     def setup(self, stage: str) -> None:
@@ -367,6 +376,8 @@ class GroundingModule(L.LightningModule):
         dm.setup(stage)
         d = asdict(dm.preprocess_config)
         self.model_config.preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if self.net.segmenter.input_windows is not None:  # the windows read the data's [0, 1] scale
+            self.net.segmenter.input_windows.set_scale(dm.preprocess_config.ct_window)
         self.model_config.modalities = sorted({c.modality for c in dm.cases})
         self.model_config.text_model_hash = dm.text_model_hash
         queries = [q for c in dm.cases for q in c.queries]

@@ -9,6 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from volumed.encoders import create_encoder
 from volumed.encoders.stunet import create_stunet
@@ -381,6 +382,21 @@ def test_adapt_input_channels_fold_and_tile():
             torch.testing.assert_close((v * x).sum(), (w * x).sum())
     with pytest.raises(ConfigError, match="conv weight"):
         adapt_input_channels(torch.zeros(8, 4), 2)
+
+
+def test_pad_keeps_the_old_filters_and_gives_new_channels_zero_weight():
+    w = torch.randn(8, 1, 3, 3, 3)
+    v = adapt_input_channels(w, 3, "pad")
+    assert v.shape == (8, 3, 3, 3, 3) and torch.equal(v[:, :1], w) and not v[:, 1:].any()
+    x = torch.randn(1, 1, 5, 5, 5)
+    extra = torch.randn(1, 2, 5, 5, 5)  # whatever the new channels hold, the response is the old one
+    torch.testing.assert_close(F.conv3d(torch.cat([x, extra], 1), v), F.conv3d(x, w))
+    assert torch.equal(adapt_input_channels(v, 1, "pad"), w)  # fewer channels: the first ones
+    src = _trained(TinyEncoder())
+    padded = TinyEncoder(in_channels=2)
+    report = load_encoder_weights(padded, src.state_dict(), in_channels="pad")
+    assert report.ok and [a.how for a in report.adapted] == ["pad (1 -> 2 input channels)"] * 2
+    assert torch.equal(padded.stem.weight[:, :1], src.stem.weight) and not padded.stem.weight[:, 1:].any()
 
 
 def test_wrong_width_elsewhere_is_not_taken_for_an_input_channel_change():

@@ -15,6 +15,7 @@ from volumed.encoders import create_encoder
 from volumed.errors import ConfigError
 from volumed.heads.promptseg import (
     PADDING_LOGIT,
+    InputWindows,
     PromptSegmenter,
     SinCosPositionEncoding3D,
     TermQueryDecoder,
@@ -269,3 +270,34 @@ def test_fpn_level_key_map_puts_each_checkpoint_level_on_its_own_level():
     same = fpn_level_key_map([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2)
     assert same("segmenter.decoder.fpn.inner_blocks.3.weight") == "segmenter.decoder.fpn.inner_blocks.3.weight"
     assert same("segmenter.encoder.stem.weight") == "segmenter.encoder.stem.weight"
+
+
+def test_input_windows_add_the_image_through_each_hu_window():
+    windows = InputWindows([[-160, 240], [-1000, -500]])  # input scale -1000..1000 HU -> [0, 1]
+    hu = torch.tensor([-1000.0, -750.0, -160.0, 40.0, 240.0, 1000.0])
+    x = ((hu + 1000.0) / 2000.0).view(1, 1, 6, 1, 1)
+    out = windows(x)
+    assert out.shape == (1, 3, 6, 1, 1) and torch.equal(out[:, :1], x)
+    torch.testing.assert_close(out[0, 1].flatten(), torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(out[0, 2].flatten(), torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0, 1.0]))
+    windows.set_scale((-200.0, 300.0))  # another preprocessing window: 0.48 is 40 HU there
+    torch.testing.assert_close(windows(torch.tensor([0.48]).view(1, 1, 1, 1, 1))[0, 1].flatten(), torch.tensor([0.5]))
+    assert windows.state_dict() == {}  # nothing in the weights: the windows are config
+    for bad in ([[240, -160]], [[0]], []):
+        with pytest.raises(ConfigError, match="window"):
+            InputWindows(bad)
+
+
+def test_a_segmenter_with_input_windows_reads_more_channels_and_starts_as_the_plain_one():
+    from volumed.encoders.weights import load_encoder_weights
+
+    torch.manual_seed(0)
+    plain = create_prompt_segmenter("stunet_tiny", **SMALL).eval()
+    windowed = create_prompt_segmenter("stunet_tiny", input_windows=[[-160, 240]], **SMALL).eval()
+    first = next(k for k, v in windowed.state_dict().items() if v.ndim >= 3)
+    assert windowed.state_dict()[first].shape[1] == 2 and plain.state_dict()[first].shape[1] == 1
+    report = load_encoder_weights(windowed, plain.state_dict(), key_map=None, in_channels="pad", strict=True)
+    assert report.adapted and not report.mismatched
+    image = torch.rand(1, 1, 64, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(image, _terms(3)), plain(image, _terms(3)))

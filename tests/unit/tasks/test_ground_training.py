@@ -201,3 +201,31 @@ def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
     predictor = GroundingPredictor.from_package(module.export_package(tmp_path / "pkg"))
     metrics, _ = evaluate_grounding(predictor, load_grounding_datalist(test))
     assert metrics.hit_rate >= 0.9 and not math.isnan(metrics.hit_rate)
+
+
+def test_input_windows_start_from_a_package_unchanged_and_travel_in_its_config(tmp_path):
+    """A soft-tissue window as a second input channel (--model.input_windows): loaded from a
+    package without it, the network answers as the package does (the new channel starts at zero
+    weight), and the exported package rebuilds the windowed network from its config.json."""
+    from volumed.heads.grounding import load_grounding_package
+    from volumed.inference.package import PromptSegConfig
+
+    torch.manual_seed(0)
+    plain = GroundingModule(**TINY, patch_size=(32, 32, 16))
+    plain.model_config.preprocessing = {"ct_window": [-1000.0, 1000.0]}
+    src = plain.export_package(tmp_path / "plain")
+    windowed = GroundingModule(**TINY, patch_size=(32, 32, 16), init_weights=str(src / "model.safetensors"),
+                               input_windows=[[-160, 240]])
+    image = torch.rand(1, 1, 64, 64, 32)
+    s, loc, has = torch.randn(2, 384), torch.randn(2, 384), torch.tensor([True, False])
+    with torch.no_grad():
+        torch.testing.assert_close(windowed.net.eval()(image, s, loc, has), plain.net.eval()(image, s, loc, has))
+    windowed.model_config.preprocessing = {"ct_window": [-1000.0, 1000.0]}
+    pkg = windowed.export_package(tmp_path / "windowed")
+    assert json.loads((pkg / "config.json").read_text())["input_windows"] == [[-160.0, 240.0]]
+    model, config, _ = load_grounding_package(pkg)
+    assert config.input_windows == [[-160.0, 240.0]] and model.segmenter.input_windows.windows == ((-160.0, 240.0),)
+    first = next(k for k, v in model.state_dict().items() if v.ndim >= 3)
+    assert model.state_dict()[first].shape[1] == 2
+    with pytest.raises(ConfigError, match="input_windows"):
+        PromptSegConfig.from_dict({"encoder": "stunet_tiny", "input_windows": [[240, -160]]})
