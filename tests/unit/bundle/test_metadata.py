@@ -72,6 +72,26 @@ def test_bundle_metadata_is_valid(bundle):
         assert "channel_def" in spec and "spatial_shape" in spec
 
 
+@pytest.mark.parametrize("bundle", all_bundles(), ids=lambda p: p.name)
+def test_metadata_states_the_grid_the_model_runs_on(bundle):
+    """A user reads the model grid in metadata.json: every spacing it states ("3 mm grid",
+    "resampled to 4 mm") must be models/config.json's preprocessing target_spacing (bundles 0.5.0
+    of the segmenter and 0.2.0 of the report said 3 mm after the model had moved to 4 mm)."""
+    import re
+
+    config = bundle / "models" / "config.json"
+    if not config.is_file():
+        pytest.skip("no segmentation package config (no model grid to state)")
+    spacing = (json.loads(config.read_text()).get("preprocessing") or {}).get("target_spacing")
+    if not spacing:
+        pytest.skip("the package runs on the input's own grid")
+    metadata = read_metadata(bundle)
+    stated = {float(v) for k in ("description", "image_classes")
+              for v in re.findall(r"(\d+(?:\.\d+)?) mm (?:RAS )?grid|resampled to (\d+(?:\.\d+)?) mm", metadata[k]) for v in v if v}
+    assert stated, f"{bundle.name}: image_classes should state the model grid ({spacing} mm)"
+    assert stated == {float(s) for s in spacing}, (bundle.name, stated, spacing)
+
+
 def test_promptseg_labels_agree_everywhere():
     """MONAI Label takes label names from the pred output's channel_def: they must be the default
     prompts of inference.json, in order, and the terms the model was trained on."""
