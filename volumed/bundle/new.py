@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -212,9 +213,13 @@ def new_bundle(
             terms = list(read_config(staging / "models").terms)
         if not terms and task in ("promptseg", "report"):
             raise ConfigError("the checkpoint's package lists no trained terms", checkpoint)
-        _update_configs(staging, terms, changelog or f"weights from {checkpoint.name}", channels=task in ("promptseg", "report"))
+        base_meta = json.loads((base_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        note = changelog or f"weights from {checkpoint.name}"
+        _update_configs(staging, terms, note, channels=task in ("promptseg", "report"))
         (sha,) = [r.sha256 for r in record_hashes(staging, name)]
         metadata = validate_metadata(staging)
+        _readme_provenance(staging / "docs" / "README.md", name, str(metadata["version"]), base_dir.name,
+                           str(base_meta.get("version", "?")), note, terms, _package_kind(task).config_name)
         _plain_modes(staging)
         _publish(staging, dest)
     finally:
@@ -251,6 +256,37 @@ def _update_configs(staging: Path, terms: list[str], changelog: str, *, channels
         infer = json.loads(infer_path.read_text(encoding="utf-8"))
         infer.setdefault("displayable_configs", {})["prompts"] = terms
         atomic_write_text(infer_path, json.dumps(infer, indent=2) + "\n", overwrite=True)
+
+
+#: The lines ``volumed bundle new`` puts at the top of a new bundle's docs/README.md (replaced, not
+#: stacked, when the bundle is updated again).
+README_BEGIN, README_END = "<!-- volumed bundle new: provenance -->", "<!-- end of provenance -->"
+
+
+def _readme_provenance(readme: Path, name: str, version: str, base: str, base_version: str, note: str,
+                       terms: list[str], config_name: str) -> None:
+    """Head the copied README with what this bundle is: the base bundle's text below it describes
+    the base bundle's weights (their training data and scores), not these."""
+    from volumed.io.atomic import atomic_write_text
+
+    if not readme.is_file():
+        return
+    text = readme.read_text(encoding="utf-8")
+    if text.startswith(README_BEGIN) and README_END in text:  # an update: the text is still the first base's
+        old_head, text = text.split(README_END, 1)
+        text = text.lstrip("\n")
+        first = re.search(r"copied from `([^`]+)` (\S+?), so", old_head)
+        if first:
+            base, base_version = first.group(1), first.group(2)
+    shown = ", ".join(terms[:12]) + (f" and {len(terms) - 12} more" if len(terms) > 12 else "")
+    head = (f"{README_BEGIN}\n# {name} {version}: made by `volumed bundle new` ({note})\n\n"
+            f"**Read this first.** These weights are not the ones the text below describes: the configs and the "
+            f"text are copied from `{base}` {base_version}, so its figures (training data, Dice, timings) are "
+            f"that bundle's. This bundle's own record is `configs/metadata.json` (version and changelog) and "
+            f"`models/{config_name}` (the training recipe and the scores measured with these weights, under "
+            f"`training` and `metrics`); its weights' sha256 is in `large_files.yml`."
+            + (f" Terms it was trained on: {shown}." if terms else "") + f"\n{README_END}\n\n")
+    atomic_write_text(readme, head + text, overwrite=True)
 
 
 def _plain_modes(root: Path) -> None:

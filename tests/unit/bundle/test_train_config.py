@@ -87,6 +87,13 @@ def test_one_epoch_on_phantoms_then_bundle_new(tiny_bundle, tmp_path):
     bundle = load(root)
     assert all(torch.equal(bundle.network.state_dict()[k], v) for k, v in trained.state_dict().items())
     assert not list((tmp_path / "bundles").glob(".*"))  # no staging left behind
+    # Its README is the base's text, headed by what this bundle is (the text below is the base's).
+    readme = (root / "docs" / "README.md").read_text()
+    base_readme = (tiny_bundle / "docs" / "README.md").read_text()
+    assert readme.startswith("<!-- volumed bundle new: provenance -->") and readme.endswith(base_readme)
+    head = readme[: len(readme) - len(base_readme)]
+    assert f"# phantom_seg {v1}" in head and f"`{tiny_bundle.name}` {base}" in head and "phantom epoch" in head
+    assert "not the ones the text below describes" in head and "liver, spleen" in head
 
     # The Lightning checkpoint of the same run (+ the package's config) gives the same weights.
     again = new_bundle(tmp_path / "train" / "checkpoints" / "last.ckpt", "from_ckpt", bundles_dir=tmp_path / "bundles",
@@ -98,6 +105,9 @@ def test_one_epoch_on_phantoms_then_bundle_new(tiny_bundle, tmp_path):
         new_bundle(package, "phantom_seg", bundles_dir=tmp_path / "bundles", base=tiny_bundle)
     updated = new_bundle(package, "phantom_seg", bundles_dir=tmp_path / "bundles", overwrite=True)
     assert updated.version == v2 and list(read_metadata(root)["changelog"])[:2] == [v2, v1]
+    readme = (root / "docs" / "README.md").read_text()  # one header, the new version's: not stacked
+    assert readme.count("<!-- volumed bundle new: provenance -->") == 1 and f"# phantom_seg {v2}" in readme
+    assert f"`{tiny_bundle.name}` {base}" in readme and readme.endswith(base_readme)  # still the first base's text
 
 
 def test_bundle_new_refuses_bad_requests(tiny_bundle, tmp_path):
