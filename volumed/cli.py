@@ -457,6 +457,10 @@ def finetune_command(
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         typer.echo(f"  {term}: {fmt(before)} -> {fmt(after)}")
     typer.echo(f"wrote bundle {result.bundle} (version {result.version}); logs in {result.work_dir}")
+    if result.below_start:
+        typer.echo(f"warning: the new bundle scores below {bundle} on the validation scans for "
+                   f"{', '.join(result.below_start)}: keep using {bundle} for them, or fine-tune with more shots or "
+                   "steps, or a lower --lr (its changelog says so too)", err=True)
 
 
 @app.command("label-reports")

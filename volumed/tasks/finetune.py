@@ -74,6 +74,17 @@ class FinetuneResult:
     work_dir: Path = Path(".")
     load_report: str = ""
 
+    @property
+    def below_start(self) -> list[str]:
+        """Terms whose kept weights score below the base bundle's on the validation scans (the
+        checkpoint kept is the best *during* training; the start is not one of the candidates)."""
+        return below_start(self.start_dice, self.best_dice)
+
+
+def below_start(start_dice: dict[str, float], best_dice: dict[str, float]) -> list[str]:
+    """Terms with a validation Dice lower after fine-tuning than before it."""
+    return [t for t, v in best_dice.items() if t in start_dice and v < start_dice[t]]
+
     def to_dict(self) -> dict:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
         return d
@@ -310,8 +321,14 @@ def finetune(
     module.model_config.metrics = {}
     package = module.export_package(work / "package", info)
     stopped = bool(early.stopped_epoch) or trainer.should_stop and trainer.global_step < max_steps
+    worse = below_start(start_dice, best_dice)
+    if worse:
+        log.warning("the kept weights score below the base bundle on the validation scans for %s (%s -> %s): the "
+                    "new bundle is worse than %s there; try more shots or steps, or a lower --lr", ", ".join(worse),
+                    _fmt({t: start_dice[t] for t in worse}), _fmt({t: best_dice[t] for t in worse}), bundle)
     text = changelog or (f"fine-tuned ({method}, {trainer.global_step} steps) on {datalist.name} for "
-                         f"{', '.join(trained_terms)}; validation Dice {_fmt(start_dice)} -> {_fmt(best_dice)}")  # fmt: skip
+                         f"{', '.join(trained_terms)}; validation Dice {_fmt(start_dice)} -> {_fmt(best_dice)}"
+                         + (f"; below the base bundle's Dice for {', '.join(worse)}" if worse else ""))  # fmt: skip
     made = new_bundle(package, name, bundles_dir=bundles_dir, base=bundle, changelog=text, overwrite=overwrite)
     return FinetuneResult(
         bundle=made.path, version=made.version, method=method, terms=trained_terms, steps=int(trainer.global_step),

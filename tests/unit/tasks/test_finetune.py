@@ -159,3 +159,21 @@ def test_few_shot_finetuning_learns_structures_the_default_model_never_saw(tmp_p
     logs = tmp_path / "work"
     assert list(logs.glob("logs/version_0/metrics.csv")) and list(logs.glob("tensorboard/version_0/events.out.tfevents.*"))
     assert "val/dice" in (next(logs.glob("logs/version_0/metrics.csv"))).read_text().splitlines()[0]
+
+
+def test_a_bundle_that_fine_tuned_below_its_start_is_flagged(tmp_path, monkeypatch, capsys):
+    """Lightning keeps the best checkpoint *of the run*; when every one scores below the base
+    bundle on a term, the user is told so (and the changelog says it), not left to compare."""
+    import volumed.tasks.finetune as ft
+
+    result = ft.FinetuneResult(bundle=tmp_path / "b", version="0.6.0", method="full", terms=["liver", "spleen"], steps=40,
+                               stopped_early=True, start_dice={"liver": 0.91, "spleen": 0.40},
+                               best_dice={"liver": 0.88, "spleen": 0.75})
+    assert result.below_start == ["liver"] and ft.below_start({"a": 0.5}, {"a": 0.5}) == []
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: result)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--bundle", str(BUNDLE), "--datalist", str(tmp_path / "d.json"), "--name", "x", "--no-progress"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "liver: 0.910 -> 0.880" in captured.out
+    assert "scores below" in captured.err and "for liver:" in captured.err and "spleen" not in captured.err
