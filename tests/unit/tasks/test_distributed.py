@@ -66,7 +66,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert set(single_w) == set(ddp_w)
     diff = torch.cat([(single_w[k] - ddp_w[k]).flatten() for k in single_w])
     weights = torch.cat([single_w[k].flatten() for k in single_w])
-    assert float(diff.norm() / weights.norm()) < 2e-3
+    # Rounding differs between one batch of 2 and two all-reduced batches of 1, and Adam amplifies
+    # it where gradients are tiny: 2.15e-3 of the weights' norm on one Xeon machine (below 2e-3 on
+    # another, so the figure depends on the CPU's kernels). A wrong global batch (one process, batch
+    # 1, the same 6 steps) differs by 3.4e-2: the bound sits between the two.
+    assert float(diff.norm() / weights.norm()) < 6e-3
     assert float(diff.abs().max()) < 2e-2
     # Both wrote the reproducibility record; the DDP one says so.
     import json
