@@ -98,7 +98,7 @@ def segment_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUTPUT."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the network: cpu, cuda, cuda:1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the sliding windows."),
-    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep only the largest connected component of structures that are one body (liver, heart, a kidney, ...; the rule per term is in labels.json); --no-postprocess writes the raw masks with every fragment."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep only the largest connected component of structures that are one body (liver, heart, a kidney, ...; the rule per term is in labels.json), masks inside the body, and on CT the five lung lobes (when all are prompted) filled to the lungs' air; --no-postprocess writes the raw masks with every fragment."),
     anatomy_check: bool = typer.Option(True, "--anatomy-check/--no-anatomy-check", help="Report absent a found structure that lies on the axial slices of structures it never shares a slice with (a femur beside the liver); statistics.json says which. Acts when several structures are found."),
     datalist: Optional[Path] = typer.Option(None, "--datalist", help="Batch: segment every case of this MSD JSON ('testing', else 'training') or CSV into OUTPUT/<case id>/; finished cases are skipped on a re-run; failures are listed in OUTPUT/batch_summary.json."),
     devices: int = typer.Option(1, "--devices", help="Batch: worker processes sharing the cases (with --device cuda: one GPU each)."),

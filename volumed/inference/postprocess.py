@@ -77,6 +77,10 @@ RULES: tuple[str, ...] = (LARGEST_COMPONENT,)
 RULE_DESCRIPTIONS = {
     LARGEST_COMPONENT: "only the largest 26-connected component of the voxels above threshold is kept "
                        "(on the model grid, before inversion; its probabilities are unchanged)",
+    "lung_outline": "the five lung lobes filled to the lungs' air (below -400 HU inside the body, the "
+                    "components the model calls lung, holes filled per slice and side): each lobe keeps its "
+                    "voxels there, unclaimed lung goes to the nearest lobe of its side; then the largest "
+                    "component of each (volumed.inference.lungs)",
     "null": "every component is kept",
 }  # fmt: skip
 

@@ -30,8 +30,9 @@ Outputs in ``out_dir``:
   is turned into a file-safe name). Masks of different terms may overlap.
 * ``labels.nii.gz`` + ``labels.json``: one label map and its table (value -> canonical term,
   prompt, ``free_text``, ``trained``: False for a term the model was never trained on, allowed only
-  with ``allow_untrained``; ``postprocess``: the connected-component rule applied,
-  ``"largest_component"`` or ``null``). **Priority rule**: a voxel above threshold for several terms
+  with ``allow_untrained``; ``postprocess``: the rule applied, ``"largest_component"``,
+  ``"lung_outline"`` (CT, the five lobes prompted: filled to the lungs' air,
+  :mod:`volumed.inference.lungs`) or ``null``). **Priority rule**: a voxel above threshold for several terms
   gets the term with the highest probability there; exact ties go to the earlier prompt. Values
   are never summed, so the map holds only the listed values.
 * ``statistics.json``: the ``threshold``, and per term: ``value``, ``prompt``, ``free_text``,
@@ -125,6 +126,7 @@ from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, V
 from volumed.inference.blending import WindowLogits, _bounding_box, importance_map
 from volumed.inference.package import PromptSegConfig, TextPromptedSegmenter, load_package, package_version, read_config
 from volumed.inference.body import body_mask
+from volumed.inference.lungs import LOBES, LUNG_OUTLINE, outline_lobes
 from volumed.inference.postprocess import (
     LARGEST_COMPONENT,
     RULE_DESCRIPTIONS,
@@ -755,6 +757,38 @@ class PromptSegPredictor:
             tight = _box_above(term, threshold, whole, case.model_shape)
             yield k, self._invert_boxes(invert, [(tight, term[_within(tight, whole)])] if tight is not None else [])
 
+    def _lung_outline(self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase,
+                        terms: Sequence[ResolvedTerm]) -> dict[int, torch.Tensor]:
+        """``{term index: model-grid probabilities}`` of the five lobes made a partition of the
+        lungs' air (:func:`volumed.inference.lungs.outline_lobes`); empty unless the image is a
+        CT and all five lobes are among ``terms``."""
+        index = {t.name: k for k, t in enumerate(terms) if not t.is_free_text}
+        if case.original.modality != "CT" or not all(n in index for n in LOBES):
+            return {}
+        ks = [index[n] for n in LOBES]
+        whole = tuple((0, n) for n in case.model_shape)
+        dense = torch.stack([probs.blend(k, whole) if isinstance(probs, WindowLogits) else torch.as_tensor(probs[k])
+                             for k in ks])
+        a_min, a_max = case.config.ct_window
+        hu = case.image.as_tensor()[0].numpy().astype(np.float32) * np.float32(a_max - a_min) + np.float32(a_min)
+        affine = np.asarray(case.image.affine, dtype=np.float64)
+        body = body_mask(Volume(hu, affine, "CT"))
+        # A component that holds most of the model's lung calls is kept when they make 10 mL (the
+        # presence rule's size): a few stray voxels do not turn an air pocket into lung.
+        voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000.0
+        result = outline_lobes(dense, LOBES, hu, body, affine, float(self.config.threshold),
+                                 min_voxels=max(1, math.ceil(10.0 / voxel_ml)))
+        return dict(zip(ks, result.probabilities))
+
+    def _tensor_pieces(self, k: int, values: torch.Tensor, case: PreprocessedCase,
+                       components: ComponentFilter) -> list | None:
+        """Term ``k``'s pieces on the original grid from a whole model-grid probability map
+        (its component rule applied first), as :meth:`iter_original` gives them."""
+        whole = tuple((0, n) for n in case.model_shape)
+        term = components.tensor(k, values)
+        tight = _box_above(term, float(self.config.threshold), whole, case.model_shape)
+        return self._invert_boxes(BoxInverter(case), [(tight, term[_within(tight, whole)])] if tight is not None else [])
+
     @staticmethod
     def _invert_boxes(invert: BoxInverter, model_boxes: list) -> list | None:
         pieces = []
@@ -773,6 +807,7 @@ class PromptSegPredictor:
         on_mask: Callable[[int, np.ndarray], None] | None = None,
         postprocess: bool | Mapping[str, str | None] = True,
         anatomy_check: bool = True,
+        lung_outline: bool = True,
     ) -> Prediction:
         """Segment ``volume`` for ``terms`` (resolved for its modality): masks on the original grid.
 
@@ -790,6 +825,9 @@ class PromptSegPredictor:
                 each is reported absent with the structures it conflicts with. Only the
                 structures whose largest component was kept take part (so none with
                 ``postprocess=False``, the raw output).
+            lung_outline: on a CT with post-processing and all five lobes prompted, the lobes
+                are filled to the lungs' air (:mod:`volumed.inference.lungs`; recorded as the
+                lobes' rule ``"lung_outline"``). False: the model's lobes (components filtered).
         """
         if not terms:
             raise ConfigError("no terms to segment", "prompts")
@@ -804,6 +842,7 @@ class PromptSegPredictor:
         components = ComponentFilter(self.postprocess_rules(terms, postprocess), threshold)
         # CT with post-processing: masks are kept inside the patient's body (module docstring).
         body = body_mask(volume) if isinstance(postprocess, Mapping) or postprocess else None
+        outlined = self._lung_outline(probs, case, terms) if lung_outline and body is not None else {}
         outside: dict[int, float] = {}  # mL removed outside the body, per term
         # The running best probability above the threshold (0 where none is): zeros, not the
         # threshold, so that the pages of the grid no piece touches are never written (calloc).
@@ -817,6 +856,8 @@ class PromptSegPredictor:
         rejected: dict[int, MaskEvidence] = {}
         extents: dict[int, tuple] = {}  # found terms: (core S extent, box slices) for the anatomy check
         for k, pieces in self.iter_original(probs, case, components):
+            if k in outlined:  # the lobes: filled to the lungs' air instead of the model's outline
+                pieces = self._tensor_pieces(k, outlined[k], case, components)
             # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
             # not the image's. The label map and the running best probability are full-grid
             # arrays, written only inside the pieces.
@@ -904,6 +945,7 @@ class PromptSegPredictor:
         seconds = {s: b - a for s, a, b in zip(stages, clock, clock[1:])}
         seconds["postprocess"] = components.seconds  # part of "invert"
         post = [components.postprocessing(k) for k in range(len(terms))]
+        post = [replace(p, rule=LUNG_OUTLINE) if k in outlined else p for k, p in enumerate(post)]
         if body is not None:
             post = [replace(p, outside_body_ml=outside.get(k, 0.0)) for k, p in enumerate(post)]
         return Prediction(label, masks, evidence, seconds, post)

@@ -1,0 +1,95 @@
+"""The lung-lobe partition (volumed.inference.lungs) on a drawn chest: two lungs of air with a
+vessel inside each, bowel gas below them, the air outside the body, and lobe probabilities that
+miss part of each lung and spill onto the liver."""
+
+import numpy as np
+import pytest
+import torch
+
+from volumed.inference.lungs import LOBES, outline_lobes
+
+SHAPE = (40, 30, 40)  # x (world x: the patient's left to right), y, z (superior-inferior: the long axis)
+AFFINE = np.eye(4)
+
+
+def _chest():
+    hu = np.full(SHAPE, -1000.0, dtype=np.float32)  # outside the body
+    body = np.zeros(SHAPE, dtype=bool)
+    body[2:38, 2:28, :] = True
+    hu[body] = 40.0  # soft tissue
+    right = np.zeros(SHAPE, dtype=bool)
+    right[23:35, 6:24, 20:38] = True  # x > 20: the patient's right (RAS)
+    left = np.zeros(SHAPE, dtype=bool)
+    left[5:17, 6:24, 20:38] = True
+    hu[right | left] = -850.0
+    hu[28:30, 14:16, 22:36] = 40.0  # a vessel inside the right lung (not air)
+    gas = np.zeros(SHAPE, dtype=bool)
+    gas[24:30, 10:16, 4:8] = True  # bowel gas below the diaphragm
+    hu[gas] = -950.0
+    return hu, body, right, left, gas
+
+
+def _probabilities(right, left):
+    p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    index = {n: i for i, n in enumerate(LOBES)}
+    upper, lower = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    upper[..., 30:], lower[..., :30] = True, True
+    # The model's lobes: each only part of its lobe (the outer rim missed), one spilling 3 slices
+    # below the lung (onto the liver), and the right middle lobe as a band.
+    core = np.zeros(SHAPE, bool)
+    core[7:15, 8:22, :] = True
+    core[25:33, 8:22, :] = True
+    p[index["lung_upper_lobe_right"]][right & upper & core] = 0.9
+    p[index["lung_middle_lobe_right"]][right & core & (np.arange(40) >= 27)[None, None] & (np.arange(40) < 30)[None, None]] = 0.8
+    p[index["lung_lower_lobe_right"]][right & lower & core & (np.arange(40) < 27)[None, None]] = 0.85
+    p[index["lung_upper_lobe_left"]][left & upper & core] = 0.9
+    spill = np.zeros(SHAPE, bool)
+    spill[7:15, 8:22, 17:30] = True  # the left lower lobe, 3 slices onto the tissue below the lung
+    p[index["lung_lower_lobe_left"]][spill] = 0.7
+    return p
+
+
+def test_the_lobes_fill_the_lungs_air_and_leave_the_rest():
+    hu, body, right, left, gas = _chest()
+    p = _probabilities(right, left)
+    lungs = right | left
+    lungs_filled = lungs.copy()
+    lungs_filled[28:30, 14:16, 22:36] = True  # the vessel is inside the lung
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5)
+    q = result.probabilities.numpy()
+    masks = q > 0.5
+    union = masks.any(axis=0)
+    assert result.components == 2  # the two lungs; the bowel gas and the outside air are not lung
+    assert (union == lungs_filled).all()  # every lung voxel, the vessel too, and nothing else
+    assert not union[gas].any() and not union[~body].any()
+    index = {n: i for i, n in enumerate(LOBES)}
+    # A lobe stays on its side, and the spill below the left lung is gone.
+    for name in ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"):
+        assert not masks[index[name]][left].any()
+    assert not masks[index["lung_lower_lobe_left"]][..., :20].any()
+    # The rim the model missed goes to the lobe nearest to it: the top slices to the upper lobes.
+    assert masks[index["lung_upper_lobe_left"]][5:17, 6:24, 37].all()
+    assert masks[index["lung_lower_lobe_right"]][23:35, 6:24, 20].all()
+    # A lobe keeps its own probability where it was above the threshold; added voxels sit just
+    # above the threshold (their confidence is the model's doubt), and dropped ones at most at it.
+    keep = (p[index["lung_upper_lobe_left"]] > 0.5) & masks[index["lung_upper_lobe_left"]]
+    assert np.allclose(q[index["lung_upper_lobe_left"]][keep], 0.9)
+    added = masks[index["lung_upper_lobe_left"]] & ~(p[index["lung_upper_lobe_left"]] > 0.5)
+    assert added.any() and np.allclose(q[index["lung_upper_lobe_left"]][added], 0.501)
+    assert q[index["lung_lower_lobe_left"]][..., :20].max() <= 0.5
+
+
+def test_nothing_called_lung_gives_no_lobe():
+    hu, body, right, left, _ = _chest()
+    p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5)
+    assert result.components == 0 and result.lung_voxels == 0
+    assert (result.probabilities.numpy() <= 0.5).all()
+
+
+def test_partition_refuses_other_terms_and_mismatched_shapes():
+    hu, body, *_ = _chest()
+    with pytest.raises(ValueError, match="five lobes"):
+        outline_lobes(np.zeros((5, *SHAPE), np.float32), [*LOBES[:4], "liver"], hu, body, AFFINE, 0.5)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        outline_lobes(torch.zeros((5, 4, 4, 4)), LOBES, hu, body, AFFINE, 0.5)
