@@ -842,7 +842,9 @@ class PromptSegPredictor:
         components = ComponentFilter(self.postprocess_rules(terms, postprocess), threshold)
         # CT with post-processing: masks are kept inside the patient's body (module docstring).
         body = body_mask(volume) if isinstance(postprocess, Mapping) or postprocess else None
+        start = time.perf_counter()
         outlined = self._lung_outline(probs, case, terms) if lung_outline and body is not None else {}
+        outline_seconds = time.perf_counter() - start
         outside: dict[int, float] = {}  # mL removed outside the body, per term
         # The running best probability above the threshold (0 where none is): zeros, not the
         # threshold, so that the pages of the grid no piece touches are never written (calloc).
@@ -943,7 +945,7 @@ class PromptSegPredictor:
         clock.append(time.perf_counter())
         stages = ("queries", "preprocess", "sliding_window", "invert")
         seconds = {s: b - a for s, a, b in zip(stages, clock, clock[1:])}
-        seconds["postprocess"] = components.seconds  # part of "invert"
+        seconds["postprocess"] = components.seconds + outline_seconds  # part of "invert"
         post = [components.postprocessing(k) for k in range(len(terms))]
         post = [replace(p, rule=LUNG_OUTLINE) if k in outlined else p for k, p in enumerate(post)]
         if body is not None:
