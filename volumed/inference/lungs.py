@@ -49,13 +49,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from volumed.inference.body import long_axis
+
 __all__ = ["LOBES", "LUNG_OUTLINE", "OutlineResult", "outline_lobes"]
 
 #: The rule name ``statistics.json`` records for the lobes.
 LUNG_OUTLINE = "lung_outline"
 LOBES_LEFT = ("lung_upper_lobe_left", "lung_lower_lobe_left")
 LOBES_RIGHT = ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")
-#: The five lobes: the partition applies when all of them are prompted.
+#: The five lobes: the outline applies when all of them are prompted.
 LOBES = LOBES_LEFT + LOBES_RIGHT
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -91,7 +93,7 @@ def outline_lobes(
     min_voxels: int = 1,
     margin: float = 1e-3,
 ) -> OutlineResult:
-    """The lobes' probabilities made a partition of the lungs' air (module docstring).
+    """The lobes' probabilities filled to the lungs' air (module docstring).
 
     Args:
         probabilities: ``(5, x, y, z)`` the five lobes' probabilities on one grid, in the order of ``names``.
@@ -135,10 +137,10 @@ def outline_lobes(
     world_x = np.tensordot(affine[0, :3], np.indices(hu.shape, dtype=np.float32), axes=1) + affine[0, 3]
     midline = float(world_x[body].mean()) if body is not None and body.any() else float(world_x.mean())
     left = world_x < midline
-    long_axis = int(np.argmax(np.abs(affine[2, :3]) / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-12)))
+    axis = long_axis(affine)
     filled = lung.copy()
     for side_mask in (left, ~left):
-        filled |= _fill_slices(lung & side_mask, long_axis) & side_mask
+        filled |= _fill_slices(lung & side_mask, axis) & side_mask
     # Each lobe keeps what the model calls it inside the lungs (overlaps as the model gives them);
     # lung no lobe claims goes to the lobes of the nearest claimed voxel of the same side.
     member = hot & filled[None]

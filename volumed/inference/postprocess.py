@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError
+from volumed.inference.lungs import LUNG_OUTLINE
 
 __all__ = [
     "LARGEST_COMPONENT",
@@ -77,7 +78,7 @@ RULES: tuple[str, ...] = (LARGEST_COMPONENT,)
 RULE_DESCRIPTIONS = {
     LARGEST_COMPONENT: "only the largest 26-connected component of the voxels above threshold is kept "
                        "(on the model grid, before inversion; its probabilities are unchanged)",
-    "lung_outline": "the five lung lobes filled to the lungs' air (below -400 HU inside the body, the "
+    LUNG_OUTLINE: "the five lung lobes filled to the lungs' air (below -400 HU inside the body, the "
                     "components the model calls lung, holes filled per slice and side): each lobe keeps its "
                     "voxels there, unclaimed lung goes to the nearest lobe of its side; then the largest "
                     "component of each (volumed.inference.lungs)",

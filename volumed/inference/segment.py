@@ -759,9 +759,9 @@ class PromptSegPredictor:
 
     def _lung_outline(self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase,
                         terms: Sequence[ResolvedTerm]) -> dict[int, torch.Tensor]:
-        """``{term index: model-grid probabilities}`` of the five lobes made a partition of the
-        lungs' air (:func:`volumed.inference.lungs.outline_lobes`); empty unless the image is a
-        CT and all five lobes are among ``terms``."""
+        """``{term index: model-grid probabilities}`` of the five lobes filled to the lungs' air
+        (:func:`volumed.inference.lungs.outline_lobes`); empty unless the image is a CT and all
+        five lobes are among ``terms``."""
         index = {t.name: k for k, t in enumerate(terms) if not t.is_free_text}
         if case.original.modality != "CT" or not all(n in index for n in LOBES):
             return {}
