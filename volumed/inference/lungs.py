@@ -18,10 +18,15 @@ How (:func:`outline_lobes`, on the model grid, before inversion to the original 
 3. the vessels and nodules inside a lung are not air: holes are filled slice by slice across the
    patient's long axis, on each side of the body's midline (the patient's left: world x below
    it, RAS) so that the mediastinum between the lungs is never a hole;
-4. each lobe keeps the voxels the model calls it inside the lungs (where the model's lobes
-   overlap, they still do: the label map gives each voxel one); lung that no lobe claims goes to
-   the lobes of the nearest claimed voxel **on the same side** (a left lobe never fills the
-   right lung); a side no lobe claims stays unclaimed;
+4. **which lobe**: a lung (one side) whose base, front, back and sides are in the image (its
+   largest piece touches no edge of the grid but the top) is split by the **lobe atlas**
+   (:mod:`volumed.data.lobe_atlas`, counted on TotalSegmentator label maps): each of its voxels
+   goes to the lobe the atlas finds most likely at its place in the lung (``model_weight`` > 0
+   lets the model's probabilities move it; 0 by default, measured below). Otherwise (a chest
+   crop that cuts the lung) each lobe keeps the voxels the model calls it inside the lungs (where
+   the model's lobes overlap, they still do: the label map gives each voxel one), and lung that
+   no lobe claims goes to the lobes of the nearest claimed voxel **on the same side** (a left
+   lobe never fills the right lung); a side no lobe claims stays unclaimed;
 5. the result is written back as probabilities: a lobe keeps its own value where it holds the
    voxel and is at least ``threshold + margin`` there (so it is in its mask), and at most the
    threshold elsewhere. The masks, the label map, the statistics and the confidence (mean
@@ -42,23 +47,20 @@ union Dice 0.000 -> 0.854 and the lobes 0.000 -> 0.00-0.48; with bundle 0.5.0 (t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from volumed.data.lobe_atlas import LOBES, LOBES_LEFT, SIDES, lobe_prior
 from volumed.inference.body import long_axis
 
 __all__ = ["LOBES", "LUNG_OUTLINE", "OutlineResult", "outline_lobes"]
 
 #: The rule name ``statistics.json`` records for the lobes.
 LUNG_OUTLINE = "lung_outline"
-LOBES_LEFT = ("lung_upper_lobe_left", "lung_lower_lobe_left")
-LOBES_RIGHT = ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")
-#: The five lobes: the outline applies when all of them are prompted.
-LOBES = LOBES_LEFT + LOBES_RIGHT
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -66,11 +68,25 @@ _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 @dataclass(frozen=True)
 class OutlineResult:
     """``probabilities``: ``(5, x, y, z)`` float32, the lobes in the order given; ``lung_voxels``:
-    model-grid voxels of the lungs (after filling); ``components``: air components kept as lung."""
+    model-grid voxels of the lungs (after filling); ``components``: air components kept as lung;
+    ``atlas_sides``: the sides (``"left"``, ``"right"``) split into lobes by the atlas."""
 
     probabilities: torch.Tensor
     lung_voxels: int
     components: int
+    atlas_sides: tuple[str, ...] = ()
+
+
+def _whole_but_top(mask: np.ndarray, affine: np.ndarray) -> bool:
+    """Whether ``mask`` touches no face of its grid except those facing the patient's head: its
+    base, front, back and sides are in the image (the lobe atlas's coordinates need them)."""
+    for axis, n in enumerate(mask.shape):
+        direction = np.asarray(affine, dtype=np.float64)[:3, axis]
+        direction = direction / max(float(np.linalg.norm(direction)), 1e-12)
+        for end, sign in ((0, -1.0), (n - 1, 1.0)):
+            if sign * direction[2] < 0.7 and mask.take(end, axis=axis).any():
+                return False
+    return True
 
 
 def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -92,6 +108,8 @@ def outline_lobes(
     min_share: float = 0.25,
     min_voxels: int = 1,
     margin: float = 1e-3,
+    atlas: Mapping[str, np.ndarray] | bool | None = True,
+    model_weight: float = 0.0,
 ) -> OutlineResult:
     """The lobes' probabilities filled to the lungs' air (module docstring).
 
@@ -103,6 +121,12 @@ def outline_lobes(
         affine: ``(4, 4)`` voxel to RAS world (mm) of the grid: the patient's sides (left of the
             body's midline: the left lobes) and the long axis (holes are filled across it).
         threshold: the masks' threshold.
+        atlas: the lobe atlas (:mod:`volumed.data.lobe_atlas`) that splits a lung into lobes:
+            True (the shipped one), a loaded atlas, or None/False (the model's lobes, gaps filled
+            from the nearest claimed voxel). A side is split by the atlas when its lung makes
+            ``min_voxels`` and touches no edge of the grid but the top.
+        model_weight: on an atlas side, each voxel goes to the lobe with the largest
+            ``log(atlas share) + model_weight * log(model probability)``; 0: the atlas alone.
 
     Raises:
         ValueError: ``names`` are not the five lobes, or the shapes disagree.
@@ -141,11 +165,41 @@ def outline_lobes(
     filled = lung.copy()
     for side_mask in (left, ~left):
         filled |= _fill_slices(lung & side_mask, axis) & side_mask
-    # Each lobe keeps what the model calls it inside the lungs (overlaps as the model gives them);
-    # lung no lobe claims goes to the lobes of the nearest claimed voxel of the same side.
+    # A side whose lung is whole but for its top is split by the atlas: each voxel to one lobe.
     member = hot & filled[None]
+    atlas_sides: list[str] = []
+    if atlas is True:
+        from volumed.data.lobe_atlas import load_atlas
+
+        atlas = load_atlas()
+    for side, side_mask in (("left", left), ("right", ~left)):
+        lung_side = filled & side_mask
+        if not atlas or lung_side.sum() < max(min_voxels, 1):
+            continue
+        # The lung proper is the side's largest piece: a small air pocket the model also calls
+        # lung (bowel gas under the diaphragm) must not stretch the lung's box.
+        pieces, count = ndimage.label(lung_side, structure=_CONNECTIVITY_26)
+        proper = pieces == (1 + int(np.argmax(np.bincount(pieces.ravel(), minlength=count + 1)[1:])))
+        if not _whole_but_top(proper, affine):
+            continue
+        index = np.argwhere(lung_side)
+        ks = [names.index(n) for n in SIDES[side]]
+        world = index @ affine[:3, :3].T + affine[:3, 3]
+        frame = np.argwhere(proper) @ affine[:3, :3].T + affine[:3, 3]
+        score = np.log(lobe_prior(world, side, atlas, frame) + 1e-6)
+        if model_weight:
+            score = score + model_weight * np.log(pn[ks][(slice(None), *index.T)] + 1e-6)
+        choice = score.argmax(axis=0)
+        member[:, lung_side] = False
+        for j, k in enumerate(ks):
+            member[(k, *index[choice == j].T)] = True
+        atlas_sides.append(side)
+    # Elsewhere each lobe keeps what the model calls it inside the lungs (overlaps as the model
+    # gives them); lung no lobe claims goes to the lobes of the nearest claimed voxel of the same side.
     claimed = member.any(axis=0)
-    for side_mask, members in ((left, side_of == 0), (~left, side_of == 1)):
+    for side, side_mask, members in (("left", left, side_of == 0), ("right", ~left, side_of == 1)):
+        if side in atlas_sides:
+            continue
         cover = member[members].any(axis=0)
         gap = filled & side_mask & ~claimed
         if gap.any() and cover.any():
@@ -157,4 +211,4 @@ def outline_lobes(
     floor = np.float32(min(threshold + margin, 1.0))
     for k in range(5):
         out[k][member[k]] = np.maximum(pn[k][member[k]], floor)
-    return OutlineResult(torch.from_numpy(out), int(filled.sum()), len(kept))
+    return OutlineResult(torch.from_numpy(out), int(filled.sum()), len(kept), tuple(atlas_sides))

@@ -79,9 +79,11 @@ RULE_DESCRIPTIONS = {
     LARGEST_COMPONENT: "only the largest 26-connected component of the voxels above threshold is kept "
                        "(on the model grid, before inversion; its probabilities are unchanged)",
     LUNG_OUTLINE: "the five lung lobes filled to the lungs' air (below -400 HU inside the body, the "
-                    "components the model calls lung, holes filled per slice and side): each lobe keeps its "
-                    "voxels there, unclaimed lung goes to the nearest lobe of its side; then the largest "
-                    "component of each (volumed.inference.lungs)",
+                    "components the model calls lung, holes filled per slice and side); a lung whose base, "
+                    "front, back and sides are in the image is split into its lobes by the lobe atlas "
+                    "(volumed.data.lobe_atlas), otherwise each lobe keeps the model's voxels there and "
+                    "unclaimed lung goes to the nearest lobe of its side; then the largest component of "
+                    "each (volumed.inference.lungs)",
     "null": "every component is kept",
 }  # fmt: skip
 

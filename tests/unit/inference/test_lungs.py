@@ -1,6 +1,7 @@
 """The lung-lobe partition (volumed.inference.lungs) on a drawn chest: two lungs of air with a
 vessel inside each, bowel gas below them, the air outside the body, and lobe probabilities that
-miss part of each lung and spill onto the liver."""
+miss part of each lung and spill onto the liver. Without the atlas the model's lobes are filled
+to the air; with it (the default) a lung that is whole but for its top is split by the atlas."""
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def test_the_lobes_fill_the_lungs_air_and_leave_the_rest():
     lungs = right | left
     lungs_filled = lungs.copy()
     lungs_filled[28:30, 14:16, 22:36] = True  # the vessel is inside the lung
-    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5)
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None)
+    assert result.atlas_sides == ()
     q = result.probabilities.numpy()
     masks = q > 0.5
     union = masks.any(axis=0)
@@ -93,3 +95,52 @@ def test_partition_refuses_other_terms_and_mismatched_shapes():
         outline_lobes(np.zeros((5, *SHAPE), np.float32), [*LOBES[:4], "liver"], hu, body, AFFINE, 0.5)
     with pytest.raises(ValueError, match="shapes disagree"):
         outline_lobes(torch.zeros((5, 4, 4, 4)), LOBES, hu, body, AFFINE, 0.5)
+
+
+def test_the_atlas_splits_each_whole_lung_into_its_own_lobes():
+    hu, body, right, left, _ = _chest()
+    p = _probabilities(right, left)
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5)
+    assert result.atlas_sides == ("left", "right")
+    masks = result.probabilities.numpy() > 0.5
+    index = {n: i for i, n in enumerate(LOBES)}
+    lungs = right | left
+    lungs[28:30, 14:16, 22:36] = True
+    # A partition: every lung voxel in exactly one lobe, and that lobe of its own side.
+    assert (masks.sum(axis=0)[lungs] == 1).all() and not masks.any(axis=0)[~lungs].any()
+    left_lobes = masks[index["lung_upper_lobe_left"]] | masks[index["lung_lower_lobe_left"]]
+    assert (left_lobes[left]).all() and not left_lobes[right].any()
+    # The layout of a lung (y: anterior, z: superior): the apex's front is upper lobe, the base's
+    # back is lower lobe, on both sides (a box is not a lung: most of it, not all); the right
+    # middle lobe is anterior.
+    assert masks[index["lung_upper_lobe_left"]][5:17, 18:24, 36:38].mean() > 0.9
+    assert masks[index["lung_lower_lobe_left"]][5:17, 6:10, 20:23].mean() > 0.9
+    assert masks[index["lung_lower_lobe_right"]][23:35, 6:10, 20:23].mean() > 0.9
+    middle = masks[index["lung_middle_lobe_right"]]
+    assert middle.any() and np.argwhere(middle)[:, 1].mean() > np.argwhere(right)[:, 1].mean()
+    # Each lobe's voxels the model did not call sit just above the threshold.
+    q = result.probabilities.numpy()[index["lung_lower_lobe_right"]]
+    assert np.allclose(q[masks[index["lung_lower_lobe_right"]] & (p[index["lung_lower_lobe_right"]] <= 0.5)], 0.501)
+
+
+def test_a_lung_the_image_cuts_at_its_base_keeps_the_models_lobes():
+    hu, body, right, left, _ = _chest()
+    # The left lung reaches the lowest slice: its base is outside the image, so its atlas
+    # coordinates are unknown; the right lung is whole.
+    hu[5:17, 6:24, 0:20] = -850.0
+    p = _probabilities(right, left)
+    p[1][5:17, 8:22, 0:20] = 0.7  # the model calls the new air lower lobe left
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5)
+    assert result.atlas_sides == ("right",)
+    masks = result.probabilities.numpy() > 0.5
+    assert masks[1][5:17, 6:24, 0:20].all()  # the model's lobe, filled to the air
+
+
+def test_the_model_weight_lets_a_confident_model_move_the_fissure():
+    hu, body, right, left, _ = _chest()
+    p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    p[0][left] = 0.99  # the model calls the whole left lung upper lobe
+    alone = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5).probabilities.numpy() > 0.5
+    both = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, model_weight=1.0).probabilities.numpy() > 0.5
+    assert alone[1][left].any()  # the atlas alone keeps a lower lobe
+    assert both[0][left].sum() > alone[0][left].sum()
