@@ -47,7 +47,8 @@ Outputs in ``out_dir``:
   patient's body and was removed; ``null`` for MR or without post-processing). All measured on
   the post-processed masks. A mask turned away is
   absent with ``rejected``: its volume, mean and peak probability, and ``rule``: ``"presence"``
-  (the package's presence rule: small and unsure) or ``"anatomy"`` (the anatomy check: it lies on
+  (the package's presence rule: small and unsure; a lobe of at least 1 mL of a lung the lobe
+  atlas split is exempt) or ``"anatomy"`` (the anatomy check: it lies on
   the axial slices of found structures it never shares a slice with, a femur beside the liver;
   ``conflicts_with`` names them, :mod:`volumed.data.craniocaudal`) or ``"outside_body"`` (CT: all
   of it lay outside the patient's body).
@@ -120,6 +121,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from volumed.data.craniocaudal import TRIM, Found, implausible_terms, s_extent
+from volumed.data.lobe_atlas import SIDES
 from volumed.data.transforms import BoxInverter, PreprocessConfig, PreprocessedCase, pad_spatial, preprocess
 from volumed.data.vocab import ResolvedTerm, Vocabulary, default_vocabulary, normalize_text
 from volumed.errors import ConfigError, InvalidVolumeError, OutputExistsError, VolumedError
@@ -203,6 +205,9 @@ _TOP_LEVEL_OUTPUTS = (LABELS_NAME, TABLE_NAME, STATISTICS_NAME, PREVIEW_NAME, RE
                       SR_NAME)
 #: Terms are blended in chunks of at most this many (term, coarse cell) pairs (4 bytes each, a few maps).
 _CHUNK_CELLS = 1 << 24
+#: A lobe of a lung the lobe atlas split is exempt from the presence rule from this size (mL).
+ATLAS_LOBE_MIN_ML = 1.0
+
 #: At most this many coarse cells are blended to find the peak of an absent term (a few ms).
 _PEAK_CELLS = 1 << 15
 
@@ -758,13 +763,14 @@ class PromptSegPredictor:
             yield k, self._invert_boxes(invert, [(tight, term[_within(tight, whole)])] if tight is not None else [])
 
     def _lung_outline(self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase,
-                        terms: Sequence[ResolvedTerm]) -> dict[int, torch.Tensor]:
+                        terms: Sequence[ResolvedTerm]) -> tuple[dict[int, torch.Tensor], set[int]]:
         """``{term index: model-grid probabilities}`` of the five lobes filled to the lungs' air
-        (:func:`volumed.inference.lungs.outline_lobes`); empty unless the image is a CT and all
-        five lobes are among ``terms``."""
+        (:func:`volumed.inference.lungs.outline_lobes`), and the term indices of the lobes of a
+        lung the atlas split; both empty unless the image is a CT and all five lobes are among
+        ``terms``."""
         index = {t.name: k for k, t in enumerate(terms) if not t.is_free_text}
         if case.original.modality != "CT" or not all(n in index for n in LOBES):
-            return {}
+            return {}, set()
         ks = [index[n] for n in LOBES]
         whole = tuple((0, n) for n in case.model_shape)
         dense = torch.stack([probs.blend(k, whole) if isinstance(probs, WindowLogits) else torch.as_tensor(probs[k])
@@ -778,7 +784,8 @@ class PromptSegPredictor:
         voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000.0
         result = outline_lobes(dense, LOBES, hu, body, affine, float(self.config.threshold),
                                  min_voxels=max(1, math.ceil(10.0 / voxel_ml)))
-        return dict(zip(ks, result.probabilities))
+        split = {index[n] for side in result.atlas_sides for n in SIDES[side]}
+        return dict(zip(ks, result.probabilities)), split
 
     def _tensor_pieces(self, k: int, values: torch.Tensor, case: PreprocessedCase,
                        components: ComponentFilter) -> list | None:
@@ -843,7 +850,7 @@ class PromptSegPredictor:
         # CT with post-processing: masks are kept inside the patient's body (module docstring).
         body = body_mask(volume) if isinstance(postprocess, Mapping) or postprocess else None
         start = time.perf_counter()
-        outlined = self._lung_outline(probs, case, terms) if lung_outline and body is not None else {}
+        outlined, atlas_lobes = self._lung_outline(probs, case, terms) if lung_outline and body is not None else ({}, set())
         outline_seconds = time.perf_counter() - start
         outside: dict[int, float] = {}  # mL removed outside the body, per term
         # The running best probability above the threshold (0 where none is): zeros, not the
@@ -905,7 +912,12 @@ class PromptSegPredictor:
                 # Found only outside the patient (the table, the air): absent, with what was seen there.
                 rejected[k] = outside_body_evidence(*dropped, voxel_ml)
                 found[k] = (0, 0.0, None)
-            if voxels and presence_rejects(presence, voxels * voxel_ml, total / voxels):
+            # A lobe of a lung the atlas split is there because the lung is (at least 10 mL of air
+            # the model calls lung): the presence rule, meant for the model's small unsure calls,
+            # does not turn a 7 mL upper lobe at the top of a slab away. A sliver under 1 mL the
+            # atlas drew at the image's edge is still judged by it.
+            judged = k not in atlas_lobes or voxels * voxel_ml < ATLAS_LOBE_MIN_ML
+            if voxels and judged and presence_rejects(presence, voxels * voxel_ml, total / voxels):
                 # Small and unsure: reported absent (the evidence keeps what was seen). Its voxels
                 # leave the label map; another term's lower probability there is not restored.
                 rejected[k] = rejected_evidence(presence, voxels, total, peak, voxel_ml)

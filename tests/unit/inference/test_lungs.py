@@ -118,9 +118,21 @@ def test_the_atlas_splits_each_whole_lung_into_its_own_lobes():
     assert masks[index["lung_lower_lobe_right"]][23:35, 6:10, 20:23].mean() > 0.9
     middle = masks[index["lung_middle_lobe_right"]]
     assert middle.any() and np.argwhere(middle)[:, 1].mean() > np.argwhere(right)[:, 1].mean()
-    # Each lobe's voxels the model did not call sit just above the threshold.
-    q = result.probabilities.numpy()[index["lung_lower_lobe_right"]]
-    assert np.allclose(q[masks[index["lung_lower_lobe_right"]] & (p[index["lung_lower_lobe_right"]] <= 0.5)], 0.501)
+    # A lobe's voxels the model did not call: where the model saw no lung of that side, just
+    # above the threshold; where it called another lobe of the side, the model's lung
+    # probability times the atlas's share (at most that probability, and above the threshold
+    # where the atlas is sure).
+    q = result.probabilities.numpy()
+    k = index["lung_lower_lobe_right"]
+    right_lobes = [index[n] for n in ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")]
+    lung_p = p[right_lobes].max(axis=0)
+    unseen = masks[k] & (lung_p <= 0.5)
+    assert unseen.any() and np.allclose(q[k][unseen], 0.501)
+    other = masks[k] & (p[k] <= 0.5) & (lung_p > 0.5)
+    assert other.any() and (q[k][other] <= lung_p[other] + 1e-6).all() and (q[k][other] > 0.501).mean() > 0.5
+    # The model's own lobe keeps its value where it holds the voxel.
+    own = masks[k] & (p[k] > 0.5)
+    assert own.any() and (q[k][own] >= p[k][own]).all()
 
 
 def test_a_lung_the_image_cuts_at_its_base_keeps_the_models_lobes():
