@@ -21,13 +21,19 @@ coordinates: only the base, the front, the back and the lateral side must be in 
 
 **The atlas** (``lobe_atlas.npz``, written by ``bench/bench_lobe_atlas.py``): for each side, the
 share of each lobe in each of :data:`BINS` bins of ``(u, v, w)`` (``w`` up to :data:`W_MAX`),
-counted over the TotalSegmentator v2 label maps s0327 and s0328 (CC BY 4.0, Wasserthal et al.,
-Radiology: AI 2023), smoothed by a Gaussian of one bin; empty bins take the nearest counted
-bin's shares. No real CT of the datalist is used, so the real CTs measure it as unseen scans.
+counted over the subjects :func:`atlas_subjects` finds: the TotalSegmentator v2 label maps
+s0327 and s0328 (CC BY 4.0, Wasserthal et al., Radiology: AI 2023) and the reference lobes of
+tcia_ccth_a01 (TCIA CC-Tumor-Heterogeneity, CC BY 4.0, Mayr et al. 2023; TotalSegmentator-made),
+each lung weighing the same, smoothed by a Gaussian of one bin; empty bins take the nearest
+counted bin's shares.
 
 Measured (2026-12-06, BENCHMARKS.md "Lung lobe atlas"), each voxel of the reference lungs given
-the atlas's most likely lobe: tcia_ccth_a01 0.66 / 0.74 / 0.85 / 0.81 / 0.83 (upper left, lower
-left, upper right, middle, lower right), example_ct_sm's lung bases 0.97 / 0.99 / - / - / 0.99.
+the atlas's most likely lobe, on lungs the atlas did not count (each subject left out in turn):
+tcia_ccth_a01 0.67 / 0.74 / 0.85 / 0.80 / 0.83 (upper left, lower left, upper right, middle,
+lower right), s0327 0.74 / 0.74 / 0.81 / 0.79 / 0.88, s0328 (no upper right lobe) 0.92 / 1.00 /
+- / 0.84 / 0.97; example_ct_sm's lung bases (not a subject) 0.94 / 0.99 / - / - / 0.99. Two
+subjects split a third better than one does (s0327: 0.76 with tcia_ccth_a01's alone, 0.79 with
+both others; s0328: 0.86 and 0.82 with one, 0.93 with both), hence all three in the shipped one.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = [
     "LOBES_RIGHT",
     "SIDES",
     "W_MAX",
+    "atlas_subjects",
     "build_atlas",
     "load_atlas",
     "lobe_prior",
@@ -108,7 +115,8 @@ def build_atlas(subjects: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray]],
     """``{side: (lobes, *BINS) float32}`` shares of each lobe per bin, from ``(masks, affine)``
     pairs (``masks``: lobe name to bool array, all on the grid of ``affine``, voxel to RAS).
     A side is counted in a subject where it has any lobe voxel; a lobe the subject lacks counts
-    as none of that lung."""
+    as none of that lung. Each subject's lung weighs the same, whatever its voxel size: a voxel
+    counts one over the number of voxels of its lung."""
     counts = {side: np.zeros((len(lobes), *BINS)) for side, lobes in SIDES.items()}
     for masks, affine in subjects:
         affine = np.asarray(affine, dtype=np.float64)
@@ -123,7 +131,7 @@ def build_atlas(subjects: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray]],
             where = _bins(lung_coordinates(index @ affine[:3, :3].T + affine[:3, 3], side))
             for k, name in enumerate(lobes):
                 if name in masks:
-                    np.add.at(counts[side][k], tuple(b[masks[name][tuple(index.T)]] for b in where), 1.0)
+                    np.add.at(counts[side][k], tuple(b[masks[name][tuple(index.T)]] for b in where), 1.0 / len(index))
     atlas = {}
     for side, c in counts.items():
         if not c.any():
@@ -136,6 +144,42 @@ def build_atlas(subjects: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray]],
             c = c[(slice(None), *nearest)]
         atlas[side] = (c / c.sum(axis=0, keepdims=True)).astype(np.float32)
     return atlas
+
+
+def atlas_subjects(datalist: str | Path) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``{name: (lobe masks, affine)}`` of the subjects a datalist offers the atlas: its
+    ``synthetic`` section's label maps with a lobe (TotalSegmentator v2 s0327, s0328 in the
+    default one; a mask folder is read for its lobe files only), and its real CTs whose reference
+    holds all five lobes (tcia_ccth_a01), on their own grids."""
+    from volumed.data.synthesis import read_structures
+    from volumed.io import read_volume
+    from volumed.tasks.promptseg import load_promptseg_datalist
+    from volumed.tasks.promptseg_data import load_synthetic_sources, load_validation_case
+
+    out: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+    for src in load_synthetic_sources(datalist):
+        files = dict(src.files)
+        if files.get("masks_dir") is not None:
+            folder = Path(files["masks_dir"])
+            found = {n: folder / f"{n}.nii.gz" for n in LOBES if (folder / f"{n}.nii.gz").is_file()}
+            if not found:
+                continue
+            files = {"masks": found}
+        classes, affine, names = read_structures(**files)
+        masks = {n: classes == c for c, n in enumerate(names, 1) if n in LOBES}
+        if masks:
+            out[src.name] = (masks, np.asarray(affine, dtype=np.float64))
+    for src in load_promptseg_datalist(datalist, allow_free_text=True):
+        listed = len(src.terms) > len(src.absent)  # else a label map of every class it holds
+        if listed and not set(LOBES) <= set(src.terms):
+            continue
+        volume = read_volume(src.image, modality=src.modality)
+        case = load_validation_case(src, volume)
+        masks = {t: m for t, m in zip(case.terms, case.masks) if t in LOBES and m.any()}
+        if len(masks) == len(LOBES):
+            name = src.image.parent.name if src.image.name.startswith("ct") else src.image.name.split(".")[0]
+            out[name] = (masks, np.asarray(volume.affine, dtype=np.float64))
+    return out
 
 
 def save_atlas(atlas: Mapping[str, np.ndarray], path: Path = ATLAS_PATH, *, sources: str = "") -> Path:

@@ -47,9 +47,9 @@ model's raw lobes.
 Measured (2026-12-06, docs/synthesis.md round 17): on tcia_ccth_a01 with a leave-it-out model,
 union Dice 0.000 -> 0.854 and the lobes 0.000 -> 0.00-0.48; with bundle 0.5.0 (trained on it)
 0.925 -> 0.943, every lobe within 0.005 of its own or better; example_ct_sm 0.834 -> 0.886.
-With the atlas (round 18): bundle 0.5.0's lobe mean 0.624 -> 0.707 on tcia_ccth_a01 and
-0.845 -> 0.883 on example_ct_sm; a model trained on label maps alone gets tcia_ccth_a01's lobes
-at 0.52-0.70.
+With an atlas of the two TotalSegmentator label maps (round 18): bundle 0.5.0's lobe mean
+0.624 -> 0.707 on tcia_ccth_a01 and 0.845 -> 0.883 on example_ct_sm; a model trained on label
+maps alone gets tcia_ccth_a01's lobes at 0.52-0.70.
 """
 
 from __future__ import annotations
