@@ -101,10 +101,18 @@ def _whole_but_top(mask: np.ndarray, affine: np.ndarray) -> bool:
 
 
 def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
-    out = np.moveaxis(mask.copy(), axis, 0)
-    for i in np.flatnonzero(out.reshape(out.shape[0], -1).any(axis=1)):
-        out[i] = ndimage.binary_fill_holes(out[i])
-    return np.moveaxis(out, 0, axis)
+    """``mask`` with the holes of each slice across ``axis`` filled. Only the mask's box (grown by
+    one voxel) is worked on: a hole lies inside the box, and what the box leaves out is
+    background connected to the slice's edge."""
+    out = mask.copy()
+    if not mask.any():
+        return out
+    index = np.argwhere(mask)
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(index.min(axis=0), index.max(axis=0)))
+    part = np.moveaxis(out[box], axis, 0)  # a view into ``out``
+    for i in np.flatnonzero(part.reshape(part.shape[0], -1).any(axis=1)):
+        part[i] = ndimage.binary_fill_holes(part[i])
+    return out
 
 
 def outline_lobes(
@@ -178,7 +186,7 @@ def outline_lobes(
         filled |= _fill_slices(lung & side_mask, axis) & side_mask
     # A side whose lung is whole but for its top is split by the atlas: each voxel to one lobe.
     member = hot & filled[None]
-    atlas_value = np.zeros_like(pn)  # on an atlas side: the chosen lobe's confidence (below)
+    atlas_values: list[tuple[int, tuple, np.ndarray]] = []  # on an atlas side: (lobe, voxels, confidence)
     atlas_sides: list[str] = []
     if atlas is True:
         from volumed.data.lobe_atlas import load_atlas
@@ -210,7 +218,7 @@ def outline_lobes(
         for j, k in enumerate(ks):
             chosen = choice == j
             member[(k, *index[chosen].T)] = True
-            atlas_value[(k, *index[chosen].T)] = lung_p[chosen] * atlas_share[chosen]
+            atlas_values.append((k, tuple(index[chosen].T), lung_p[chosen] * atlas_share[chosen]))
         atlas_sides.append(side)
     # Elsewhere each lobe keeps what the model calls it inside the lungs (overlaps as the model
     # gives them); lung no lobe claims goes to the lobes of the nearest claimed voxel of the same side.
@@ -228,5 +236,7 @@ def outline_lobes(
     out = np.minimum(pn, np.float32(threshold))
     floor = np.float32(min(threshold + margin, 1.0))
     for k in range(5):
-        out[k][member[k]] = np.maximum(np.maximum(pn[k][member[k]], atlas_value[k][member[k]]), floor)
+        out[k][member[k]] = np.maximum(pn[k][member[k]], floor)
+    for k, voxels, values in atlas_values:
+        out[k][voxels] = np.maximum(out[k][voxels], values)
     return OutlineResult(torch.from_numpy(out), int(filled.sum()), len(kept), tuple(atlas_sides))

@@ -110,7 +110,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -689,7 +689,8 @@ class PromptSegPredictor:
         return out
 
     def iter_original(
-        self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase, components: ComponentFilter | None = None
+        self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase, components: ComponentFilter | None = None,
+        skip: Collection[int] = (),
     ) -> Iterator[tuple[int, list[tuple[tuple, np.ndarray]] | None]]:
         """Yield ``(term index, pieces)`` on the original grid: ``pieces`` is a list of ``(where,
         probabilities)``, either a box (``where`` a tuple of slices of the original grid,
@@ -721,7 +722,9 @@ class PromptSegPredictor:
 
         Terms come in prompt order; a :class:`WindowLogits` blends them in chunks (all at once
         unless the image is large, ``_CHUNK_CELLS``), a probability tensor one at a time. A term
-        nowhere above the threshold yields ``None`` (structures outside the field of view cost nothing).
+        nowhere above the threshold yields ``None`` (structures outside the field of view cost
+        nothing), and so does a term of ``skip`` without being computed (the caller makes its
+        pieces otherwise: the lobes filled to the lungs' air).
         """
         threshold = float(self.config.threshold)
         components = components or ComponentFilter([], threshold)
@@ -731,36 +734,49 @@ class PromptSegPredictor:
             # Terms are blended in chunks that keep the coarse maps of a chunk within ~64 MB.
             chunk = max(1, _CHUNK_CELLS // max(1, math.prod(probs.bound_shape)))
             for first in range(0, probs.num_terms, chunk):
-                terms = range(first, min(first + chunk, probs.num_terms))
-                if invert.is_index_copy:  # no resampling: only the voxels above the threshold matter
-                    for k, voxels, values in probs.hot_voxels(terms, threshold):
-                        where, inside = invert.copy_voxels(voxels.numpy())
-                        values = values.numpy()[inside]
-                        if components.applies(k):
-                            # The copy maps model voxels one to one (flips, axis order, a shift), so
-                            # the components of the copied voxels are the model grid's, less the
-                            # voxels beyond the original grid: exactly those of the mask.
-                            kept, values = components.voxels(k, np.stack(where, 1), values)
-                            where = tuple(kept.T)
-                        yield k, [(where, values)] if len(values) else None
-                    continue
-                for k, regions in probs.hot_regions(terms, threshold, margin_cells=1):
-                    # One bool map of the whole term: a component may span several (overlapping) boxes.
-                    regions = components.boxes(k, regions)
-                    model_boxes = []
-                    for core, box, values in regions:
-                        # Only the voxels of the core: those in the rim belong to another region's
-                        # core (with the one-voxel margin it needs), or are at most the threshold.
-                        # The tight box (core voxels above it, grown by one voxel) lies within ``box``.
-                        tight = _box_above(values[_within(core, box)], threshold, core, case.model_shape)
-                        if tight is not None:
-                            model_boxes.append((tight, values[_within(tight, box)]))
-                    yield k, self._invert_boxes(invert, model_boxes)
+                chunk_terms = range(first, min(first + chunk, probs.num_terms))
+                terms = [k for k in chunk_terms if k not in skip]
+                yield from _in_order(self._chunk_pieces(probs, invert, components, terms, case),
+                                     [k for k in chunk_terms if k in skip])
             return
         for k in range(len(probs)):  # one term at a time: memory holds one term's boxes
+            if k in skip:
+                yield k, None
+                continue
             term = components.tensor(k, torch.as_tensor(probs[k]))
             tight = _box_above(term, threshold, whole, case.model_shape)
             yield k, self._invert_boxes(invert, [(tight, term[_within(tight, whole)])] if tight is not None else [])
+
+    def _chunk_pieces(self, probs: WindowLogits, invert: BoxInverter, components: ComponentFilter,
+                      terms: Sequence[int], case: PreprocessedCase) -> Iterator[tuple[int, list | None]]:
+        """:meth:`iter_original` for one chunk of terms of a :class:`WindowLogits`, in order."""
+        if not terms:
+            return
+        threshold = float(self.config.threshold)
+        if invert.is_index_copy:  # no resampling: only the voxels above the threshold matter
+            for k, voxels, values in probs.hot_voxels(terms, threshold):
+                where, inside = invert.copy_voxels(voxels.numpy())
+                values = values.numpy()[inside]
+                if components.applies(k):
+                    # The copy maps model voxels one to one (flips, axis order, a shift), so
+                    # the components of the copied voxels are the model grid's, less the
+                    # voxels beyond the original grid: exactly those of the mask.
+                    kept, values = components.voxels(k, np.stack(where, 1), values)
+                    where = tuple(kept.T)
+                yield k, [(where, values)] if len(values) else None
+            return
+        for k, regions in probs.hot_regions(terms, threshold, margin_cells=1):
+            # One bool map of the whole term: a component may span several (overlapping) boxes.
+            regions = components.boxes(k, regions)
+            model_boxes = []
+            for core, box, values in regions:
+                # Only the voxels of the core: those in the rim belong to another region's
+                # core (with the one-voxel margin it needs), or are at most the threshold.
+                # The tight box (core voxels above it, grown by one voxel) lies within ``box``.
+                tight = _box_above(values[_within(core, box)], threshold, core, case.model_shape)
+                if tight is not None:
+                    model_boxes.append((tight, values[_within(tight, box)]))
+            yield k, self._invert_boxes(invert, model_boxes)
 
     def _lung_outline(self, probs: "torch.Tensor | WindowLogits", case: PreprocessedCase,
                         terms: Sequence[ResolvedTerm]) -> tuple[dict[int, torch.Tensor], set[int]]:
@@ -778,7 +794,7 @@ class PromptSegPredictor:
         a_min, a_max = case.config.ct_window
         hu = case.image.as_tensor()[0].numpy().astype(np.float32) * np.float32(a_max - a_min) + np.float32(a_min)
         affine = np.asarray(case.image.affine, dtype=np.float64)
-        body = body_mask(Volume(hu, affine, "CT"))
+        body = body_mask(Volume(hu, affine, "CT"), work_mm=8.0)
         # A component that holds most of the model's lung calls is kept when they make 10 mL (the
         # presence rule's size): a few stray voxels do not turn an air pocket into lung.
         voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000.0
@@ -864,7 +880,7 @@ class PromptSegPredictor:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         rejected: dict[int, MaskEvidence] = {}
         extents: dict[int, tuple] = {}  # found terms: (core S extent, box slices) for the anatomy check
-        for k, pieces in self.iter_original(probs, case, components):
+        for k, pieces in self.iter_original(probs, case, components, skip=set(outlined)):
             if k in outlined:  # the lobes: filled to the lungs' air instead of the model's outline
                 pieces = self._tensor_pieces(k, outlined[k], case, components)
             # The mask is held as the box of its pieces (a BoxMask): its cost is the structure's,
@@ -963,6 +979,16 @@ class PromptSegPredictor:
         if body is not None:
             post = [replace(p, outside_body_ml=outside.get(k, 0.0)) for k, p in enumerate(post)]
         return Prediction(label, masks, evidence, seconds, post)
+
+
+def _in_order(pieces: Iterator[tuple[int, list | None]], skipped: Sequence[int]) -> Iterator[tuple[int, list | None]]:
+    """``pieces`` (ascending term indices) with ``(k, None)`` for each of ``skipped`` at its place."""
+    pending = sorted(skipped)
+    for k, value in pieces:
+        while pending and pending[0] < k:
+            yield pending.pop(0), None
+        yield k, value
+    yield from ((k, None) for k in pending)
 
 
 def _inside_body(pieces: list, body: np.ndarray, threshold: float) -> tuple[list, tuple[int, float, float | None]]:

@@ -298,6 +298,7 @@ def test_label_map_priority_highest_probability_then_prompt_order(package, text_
     terms = predictor.resolve_prompts(["liver", "right kidney", "spleen", "left kidney"], "CT")
     case = predictor.preprocess(volume)
     assert [(k, p is None) for k, p in predictor.iter_original(probs, case)] == [(0, False), (1, True), (2, False), (3, False)]
+    assert [(k, p is None) for k, p in predictor.iter_original(probs, case, skip={0})] == [(0, True), (1, True), (2, False), (3, False)]
     boxes = {k: [box for box, _ in p] for k, p in predictor.iter_original(probs, case) if p is not None}
     # Each term is inverted only in the box of its voxels above threshold, one voxel wider.
     assert boxes[0] == [(slice(0, 5), slice(0, 5), slice(0, 4))] and boxes[3] == [(slice(0, 5), slice(2, 5), slice(0, 4))]
@@ -400,6 +401,17 @@ def test_lazy_blending_equals_monai_full_resolution_blending(package, ts_dir, te
         np.testing.assert_array_equal(mask, invert_to_original(full[k], case, mode="bilinear") > 0.5)
         marked += int(mask.sum())
     assert marked > 1000, "the untrained tiny model should still mark some voxels"
+    # Skipped terms (the lobes, filled to the lungs' air by the caller) come as None in their
+    # place, uncomputed; the others as before.
+    every = {k: p for k, p in predictor.iter_original(probs, case)}
+    skipped = list(predictor.iter_original(probs, case, skip={1, 3}))
+    assert [k for k, _ in skipped] == [0, 1, 2, 3, 4] and skipped[1][1] is None and skipped[3][1] is None
+    for k in (0, 2, 4):
+        mine, theirs = skipped[k][1] or [], every[k] or []
+        assert len(mine) == len(theirs)
+        for (where_a, a), (where_b, b) in zip(mine, theirs):
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(where_a, where_b))
+            np.testing.assert_array_equal(a, b)
     # A window interval that is not a multiple of the stride falls back to MONAI's own blending.
     odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
     assert odd._decoder_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
@@ -897,7 +909,7 @@ def test_overlapping_pieces_count_each_mask_voxel_once_in_the_confidence(package
               1: [((np.array([1, 2]), np.array([1, 0]), np.array([1, 0])), np.array([0.95, 0.9], np.float32)),
                   ((np.array([2]), np.array([0]), np.array([0])), np.array([0.9], np.float32))]}
     monkeypatch.setattr(PromptSegPredictor, "predict_probabilities", lambda self, case, q, progress=False: torch.zeros(2, 6, 4, 4))
-    monkeypatch.setattr(PromptSegPredictor, "iter_original", lambda self, probs, case, components=None: iter(pieces.items()))
+    monkeypatch.setattr(PromptSegPredictor, "iter_original", lambda self, probs, case, components=None, skip=(): iter(pieces.items()))
     pred = predictor.predict(volume, predictor.resolve_prompts(["liver", "spleen"], "CT"))
     assert pred.masks[0].all() and pred.evidence[0].confidence == pytest.approx(float(reference.mean()))
     assert pred.evidence[0].max_probability == pytest.approx(0.9)
