@@ -24,8 +24,11 @@ threshold); Dice is taken on the original grid against the scan's reference mask
 ``compute_dice``). References under 1 mL are listed, not scored. A second figure per structure
 ("as ``volumed segment --all`` writes it", ``dice_segment`` in the json; from 2026-12-05 on) is
 of the masks the command writes: every term of the package prompted, then its post-processing
-(largest component, masks kept inside the body, the presence rule, the anatomy check), which the
-first figure leaves out.
+(largest component, masks kept inside the body, the presence rule, the anatomy check, and from
+2026-12-06 the lobes filled to the lungs' air and split by the lobe atlas), which the first
+figure leaves out. The lobe atlas counts tcia_ccth_a01's reference lobes, so a scan that is one
+of its subjects is tested with an atlas of the others (:mod:`volumed.data.lobe_atlas`): the
+atlas never saw the scan either.
 
 The HU-threshold baseline is what a tuned threshold plus the largest connected component can do,
 for the structures where that makes sense: the contrast-filled aorta and heart, the lungs (the
@@ -181,11 +184,16 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
     from volumed.io import read_volume
     from volumed.tasks.promptseg import encode_terms, predict_probabilities
 
+    from volumed.data.lobe_atlas import atlas_subjects, build_atlas
+
     model, config = load_package(package)
     predictor = PromptSegPredictor(model, config)
     sources = _sources()
+    subjects = atlas_subjects(DATALIST)
     out: dict = {}
     for scan in scans:
+        # The lobe atlas without the scan, where the scan is one of its subjects.
+        predictor.lobe_atlas = build_atlas(v for n, v in subjects.items() if n != scan) if scan in subjects else None
         src = sources[scan]
         volume = read_volume(src.image, modality=src.modality)
         refs = reference_masks(src, volume, [t for t in config.terms])

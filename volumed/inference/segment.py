@@ -441,6 +441,9 @@ class PromptSegPredictor:
             ``sw_batch_size`` replace the package's ``patch_size``, ``overlap`` and
             ``sw_batch_size`` (a bundle's ``inferer``). Its mode must be ``"gaussian"`` with the
             default ``sigma_scale``, the blending that :class:`WindowLogits` reproduces exactly.
+        lobe_atlas: the lobe atlas that splits an outlined lung into lobes
+            (:func:`volumed.data.lobe_atlas.load_atlas` or ``build_atlas``); default the shipped
+            one. A benchmark passes an atlas without the scan it tests.
 
     Sliding-window blending: when the decoder predicts on a coarse grid (``pixel_levels``
     without the stride-1 map, as in the default model), the windows are blended exactly but
@@ -460,6 +463,7 @@ class PromptSegPredictor:
         lazy_blending: bool = True,
         preprocessing: Callable[[dict], dict] | None = None,
         inferer: "SlidingWindowInferer | None" = None,
+        lobe_atlas: "Mapping[str, np.ndarray] | None" = None,
     ):
         if inferer is not None:
             config, sw_batch_size = _windowing_of(inferer, config)
@@ -473,6 +477,7 @@ class PromptSegPredictor:
         self._text_encoder = text_encoder  # loaded on first use: callers with embeddings never need it
         self.sw_batch_size = int(sw_batch_size)
         self.lazy_blending = bool(lazy_blending)
+        self.lobe_atlas = lobe_atlas
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -799,7 +804,8 @@ class PromptSegPredictor:
         # presence rule's size): a few stray voxels do not turn an air pocket into lung.
         voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000.0
         result = outline_lobes(dense, LOBES, hu, body, affine, float(self.config.threshold),
-                                 min_voxels=max(1, math.ceil(10.0 / voxel_ml)))
+                               min_voxels=max(1, math.ceil(10.0 / voxel_ml)),
+                               atlas=True if self.lobe_atlas is None else self.lobe_atlas)
         split = {index[n] for side in result.atlas_sides for n in SIDES[side]}
         return dict(zip(ks, result.probabilities)), split
 
