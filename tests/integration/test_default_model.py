@@ -211,3 +211,41 @@ def test_the_predictor_splits_the_lungs_with_the_atlas_it_is_given(ts_dir):
     assert np.count_nonzero(upper & left_before) >= 0.95 * upper.sum() and upper.sum() >= 0.8 * left_before.sum()
     for name in ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"):
         np.testing.assert_array_equal(after[name], before[name])  # the right lung's atlas is unchanged
+
+
+def test_the_masks_do_not_depend_on_how_the_image_is_stored(ts_dir, tmp_path):
+    """The same CT stored with its first axis reversed, or with its axes in another order (the
+    affine saying so), is the same patient: every mask, the lobes split by the atlas along the
+    patient's left and right included, is the same voxel for voxel once put back in the first
+    storage order (2026-12-06: identical, liver 40181 voxels, lobes 316 / 1246 / 2774)."""
+    import numpy as np
+
+    from volumed.inference.package import load_package
+    from volumed.inference.segment import PromptSegPredictor
+    from volumed.io import read_volume
+
+    src = nib.load(ts_dir / "example_ct_sm.nii.gz")
+    data, affine = np.asarray(src.dataobj), src.affine
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, data.shape[0] - 1
+    swap = np.zeros((4, 4))
+    swap[0, 2] = swap[1, 1] = swap[2, 0] = swap[3, 3] = 1.0
+    stored = {
+        "as given": (data, affine, lambda m: m),
+        "first axis reversed": (data[::-1], affine @ flip, lambda m: m[::-1]),
+        "axes swapped": (data.transpose(2, 1, 0), affine @ swap, lambda m: m.transpose(2, 1, 0)),
+    }
+    predictor = PromptSegPredictor(*load_package(BUNDLE))
+    terms = predictor.resolve_prompts(["liver", "spleen", "kidney_left", "kidney_right", *LOBES], "CT")
+    masks = {}
+    for name, (array, aff, back) in stored.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array), aff, src.header), path)
+        out = predictor.predict(read_volume(path, modality="CT"), terms)
+        masks[name] = {t.name: back(m) for t, m in zip(terms, out.masks)}
+    given = masks["as given"]
+    assert given["liver"].sum() > 10000 and given["lung_lower_lobe_left"].any() and given["lung_lower_lobe_right"].any()
+    for name in ("first axis reversed", "axes swapped"):
+        for term, mask in masks[name].items():
+            assert mask.shape == given[term].shape
+            assert np.count_nonzero(mask != given[term]) == 0, (name, term, int(mask.sum()), int(given[term].sum()))
