@@ -411,7 +411,9 @@ def test_lazy_blending_equals_monai_full_resolution_blending(package, ts_dir, te
         assert len(mine) == len(theirs)
         for (where_a, a), (where_b, b) in zip(mine, theirs):
             assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(where_a, where_b))
-            np.testing.assert_array_equal(a, b)
+            # Skipping changes which terms are inverted together, and a batched resample may
+            # round differently in the last bits (seen: 35 of 5213 values 6e-9 apart).
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     # A window interval that is not a multiple of the stride falls back to MONAI's own blending.
     odd = PromptSegPredictor(model, replace(config, overlap=0.3), text_encoder=text_encoder)
     assert odd._decoder_stride((100, 100, 30)) is None  # z interval int(16 * 0.7) = 11
