@@ -102,3 +102,19 @@ def test_every_reference_mask_of_the_real_cts_lies_in_the_body(shared_data):
     slab = body_mask(series)
     assert labels.sum() > 700_000 and not (labels & ~slab).any()
     assert not slab[:20, :20].any() and not slab[-20:, -20:].any()  # the corners
+
+
+def test_air_in_a_notch_of_a_body_the_image_cuts_at_its_sides_is_not_body():
+    """tcia_ccth_a01 is cropped to the body at its sides. Filling such slices to the body's convex
+    hull took in the air in the body's concavities and under it (22 L on a 4 mm grid, which a
+    poor lobe model called lung). An edge the body reaches counts as closed, so a lung that edge
+    cuts is still filled; air that leaves through an edge the body does not reach is not."""
+    shape = (60, 90, 10)
+    data = np.full(shape, -1000.0, dtype=np.float32)
+    data[:, 20:70, :] = 40.0  # the trunk, reaching the left and right edges of every slice
+    data[25:36, 20:36, :] = -1000.0  # a notch at its back, open to the air below the body
+    data[0:10, 40:56, :] = -850.0  # a lung the left edge cuts
+    mask = body_mask(Volume(data, np.diag([2.0, 2.0, 2.0, 1.0]), "CT"), margin_mm=0.0)
+    assert mask[0:10, 40:56, :].all()  # the cut lung is inside
+    assert not mask[27:34, 21:33, :].any()  # the notch is not
+    assert not mask[:, :18, :].any() and not mask[:, 72:, :].any()  # nor the air below and above
