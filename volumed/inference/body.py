@@ -106,4 +106,4 @@ def _fill_slice(section: np.ndarray) -> np.ndarray:
     for edge, where in zip(edges, ((0, slice(1, -1)), (-1, slice(1, -1)), (slice(1, -1), 0), (slice(1, -1), -1))):
         if edge.any():
             framed[where] = True
-    return ndimage.binary_fill_holes(framed)[1:-1, 1:-1] | section
+    return ndimage.binary_fill_holes(framed)[1:-1, 1:-1]
