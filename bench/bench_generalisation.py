@@ -368,7 +368,10 @@ def comparison(base: dict) -> str:
     lines = ["### Recipes compared", "",
              "Leave-one-out Dice of the target structures, and of those with a threshold baseline, run by run: "
              + "; ".join(f"`{v}`: {VARIANT_TEXT.get(v, v)}" for v in cols) + ". "
-             "The synthetic-only runs saw no real CT at all. **Bold**: target met.", "",
+             "The synthetic-only runs saw no real CT at all. **Bold**: target met. In brackets, where it differs: "
+             "the mask as `volumed segment --all` wrote it when the run was evaluated (largest component, body mask, "
+             "presence rule, anatomy check; from 2026-12-06 on also the lobes filled to the lungs' air and split by "
+             "a lobe atlas without the scan, so only for runs evaluated since then: their tables below give the date).", "",
              head, "|---|---|" + "---:|" * (len(cols) + len(synth) + 2)]  # fmt: skip
     for scan in SCANS:
         fold = f"loso_{scan}"
@@ -378,7 +381,12 @@ def comparison(base: dict) -> str:
         terms = {t for t in terms if t in TARGETS or t in base.get(scan, {})}
         for t in sorted(terms):
             def cell(entry: dict | None) -> str:
-                return _dice_cell(t, (entry or {}).get("scans", {}).get(scan, {}).get("dice", {}).get(t))
+                found = (entry or {}).get("scans", {}).get(scan, {})
+                raw, written = found.get("dice", {}).get(t), found.get("dice_segment", {}).get(t)
+                text = _dice_cell(t, raw)
+                if raw is not None and written is not None and abs(written - raw) >= 0.0005:
+                    text += f" ({_dice_cell(t, written)})"
+                return text
 
             row = [cell(stored[v].get(fold)) for v in cols] + [cell(e) for e in synth.values()]
             b = base.get(scan, {}).get(t)
@@ -413,7 +421,8 @@ def report(results: dict, base: dict, variant: str) -> str:
         for name, entry in rows.items():
             info = _run_info(entry.get("run", {}))
             for scan, res in entry["scans"].items():
-                lines.append(f"**{scan}** (run `{name}`{info}; inference {res['seconds']} s)")
+                when = f"; evaluated {entry['evaluated']}" if entry.get("evaluated") else ""
+                lines.append(f"**{scan}** (run `{name}`{info}; inference {res['seconds']} s{when})")
                 lines.append("")
                 written = res.get("dice_segment")
                 if written is None:  # measured before 2026-12-05: the first figure only
@@ -571,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
             info = run_info(package)
             if run.name in results and results[run.name].get("run") != info:
                 repeats.setdefault(run.name, []).append(results[run.name])
-            results[run.name] = {"scans": scans, "run": info}
+            results[run.name] = {"scans": scans, "run": info, "evaluated": time.strftime("%Y-%m-%d")}
     results = {r.name: results[r.name] for r in runs() if r.name in results}
     base = {} if args.baselines else dict(saved.get("baselines") or {})
     missing_base = tuple(s for s in SCANS if s not in base)

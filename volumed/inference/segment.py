@@ -957,7 +957,16 @@ class PromptSegPredictor:
                 kept[k] = mask.full()
         if len(extents) >= 2:
             # Weight: volume times mean probability, i.e. the summed probability times a voxel's mL.
-            dropped = implausible_terms({terms[k].name: Found(extents[k][0], found[k][1] * voxel_ml) for k in extents})
+            # A lobe of a lung the atlas split weighs what its whole lung weighs: it is there
+            # because the lung is (air the model calls lung), not as a guess of its own, so two
+            # false "kidneys" at the lung apex do not outweigh the upper lobe the atlas drew there.
+            weight = {k: found[k][1] * voxel_ml for k in extents}
+            for side in SIDES.values():
+                lung = [k for k in atlas_lobes if terms[k].name in side]
+                for k in lung:
+                    if k in weight:
+                        weight[k] = sum(found[j][1] for j in lung) * voxel_ml
+            dropped = implausible_terms({terms[k].name: Found(extents[k][0], weight[k]) for k in extents})
             for k in [k for k in extents if terms[k].name in dropped]:
                 voxels, total, peak = found[k]
                 rejected[k] = anatomy_evidence(dropped[terms[k].name], voxels, total, peak, voxel_ml, extents[k][0])

@@ -74,3 +74,22 @@ def test_a_retrained_run_keeps_its_earlier_result_as_a_repeat(tmp_path, monkeypa
     text = (tmp_path / "B.md").read_text()
     assert "M-hw, synthetic CTs only (100 steps, repeat 1 of 2)" in text
     assert "M-hw, synthetic CTs only (200 steps, repeat 2 of 2)" in text
+
+
+def test_the_recipe_table_shows_the_written_figure_where_it_differs(tmp_path, monkeypatch):
+    """The comparison table gives each fold's raw Dice and, in brackets, the Dice of the masks as
+    `volumed segment --all` writes them where that differs (a lobe the outline and the atlas
+    place), so a reader sees what a user gets."""
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bench_generalisation, "RESULTS", results)
+    fold = {"scans": {"tcia_ccth_a01": {"dice": {"liver": 0.836, "lung_upper_lobe_right": 0.0},
+                                        "dice_segment": {"liver": 0.836, "lung_upper_lobe_right": 0.726},
+                                        "too_small": {}, "seconds": 1.0}},
+            "run": {"steps": 700}, "evaluated": "2026-12-06"}
+    (results / "generalisation_M-hw-ft.json").write_text(json.dumps({"results": {"loso_tcia_ccth_a01": fold}}))
+    table = bench_generalisation.comparison({})
+    rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| tcia_ccth_a01 |")}
+    assert "| 0.000 (0.726) |" in rows["lung_upper_lobe_right"]
+    assert "| **0.836** |" in rows["liver"] and "(" not in rows["liver"]
+    assert "evaluated 2026-12-06" in bench_generalisation.report({"loso_tcia_ccth_a01": fold}, {}, "M-hw-ft")
