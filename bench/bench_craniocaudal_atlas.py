@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _report import machine_description, write_section  # noqa: E402
 
-from volumed.data.craniocaudal import ATLAS_PATH, MIN_GAP_MM, MIN_GAP_ONE_MM, OVERLAP_MM, Extent, exclusive_pairs, s_extent  # noqa: E402
+from volumed.data.craniocaudal import ATLAS_PATH, MIN_GAP_MM, MIN_GAP_ONE_MM, ORDER_MIN_MM, OVERLAP_MM, Extent, exclusive_pairs, ordered_pairs, s_extent  # noqa: E402
 
 HEADING = "## Craniocaudal atlas"
 DATALIST = REPO / "configs" / "datalists" / "promptseg_ct_all.json"
@@ -113,6 +113,19 @@ def main() -> None:
         by_term.setdefault(low, []).append(f"{u} ({rule['min_gap_mm']:.0f})")
     for t in sorted(by_term):
         lines.append(f"| {t} | {', '.join(sorted(by_term[t]))} |")
+    order = ordered_pairs(subjects)
+    lines += [
+        "", f"{len(order)} ordered pairs (not exclusive): the first one's centre lay at least {ORDER_MIN_MM:.0f} mm above "
+        "the second's in every subject that shows both whole (two or more). They may share slices; found with the "
+        f"second wholly above the first (by more than {OVERLAP_MM:.0f} mm), they conflict as an exclusive pair does "
+        "(a \"sacrum\" above the liver, a \"heart\" below it).", "",
+        "| above | below (smallest centre gap seen, mm; subjects) |", "| --- | --- |",
+    ]
+    below: dict[str, list[str]] = {}
+    for (u, low), rule in sorted(order.items()):
+        below.setdefault(u, []).append(f"{low} ({rule['min_centre_gap_mm']:.0f}; {rule['subjects']})")
+    for t in sorted(below):
+        lines.append(f"| {t} | {', '.join(below[t])} |")
     write_section(REPO / "BENCHMARKS.md", HEADING, HEADING + "\n\n" + "\n".join(lines) + "\n")
 
 

@@ -219,12 +219,12 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
         if preview_dir is not None:
             from volumed.inference.preview import render_preview
 
-            label = np.zeros(volume.shape, np.uint8)
-            for i, t in enumerate(terms, 1):
-                label[pred[t] & (label == 0)] = i
+            # What a user sees: the label map `volumed segment --all` writes (every trained term,
+            # post-processed), not the raw thresholded maps of the scored terms.
             preview_dir.mkdir(parents=True, exist_ok=True)
-            render_preview(volume, preview_dir / f"{scan}.png", label=label, overwrite=True,
-                           label_names={i: t for i, t in enumerate(terms, 1)}, title=f"{package.parent.name} on {scan}")
+            render_preview(volume, preview_dir / f"{scan}.png", label=np.asarray(written.label_map), overwrite=True,
+                           label_names={i: t.name for i, t in enumerate(every, 1)},
+                           title=f"{package.parent.name} on {scan}, as volumed segment --all writes it")
         print(package.parent.name, scan, {t: round(v, 3) for t, v in scores.items()}, f"{seconds:.1f} s", flush=True)
     return out
 

@@ -18,7 +18,13 @@ such subjects do not count.
 exclusive pair cannot both be right when the lower one's top reaches more than
 :data:`OVERLAP_MM` above the upper one's bottom (extents by :func:`s_extent` over the central 96 %
 of the voxels): they share slices, or lie in the wrong order. The structures kept are the consistent set
-with the largest total weight (volume times mean probability); the others are dropped. A large
+with the largest total weight (volume times mean probability); the others are dropped.
+**Ordered pairs** (:func:`ordered_pairs`) add the gross inversions that the gap rule cannot see
+because the two structures may share slices in a body: the liver's centre lay at least
+:data:`ORDER_MIN_MM` above the sacrum's in every subject showing both whole, so a "sacrum" found
+wholly above the liver (by more than :data:`OVERLAP_MM`) conflicts with it just as a femur on the
+liver's slices does (a leave-one-out model called the left ventricle's wall of the contrast
+thorax crop "sacrum" and "hip", and they outweighed the heart it found beside them). A large
 liver, spleen and stomach outweigh a "femur" and a "hip" in the same slices; a femur in a pelvis
 scan conflicts with nothing. The check needs other structures to compare with: it acts on ``--all`` and on
 multi-prompt runs, not on a lone prompt.
@@ -43,6 +49,10 @@ MIN_GAP_ONE_MM = 100.0
 #: Two found structures of an exclusive pair conflict when the lower one's top reaches more than
 #: this (mm) above the upper one's bottom.
 OVERLAP_MM = 10.0
+#: A pair is *ordered* (one always above the other, though they may share slices) when its
+#: centres were at least this far apart (mm), the same way round, in every subject that shows
+#: both whole (two or more).
+ORDER_MIN_MM = 50.0
 #: A found structure's extent leaves out this fraction of its voxels at each end (a few stray
 #: voxels or a small far-away piece of a many-piece structure such as the colon do not count).
 TRIM = 0.02
@@ -138,12 +148,52 @@ def exclusive_pairs(subjects: Mapping[str, Mapping[str, Extent]]) -> dict[tuple[
     return out
 
 
+def ordered_pairs(subjects: Mapping[str, Mapping[str, Extent]]) -> dict[tuple[str, str], dict]:
+    """``{(upper, lower): {"min_centre_gap_mm", "min_gap_mm", "subjects"}}`` of the pairs, not
+    exclusive, whose centres lay at least :data:`ORDER_MIN_MM` apart the same way round in every
+    subject of ``subjects`` that shows both whole (no end cut), two subjects or more: the liver
+    above the sacrum, the heart above the kidneys, the upper right lobe above the lower ones.
+    ``min_gap_mm``: the smallest gap between them (negative: they shared slices)."""
+    exclusive = exclusive_pairs(subjects)
+    seen: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for extents in subjects.values():
+        whole = sorted(t for t, e in extents.items() if not (e.cut_low or e.cut_high))
+        for i, a in enumerate(whole):
+            for b in whole[i + 1:]:
+                ea, eb = extents[a], extents[b]
+                seen.setdefault((a, b), []).append(((ea.low + ea.high - eb.low - eb.high) / 2.0, gap(ea, eb), gap(eb, ea)))
+    out = {}
+    for (a, b), values in seen.items():
+        if len(values) < 2:
+            continue
+        if all(c >= ORDER_MIN_MM for c, _, _ in values):
+            upper, lower, gaps = a, b, [g for _, g, _ in values]
+        elif all(-c >= ORDER_MIN_MM for c, _, _ in values):
+            upper, lower, gaps = b, a, [g for _, _, g in values]
+        else:
+            continue
+        if (upper, lower) in exclusive:
+            continue
+        out[(upper, lower)] = {"min_centre_gap_mm": round(min(abs(c) for c, _, _ in values), 1),
+                               "min_gap_mm": round(min(gaps), 1), "subjects": len(values)}
+    return out
+
+
+def _subjects(path: str | None) -> dict[str, dict[str, Extent]]:
+    doc = json.loads(Path(path or ATLAS_PATH).read_text(encoding="utf-8"))
+    return {s: {t: Extent.from_list(v) for t, v in ext.items()} for s, ext in doc["subjects"].items()}
+
+
+@lru_cache(maxsize=4)
+def load_order(path: str | None = None) -> dict[tuple[str, str], dict]:
+    """The ordered pairs of the shipped atlas (or of the atlas file at ``path``)."""
+    return ordered_pairs(_subjects(path))
+
+
 @lru_cache(maxsize=4)
 def load_atlas(path: str | None = None) -> dict[tuple[str, str], dict]:
     """The exclusive pairs of the shipped atlas (or of the atlas file at ``path``)."""
-    doc = json.loads(Path(path or ATLAS_PATH).read_text(encoding="utf-8"))
-    subjects = {s: {t: Extent.from_list(v) for t, v in ext.items()} for s, ext in doc["subjects"].items()}
-    return exclusive_pairs(subjects)
+    return exclusive_pairs(_subjects(path))
 
 
 # ------------------------------------------------------------------------------------ check
@@ -158,21 +208,36 @@ class Found:
     weight: float
 
 
-def implausible_terms(found: Mapping[str, Found], pairs: Mapping[tuple[str, str], dict] | None = None) -> dict[str, dict]:
+def implausible_terms(found: Mapping[str, Found], pairs: Mapping[tuple[str, str], dict] | None = None,
+                      order: Mapping[tuple[str, str], dict] | None = None) -> dict[str, dict]:
     """The found structures that cannot all be right, and why (module docstring).
+
+    Two found structures conflict when they are an exclusive pair (``pairs``, default the
+    shipped atlas's :func:`load_atlas`) and share slices, or an ordered pair (``order``, default
+    :func:`load_order`) and the lower one lies wholly above the upper one, by more than
+    :data:`OVERLAP_MM` (a "sacrum" above the liver, a "heart" below it).
 
     Returns ``{term: {"conflicts_with": [...], "atlas_min_gap_mm": {other: mm}, "violation_mm": {other: mm}}}``
     (``violation_mm``: how far the lower structure's top reaches above the upper one's bottom,
-    where the atlas keeps it at least ``atlas_min_gap_mm`` below)
-    for each term dropped; the others stand. Terms the atlas does not know never conflict."""
+    where the atlas keeps it at least ``atlas_min_gap_mm`` below; negative ``atlas_min_gap_mm``:
+    the atlas has them sharing slices, and the conflict is their order), plus
+    ``"order_reversed_mm": {other: mm}`` (how far the lower one's bottom lies above the upper
+    one's top) where the conflict is an ordered pair's, for each term dropped; the others stand.
+    Terms the atlas does not know never conflict."""
     pairs = load_atlas() if pairs is None else pairs
-    conflicts: dict[str, dict[str, tuple[float, float]]] = {t: {} for t in found}
+    order = load_order() if order is None else order
+    conflicts: dict[str, dict[str, tuple[float, float, float | None]]] = {t: {} for t in found}
     for (upper, lower), rule in pairs.items():
         if upper in found and lower in found:
             overlap = -gap(found[upper].extent, found[lower].extent)
             if overlap > OVERLAP_MM:
-                conflicts[upper][lower] = (float(rule["min_gap_mm"]), overlap)
-                conflicts[lower][upper] = (float(rule["min_gap_mm"]), overlap)
+                conflicts[upper][lower] = conflicts[lower][upper] = (float(rule["min_gap_mm"]), overlap, None)
+    for (upper, lower), rule in order.items():
+        if upper in found and lower in found and lower not in conflicts[upper]:
+            reversed_by = gap(found[lower].extent, found[upper].extent)
+            if reversed_by > OVERLAP_MM:
+                overlap = -gap(found[upper].extent, found[lower].extent)
+                conflicts[upper][lower] = conflicts[lower][upper] = (float(rule["min_gap_mm"]), overlap, reversed_by)
     kept = _heaviest_consistent({t: found[t].weight for t in found}, {t: set(c) for t, c in conflicts.items()})
     dropped: dict[str, dict] = {}
     for t in sorted(set(found) - kept):
@@ -182,6 +247,9 @@ def implausible_terms(found: Mapping[str, Found], pairs: Mapping[tuple[str, str]
             "atlas_min_gap_mm": {o: conflicts[t][o][0] for o in others},
             "violation_mm": {o: round(conflicts[t][o][1], 1) for o in others},
         }
+        reversed_mm = {o: round(conflicts[t][o][2], 1) for o in others if conflicts[t][o][2] is not None}
+        if reversed_mm:
+            dropped[t]["order_reversed_mm"] = reversed_mm
     return dropped
 
 

@@ -164,7 +164,8 @@ class MaskEvidence:
             "max_probability", "min_ml", "min_confidence"}``; or the anatomy check (it shares
             axial slices with structures it never shares them with, see
             :mod:`volumed.data.craniocaudal`): ``{"rule": "anatomy", "volume_ml", "confidence",
-            "max_probability", "extent_mm", "conflicts_with", "violation_mm", "atlas_min_gap_mm"}``;
+            "max_probability", "extent_mm", "conflicts_with", "violation_mm", "atlas_min_gap_mm"}``,
+            and ``"order_reversed_mm"`` where it lies wholly on the wrong side of one;
             or the body check (CT: every voxel of it lay outside the patient's body, on the table
             or in the air, :func:`volumed.inference.body.body_mask`): ``{"rule": "outside_body",
             "volume_ml", "confidence", "max_probability"}``.
@@ -233,6 +234,8 @@ def anatomy_evidence(why: dict, voxels: int, probability_sum: float, peak: float
             "max_probability": float(peak), "extent_mm": [round(extent.low, 1), round(extent.high, 1)],
             "conflicts_with": list(why["conflicts_with"]), "violation_mm": dict(why["violation_mm"]),
             "atlas_min_gap_mm": dict(why["atlas_min_gap_mm"])}
+    if why.get("order_reversed_mm"):
+        info["order_reversed_mm"] = dict(why["order_reversed_mm"])
     return MaskEvidence(False, None, None, float(peak), info)
 
 

@@ -14,6 +14,8 @@ from volumed.data.craniocaudal import (
     exclusive_pairs,
     implausible_terms,
     load_atlas,
+    load_order,
+    ordered_pairs,
     s_extent,
 )
 
@@ -117,6 +119,57 @@ def test_the_shipped_atlas_knows_the_far_apart_pairs_and_not_the_neighbours():
     assert ("heart", "femur_right") in pairs
     for a, b in (("liver", "kidney_right"), ("liver", "heart"), ("spleen", "kidney_left"), ("hip_left", "femur_left")):
         assert (a, b) not in pairs and (b, a) not in pairs, (a, b)
+
+
+def test_ordered_pairs_need_the_same_order_in_every_whole_subject():
+    """A pair is ordered when its centres lie at least 50 mm apart the same way round in every
+    subject that shows both whole (two or more); exclusive pairs are left to the gap rule."""
+    subjects = {
+        "a": {"liver": Extent(300, 480), "sacrum": Extent(100, 330), "heart": Extent(450, 560),
+              "kidney_left": Extent(280, 400), "kidney_right": Extent(270, 390)},
+        "b": {"liver": Extent(320, 470), "sacrum": Extent(120, 340), "heart": Extent(460, 580),
+              "kidney_left": Extent(300, 420), "kidney_right": Extent(310, 430)},
+        "c": {"liver": Extent(0, 60, cut_low=True), "sacrum": Extent(200, 300)},  # liver cut: not counted
+    }
+    order = ordered_pairs(subjects)
+    assert order[("liver", "sacrum")] == {"min_centre_gap_mm": 165.0, "min_gap_mm": -30.0, "subjects": 2}
+    assert ("heart", "liver") in order and ("heart", "sacrum") not in order  # the latter is exclusive
+    assert ("heart", "sacrum") in exclusive_pairs(subjects)
+    # Kidneys: centres 10 mm apart, the order flips between subjects: no rule either way.
+    assert not {("kidney_left", "kidney_right"), ("kidney_right", "kidney_left")} & set(order)
+    # One whole subject is not enough.
+    assert ordered_pairs({"a": subjects["a"]}) == {}
+
+
+def test_a_structure_wholly_on_the_wrong_side_of_an_ordered_one_is_dropped():
+    """A "sacrum" above the liver (a leave-one-out model on the thorax crop called the left
+    ventricle's wall so) conflicts with it although the two may share slices in a body; a heart
+    whose bottom overlaps the liver's dome, as it does in a body, does not."""
+    order = {("liver", "sacrum"): {"min_centre_gap_mm": 92.3, "min_gap_mm": 30.0, "subjects": 3},
+             ("heart", "liver"): {"min_centre_gap_mm": 79.5, "min_gap_mm": -28.5, "subjects": 2}}
+    found = {"liver": Found(Extent(575, 613), 92.0), "sacrum": Found(Extent(640, 712), 27.0),
+             "heart": Found(Extent(590, 650), 14.0)}
+    dropped = implausible_terms(found, {}, order)
+    assert list(dropped) == ["sacrum"]
+    assert dropped["sacrum"]["conflicts_with"] == ["liver"]
+    assert dropped["sacrum"]["order_reversed_mm"] == {"liver": 27.0}
+    assert dropped["sacrum"]["atlas_min_gap_mm"] == {"liver": 30.0}
+    # In the right order, overlapping or not, nothing conflicts.
+    found["sacrum"] = Found(Extent(450, 600), 27.0)
+    assert implausible_terms(found, {}, order) == {}
+    # Reversed by no more than the 10 mm tolerance: kept.
+    found["sacrum"] = Found(Extent(620, 700), 27.0)
+    assert implausible_terms(found, {}, order) == {}
+
+
+def test_the_shipped_atlas_orders_the_trunk():
+    order = load_order()
+    for pair in (("liver", "sacrum"), ("heart", "liver"), ("heart", "kidney_right"),
+                 ("lung_upper_lobe_right", "lung_lower_lobe_right"), ("lung_lower_lobe_left", "liver")):
+        assert pair in order, pair
+    for a, b in (("kidney_left", "kidney_right"), ("liver", "spleen"), ("lung_lower_lobe_left", "lung_lower_lobe_right")):
+        assert (a, b) not in order and (b, a) not in order, (a, b)
+    assert not set(order) & set(load_atlas())
 
 
 @pytest.mark.parametrize("sz", [2.5, -2.5])

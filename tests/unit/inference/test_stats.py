@@ -134,3 +134,19 @@ def test_rejection_text_never_calls_a_found_region_zero_ml():
                                  "(2 mL and mean probability 0.70)")
     anatomy = {"volume_ml": 54.2, "confidence": 0.8, "rule": "anatomy", "conflicts_with": ["liver", "lung_upper_lobe_left"]}
     assert rejection_text(anatomy).startswith("a 54.2 mL region at mean probability 0.80 on the same axial slices as liver, ")
+
+
+def test_anatomy_evidence_says_when_the_conflict_is_an_order():
+    """A structure dropped for lying wholly on the wrong side of an ordered one (a "sacrum" above
+    the liver) carries how far it was reversed; one dropped for a shared slice does not."""
+    from volumed.data.craniocaudal import Extent
+    from volumed.inference.stats import anatomy_evidence
+
+    why = {"conflicts_with": ["liver"], "atlas_min_gap_mm": {"liver": 30.0}, "violation_mm": {"liver": 137.0},
+           "order_reversed_mm": {"liver": 27.0}}
+    ev = anatomy_evidence(why, 100, 84.0, 0.99, 0.324, Extent(640.0, 712.0))
+    assert not ev.present and ev.rejected["rule"] == "anatomy"
+    assert ev.rejected["order_reversed_mm"] == {"liver": 27.0} and ev.rejected["extent_mm"] == [640.0, 712.0]
+    assert ev.rejected["volume_ml"] == 32.4 and ev.rejected["confidence"] == 0.84
+    del why["order_reversed_mm"]
+    assert "order_reversed_mm" not in anatomy_evidence(why, 100, 84.0, 0.99, 0.324, Extent(640.0, 712.0)).rejected
