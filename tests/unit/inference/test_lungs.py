@@ -156,3 +156,29 @@ def test_the_model_weight_lets_a_confident_model_move_the_fissure():
     both = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, model_weight=1.0).probabilities.numpy() > 0.5
     assert alone[1][left].any()  # the atlas alone keeps a lower lobe
     assert both[0][left].sum() > alone[0][left].sum()
+
+
+def test_a_rim_of_air_along_the_skin_is_not_a_lung_even_where_the_model_calls_it_one():
+    """Partial-volume air one voxel thick just inside the body's edge (the body mask holds it) is
+    not a lung: a leave-one-out model called such a rim "lower lobe" on the abdominal DICOM slab,
+    around the trunk and the arms. The drawn lungs, thick, stay lungs."""
+    hu, body, right, left, gas = _chest()
+    from scipy import ndimage
+
+    rim = body & ~ndimage.binary_erosion(body, structure=np.ones((3, 3, 1), bool))  # the body's outermost voxels
+    assert rim.sum() > 0.05 * body.sum()
+    hu[rim] = -500.0
+    p = _probabilities(right, left)
+    index = {n: i for i, n in enumerate(LOBES)}
+    p[index["lung_lower_lobe_right"]][rim] = 0.9  # the model calls the whole rim lung
+    result = outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None)
+    lobes = np.asarray(result.probabilities) > 0.5
+    assert not lobes[:, rim].any()
+    assert lobes.any(axis=0)[right | left].mean() > 0.95  # the lungs are still filled
+    # Only the rim, no lung in the image: no lobe at all (without the thickness rule the rim,
+    # which holds every voxel the model calls lung, was kept as one).
+    hu[right | left] = 40.0
+    p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    p[index["lung_lower_lobe_right"]][rim] = 0.9
+    assert not (np.asarray(outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None).probabilities) > 0.5).any()
+    assert (np.asarray(outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None, min_core=0.0).probabilities) > 0.5).any()
