@@ -46,6 +46,7 @@ thresholded from, on the original grid; ``threshold`` is the package's, 0.5 by d
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import cc3d
@@ -257,14 +258,27 @@ def ml_text(v: float) -> str:
     return f"{v:.1g}"
 
 
+def anatomy_conflict_text(r: dict, name: Callable[[str], str] = str, article: str = "") -> str:
+    """Where an anatomy-rejected mask lay against the structures it conflicts with: on their axial
+    slices (an exclusive pair) or wholly on the wrong side of them (an ordered pair,
+    ``order_reversed_mm``); ``name`` turns a term into words."""
+    reversed_ = set(r.get("order_reversed_mm") or {})
+    shared = [name(o) for o in r["conflicts_with"] if o not in reversed_]
+    wrong = [name(o) for o in r["conflicts_with"] if o in reversed_]
+    parts = []
+    if shared:
+        parts.append(f"on the same axial slices as {article}{', '.join(shared)}, which it never shares a slice with")
+    if wrong:
+        parts.append(f"wholly on the wrong side (head to foot) of {article}{', '.join(wrong)}")
+    return " and ".join(parts)
+
+
 def rejection_text(r: dict) -> str:
     """One clause saying why a found mask was turned away (``MaskEvidence.rejected``), for the
     summary, the report, the SR and the viewer page."""
     seen = f"a {ml_text(r['volume_ml'])} mL region at mean probability {r['confidence']:.2f}"
     if r.get("rule") == "anatomy":
-        others = ", ".join(r["conflicts_with"])
-        return (f"{seen} on the same axial slices as {others}, which it never shares a slice with "
-                f"(craniocaudal atlas)")
+        return f"{seen} {anatomy_conflict_text(r)} (craniocaudal atlas)"
     if r.get("rule") == "outside_body":
         return f"{seen}, all of it outside the patient's body (the table or the air around the patient)"
     return f"{seen}, under the presence rule ({r['min_ml']:g} mL and mean probability {r['min_confidence']:.2f})"

@@ -581,10 +581,11 @@ def build_structured_report(
         rejected = e.get("rejected")
         if rejected:
             if rejected.get("rule") == "anatomy":
-                others = ", ".join(_readable(o) for o in rejected["conflicts_with"])
+                from volumed.inference.stats import anatomy_conflict_text
+
+                where = anatomy_conflict_text(rejected, _readable, "the ")
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
-                        f"mean probability {_num(rejected['confidence'], 2)} on the same axial slices as the {others}, "
-                        "which it never shares a slice with.")
+                        f"mean probability {_num(rejected['confidence'], 2)} {where}.")
             elif rejected.get("rule") == "outside_body":
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
                         f"mean probability {_num(rejected['confidence'], 2)}, all of it outside the patient's body.")

@@ -150,3 +150,16 @@ def test_anatomy_evidence_says_when_the_conflict_is_an_order():
     assert ev.rejected["volume_ml"] == 32.4 and ev.rejected["confidence"] == 0.84
     del why["order_reversed_mm"]
     assert "order_reversed_mm" not in anatomy_evidence(why, 100, 84.0, 0.99, 0.324, Extent(640.0, 712.0)).rejected
+
+
+def test_the_rejection_text_tells_a_shared_slice_from_a_wrong_order():
+    from volumed.inference.stats import rejection_text
+
+    r = {"rule": "anatomy", "volume_ml": 32.4, "confidence": 0.84, "conflicts_with": ["heart", "liver"],
+         "violation_mm": {"heart": 106.5, "liver": 136.5}, "atlas_min_gap_mm": {"heart": 184.5, "liver": 30.0},
+         "order_reversed_mm": {"liver": 27.0}}
+    text = rejection_text(r)
+    assert "on the same axial slices as heart, which it never shares a slice with" in text
+    assert "wholly on the wrong side (head to foot) of liver" in text and "as heart, liver" not in text
+    del r["order_reversed_mm"]
+    assert "on the same axial slices as heart, liver, which it never shares" in rejection_text(r)
