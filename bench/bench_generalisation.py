@@ -132,9 +132,13 @@ class Run:
     test_scans: tuple[str, ...]
 
 
-def runs() -> list[Run]:
+def runs(variant: str | None = None) -> list[Run]:
+    """The leave-one-scan-out folds and the synthetic-only run; a variant that mixes real and
+    synthetic patches (``--data.synthetic_share``, the fine-tuning recipes) has no synthetic-only
+    run: the recipe refuses one without real cases."""
     out = [Run(f"loso_{s}", ["--data.exclude", json.dumps([pick])], (s,)) for s, pick in SCANS.items()]
-    out.append(Run("synthetic_only", ["--data.real", "false"], tuple(SCANS)))
+    if variant is None or "--data.synthetic_share" not in VARIANTS[variant]:
+        out.append(Run("synthetic_only", ["--data.real", "false"], tuple(SCANS)))
     return out
 
 
@@ -406,7 +410,7 @@ def report(results: dict, base: dict, variant: str) -> str:
         "aorta, lobes, heart >= 0.75).",
         "",
     ]  # fmt: skip
-    missing = [r.name for r in runs() if r.name not in results]
+    missing = [r.name for r in runs(variant) if r.name not in results]
     if missing:
         lines += [
             "Not run (each fold is a full training run, 1.5 hours or more on one CPU thread; results accumulate across "
@@ -562,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("extra", nargs="*", help="more recipe overrides, after --")
     args = parser.parse_args(argv)
     root = args.runs or REPO / "runs" / "generalisation" / args.variant
-    selected = [r for r in runs() if args.only is None or r.name in args.only]
+    selected = [r for r in runs(args.variant) if args.only is None or r.name in args.only]
     if args.train:
         train(selected, args.variant, root, args.jobs, args.extra, args.train_threads)
     torch.set_num_threads(args.threads)

@@ -93,3 +93,14 @@ def test_the_recipe_table_shows_the_written_figure_where_it_differs(tmp_path, mo
     assert "| 0.000 (0.726) |" in rows["lung_upper_lobe_right"]
     assert "| **0.836** |" in rows["liver"] and "(" not in rows["liver"]
     assert "evaluated 2026-12-06" in bench_generalisation.report({"loso_tcia_ccth_a01": fold}, {}, "M-hw-ft")
+
+
+def test_a_fine_tuning_variant_has_no_synthetic_only_run():
+    """A recipe that mixes real and synthetic patches cannot train without real CTs: the bench
+    neither trains such a run (it failed at once) nor lists it as not run."""
+    assert [r.name for r in bench_generalisation.runs("M-hw")][-1] == "synthetic_only"
+    for variant in ("M-hw-ft", "M-ft2", "S-ft"):
+        names = [r.name for r in bench_generalisation.runs(variant)]
+        assert names == [f"loso_{s}" for s in bench_generalisation.SCANS], (variant, names)
+    text = bench_generalisation.report({}, {}, "M-hw-ft")
+    assert "`loso_tcia_ccth_a01`" in text and "synthetic_only" not in text
