@@ -962,10 +962,9 @@ class PromptSegPredictor:
             # false "kidneys" at the lung apex do not outweigh the upper lobe the atlas drew there.
             weight = {k: found[k][1] * voxel_ml for k in extents}
             for side in SIDES.values():
-                lung = [k for k in atlas_lobes if terms[k].name in side]
-                for k in lung:
-                    if k in weight:
-                        weight[k] = sum(found[j][1] for j in lung) * voxel_ml
+                lung = [k for k in atlas_lobes if terms[k].name in side and k in weight]
+                whole = sum(weight[k] for k in lung)
+                weight.update(dict.fromkeys(lung, whole))
             dropped = implausible_terms({terms[k].name: Found(extents[k][0], weight[k]) for k in extents})
             for k in [k for k in extents if terms[k].name in dropped]:
                 voxels, total, peak = found[k]
