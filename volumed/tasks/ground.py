@@ -319,6 +319,12 @@ class GroundingModule(L.LightningModule):
             voxel (``binary_cross_entropy_with_logits(pos_weight=...)``), and Dice is taken as
             in :class:`PartialLabelLoss`. Without it, a network starting from an anatomy model
             learns "nothing anywhere" within a few dozen steps, because findings are so small.
+        pos_weight_voxels: with ``pos_weight``, a finding with fewer voxels than this in the
+            patch has its positive weight raised, to ``pos_weight * pos_weight_voxels / voxels``,
+            so that its voxels together weigh as much as a finding of ``pos_weight_voxels``
+            voxels. Larger findings keep ``pos_weight``. Without it, an 8 mm lesion (3-4 voxels
+            at 4 mm) weighs a tenth of a 16 mm one in the BCE, and its Dice gradient vanishes once
+            the network is sure of "nothing there" (docs/grounding.md, "Small findings").
         patch_size, overlap, threshold: recorded in the package for sliding-window inference.
         min_instance_voxels: recorded in grounding.json (components smaller are dropped).
         input_windows: ``[[low, high], ...]`` HU: the image also enters the encoder through
@@ -344,6 +350,7 @@ class GroundingModule(L.LightningModule):
         bce_weight: float = 1.0,
         bce_topk: float | None = None,
         pos_weight: float | None = None,
+        pos_weight_voxels: int | None = None,
         patch_size: Sequence[int] = (32, 32, 16),
         overlap: float = 0.25,
         threshold: float = 0.5,
@@ -351,6 +358,8 @@ class GroundingModule(L.LightningModule):
         input_windows: Sequence[Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
+        if pos_weight_voxels is not None and (pos_weight is None or int(pos_weight_voxels) < 1):
+            raise ConfigError(f"GroundingModule: pos_weight_voxels ({pos_weight_voxels!r}) needs pos_weight and must be >= 1")
         self.save_hyperparameters()
         self.model_config = PromptSegConfig(
             encoder=encoder, encoder_kwargs=dict(encoder_kwargs or {}), decoder_kwargs=dict(decoder_kwargs or {}),
@@ -409,6 +418,10 @@ class GroundingModule(L.LightningModule):
             return out
         # Findings' voxels weigh pos_weight times a background voxel; an organ's (anatomy) as many.
         weight = torch.full(logits.shape[:2], float(self.hparams.pos_weight), device=logits.device)
+        if self.hparams.get("pos_weight_voxels"):
+            # A small finding's voxels together weigh as much as pos_weight_voxels voxels.
+            voxels = batch["target"].flatten(2).sum(-1).float().clamp_min(1.0)
+            weight = weight * (float(self.hparams.pos_weight_voxels) / voxels).clamp_min(1.0)
         if anatomy is not None:
             weight = torch.where(anatomy.to(torch.bool), torch.ones_like(weight), weight)
         bce = F.binary_cross_entropy_with_logits(logits.float(), batch["target"].float(),

@@ -75,6 +75,30 @@ def test_anatomy_sentences_come_after_the_findings_and_train_the_location_query(
     assert grad is not None and float(grad.abs().sum()) > 0
 
 
+def test_pos_weight_voxels_raises_only_a_small_findings_positive_weight(monkeypatch):
+    """A finding of 2 voxels weighs as much as one of pos_weight_voxels (8); a 16-voxel finding
+    keeps pos_weight; an anatomy sentence's organ keeps weight 1 (gradients at logit 0)."""
+    module = GroundingModule(**TINY, pos_weight=10.0, pos_weight_voxels=8, patch_size=(8, 8, 8))
+    logits = torch.zeros(1, 3, 8, 8, 8, requires_grad=True)
+    target = torch.zeros(1, 3, 8, 8, 8)
+    target[0, 0, :2, 0, 0] = 1  # 2 voxels
+    target[0, 1, :4, :4, 0] = 1  # 16 voxels
+    target[0, 2, :2, 0, 0] = 1  # an organ, 2 voxels
+    monkeypatch.setattr(module, "forward", lambda *args, **kwargs: logits)
+    batch = {"image": torch.zeros(1, 1, 8, 8, 8), "sentence": torch.zeros(1, 3, 4), "location": torch.zeros(1, 3, 4),
+             "has_location": torch.ones(1, 3, dtype=torch.bool), "modality": torch.zeros(1, dtype=torch.long),
+             "anatomy": torch.tensor([[False, False, True]]), "target": target}
+    module.compute_loss(batch).bce.backward()
+    n = logits.numel()
+    # d/dx of -w*log(sigmoid(x)) at x = 0 is -w/2, over the mean's n voxels.
+    assert float(logits.grad[0, 0, 0, 0, 0]) == pytest.approx(-10.0 * 8 / 2 / 2 / n)
+    assert float(logits.grad[0, 1, 0, 0, 0]) == pytest.approx(-10.0 / 2 / n)
+    assert float(logits.grad[0, 2, 0, 0, 0]) == pytest.approx(-1.0 / 2 / n)
+    assert float(logits.grad[0, 0, 5, 5, 5]) == pytest.approx(0.5 / n)  # background unchanged
+    with pytest.raises(ConfigError, match="pos_weight_voxels"):
+        GroundingModule(**TINY, pos_weight_voxels=8)
+
+
 def test_phantom_training_lowers_the_loss_and_exports_a_package_that_grounds(phantoms, tmp_path):
     L.seed_everything(0)
     dm = GroundingDataModule(str(phantoms[0]), target_spacing=SPACING, patch_size=(32, 32, 16), batch_size=2,
