@@ -254,7 +254,7 @@ class GroundingPredictor:
         # body, even where an anatomy sentence's structure was segmented.
         threshold_organ = float(gate.config.threshold) if gate is not None else None
         within, regions = self._search_regions(volume, [queries[k] for k in todo], organs if gate is not None else {},
-                                               threshold_organ)
+                                               threshold_organ, getattr(gate.config, "presence", None) if gate else None)
         self._finish(volume, queries, seg.iter_original(probs, case), todo, threshold, out, within=within, regions=regions)
         return out
 
@@ -277,16 +277,27 @@ class GroundingPredictor:
         anatomy = self.anatomy_predictor() if self.organ_margin_mm is not None and queries else None
         if anatomy is None or volume.modality not in anatomy.config.modalities:
             return None, []  # e.g. a CT segmenter and an MR: no structure to gate with
-        return anatomy, sorted({q.location_term for q in queries if q.location_term in anatomy.config.terms})
+        named = {q.location_term for q in queries if q.location_term in anatomy.config.terms}
+        # A lobe's finding is searched in its whole lung (:meth:`_search_regions`): every lobe of that side.
+        return anatomy, sorted({t for term in named for t in _region_terms(term) if t in anatomy.config.terms})
 
     def _search_regions(self, volume: Volume, queries: Sequence[FindingQuery], organ_pieces: dict,
-                        threshold: float | None) -> tuple[list, list[dict]]:
+                        threshold: float | None, presence: dict | None = None) -> tuple[list, list[dict]]:
         """Per query: where its finding may be (a bool mask on the original grid, or None for
         anywhere) and its description (:attr:`GroundedFinding.search_region`). The named structure
         as the anatomy model segments it (``organ_pieces``, above ``threshold``: holes filled,
         grown by ``organ_margin_mm`` plus the stated size) within the body; the body alone when
-        the anatomy model does not know the structure or does not find it (see the class)."""
+        the anatomy model does not know the structure or does not find it (see the class).
+
+        Two rules of ``volumed segment`` apply to the structure: its package's ``presence`` rule
+        (a small and unsure mask is absent, so the finding keeps the body rather than a stray
+        fragment far from it), and a lobe stands for its whole lung (every lobe of that side the
+        model finds): the fissures are the least certain part of a segmenter's lobes (lobe Dice
+        0.5-0.85 on scans it never saw, BENCHMARKS.md), the side of a lung is not, and the
+        sentence's own location query still says where in the lung."""
         from scipy import ndimage
+
+        from volumed.inference.stats import presence_rejects
 
         body = None
         if self.body_only:
@@ -298,23 +309,42 @@ class GroundingPredictor:
         regions = [dict(kind) for _ in queries]
         if self.organ_margin_mm is None:
             return within, regions
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         organs = {}
-        for term in {q.location_term for q in queries} & set(organ_pieces):
+        for term in {t for q in queries for t in _region_terms(q.location_term)} & set(organ_pieces):
             mask = np.zeros(volume.shape, dtype=bool)
+            voxels, total = 0, 0.0
             for where, values in organ_pieces[term]:
-                mask[where] |= values > threshold
-            if mask.any():
-                organs[term] = ndimage.binary_fill_holes(mask)
+                above = values > threshold
+                mask[where] |= above
+                voxels += int(np.count_nonzero(above))
+                total += float(values[above].sum(dtype=np.float64))
+            if voxels and not presence_rejects(presence, voxels * voxel_ml, total / voxels):
+                organs[term] = mask
         spacing = np.asarray(volume.spacing)
         for i, q in enumerate(queries):
-            organ = organs.get(q.location_term)
-            if organ is None:
+            used = [t for t in _region_terms(q.location_term) if t in organs]
+            if not used:
                 continue
+            organ = np.logical_or.reduce([organs[t] for t in used])
             margin = float(self.organ_margin_mm) + (max(q.size_mm) if q.size_mm else 0.0)
-            region = _grow(organ, margin, spacing)
+            region = _grow(ndimage.binary_fill_holes(organ), margin, spacing)
             within[i] = region if body is None else region & body
             regions[i] = {"kind": "organ", "term": q.location_term, "margin_mm": round(margin, 1)}
+            if used != [q.location_term]:
+                regions[i]["structures"] = used
         return within, regions
+
+
+def _region_terms(term: str | None) -> tuple[str, ...]:
+    """The structures whose union is the search region of a finding in ``term``: a lobe's whole
+    lung (every lobe of its side), else the structure itself."""
+    from volumed.data.lobe_atlas import SIDES
+
+    for lobes in SIDES.values():
+        if term in lobes:
+            return tuple(lobes)
+    return (term,) if term else ()
 
 
 def _grow(mask: np.ndarray, margin_mm: float, spacing) -> np.ndarray:

@@ -279,3 +279,40 @@ def test_anatomy_sentences_and_the_organ_gate_share_one_segmenter_pass(gpackage,
     alone_lesion = predictor.ground(volume, finding_queries(["A 20 mm hypodense lesion in the liver."]))[0]
     assert np.array_equal(liver.mask, alone_liver.mask) and liver.confidence == alone_liver.confidence
     assert np.array_equal(lesion.mask, alone_lesion.mask) and lesion.search_region == alone_lesion.search_region
+
+
+def test_a_lobes_finding_is_searched_in_its_whole_lung_and_a_small_unsure_organ_is_no_region():
+    """The search region of a lobe is every lobe of its side the segmenter found (the middle
+    lobe, found 90 mm away, does not keep the nodule from the lower lobe next to it); a kidney
+    the presence rule calls absent (small and unsure) leaves the finding in the image."""
+    from types import SimpleNamespace
+
+    from volumed.heads.grounding import finding_queries
+    from volumed.inference.ground import _region_terms
+
+    assert _region_terms("lung_middle_lobe_right") == ("lung_upper_lobe_right", "lung_middle_lobe_right",
+                                                       "lung_lower_lobe_right")
+    assert _region_terms("lung_upper_lobe_left") == ("lung_upper_lobe_left", "lung_lower_lobe_left")
+    assert _region_terms("liver") == ("liver",) and _region_terms(None) == ()
+    volume = SimpleNamespace(shape=(60, 20, 20), spacing=(2.0, 2.0, 2.0))
+
+    def piece(x0, x1, p):
+        where = (slice(x0, x1), slice(5, 15), slice(5, 15))
+        return where, np.full((x1 - x0, 10, 10), p, dtype=np.float32)
+
+    pieces = {"lung_middle_lobe_right": [piece(0, 5, 0.95)], "lung_lower_lobe_right": [piece(50, 60, 0.95)],
+              "kidney_left": [piece(20, 22, 0.6)]}  # 0.4 mL at mean 0.6: absent
+    owner = SimpleNamespace(body_only=False, organ_margin_mm=10.0)
+    queries = finding_queries(["A 9 mm nodule in the right middle lobe.", "A 12 mm cyst in the left kidney."])
+    assert [q.location_term for q in queries] == ["lung_middle_lobe_right", "kidney_left"]
+    within, regions = GroundingPredictor._search_regions(owner, volume, queries, pieces, 0.5,
+                                                         {"min_ml": 10.0, "min_confidence": 0.8})
+    lung, kidney = within
+    assert regions[0] == {"kind": "organ", "term": "lung_middle_lobe_right", "margin_mm": 19.0,
+                          "structures": ["lung_middle_lobe_right", "lung_lower_lobe_right"]}
+    assert lung[55, 10, 10] and lung[2, 10, 10] and not lung[30, 10, 10]  # both lobes, not the gap
+    assert lung[45, 10, 10]  # 10 mm outside the lower lobe: within 19 mm
+    assert kidney is None and regions[1] == {"kind": "image"}
+    # Without the rule the same small kidney is a region.
+    within, regions = GroundingPredictor._search_regions(owner, volume, queries[1:], pieces, 0.5, None)
+    assert regions[0]["kind"] == "organ" and within[0][21, 10, 10]
