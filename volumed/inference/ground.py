@@ -91,7 +91,8 @@ class GroundedFinding:
         volume_ml: mask volume in mL (0 when empty or negated).
         instances: the mask's 26-connected components, largest first.
         search_region: where the mask was allowed to be (:meth:`GroundingPredictor.ground`):
-            ``{"kind": "organ", "term", "margin_mm"}``, ``{"kind": "body"}`` or
+            ``{"kind": "organ", "term", "margin_mm"}`` (plus ``"structures"`` when the region is
+            more than the named structure: a lobe's whole lung), ``{"kind": "body"}`` or
             ``{"kind": "image"}``; None for a negated sentence or one answered by the anatomy model.
     """
 
@@ -131,8 +132,9 @@ class GroundingPredictor:
             not masked (its masks are the ones ``volumed segment`` writes).
         organ_margin_mm: keep a finding whose place names a structure the anatomy model knows
             ("... in the right liver lobe": ``liver``) within that structure as the anatomy model
-            segments it (holes filled), grown by this margin plus the finding's stated size; None:
-            no such gate. The grounding model's own location query does not hold masks to the
+            segments it (holes filled; a lobe: its whole lung; a mask the package's presence rule
+            calls absent: none), grown by this margin plus the finding's stated size; None: no such
+            gate. The grounding model's own location query does not hold masks to the
             named organ on real CT; the segmenter does. When the anatomy model does not know the
             structure (a group such as ``lung``), does not find it, was not trained on the image's
             modality, or is ``"self"``, the finding is kept in the body only. Held-out phantoms:
