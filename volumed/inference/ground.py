@@ -314,14 +314,12 @@ class GroundingPredictor:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         organs = {}
         for term in {t for q in queries for t in _region_terms(q.location_term)} & set(organ_pieces):
-            mask = np.zeros(volume.shape, dtype=bool)
-            voxels, total = 0, 0.0
+            prob = np.zeros(volume.shape, dtype=np.float32)  # pieces may overlap: each voxel once
             for where, values in organ_pieces[term]:
-                above = values > threshold
-                mask[where] |= above
-                voxels += int(np.count_nonzero(above))
-                total += float(values[above].sum(dtype=np.float64))
-            if voxels and not presence_rejects(presence, voxels * voxel_ml, total / voxels):
+                prob[where] = np.maximum(prob[where], values)
+            mask = prob > threshold
+            voxels = int(np.count_nonzero(mask))
+            if voxels and not presence_rejects(presence, voxels * voxel_ml, float(prob[mask].mean(dtype=np.float64))):
                 organs[term] = mask
         spacing = np.asarray(volume.spacing)
         for i, q in enumerate(queries):
