@@ -748,6 +748,9 @@ class PromptSegPatchDataset(Dataset):
         synthetic_enhancement: ``(low, high)``: a synthetic contrast patch enhances by a fraction
             in this range of its phase's prior over native
             (:class:`volumed.data.synthesis.CTSynthesizer`'s ``enhancement``); ``(1, 1)``: the priors.
+        synthetic_surroundings: probability that a synthetic patch gets arms beside the trunk, and
+            that it gets a scanner table under the back
+            (:meth:`volumed.data.synthesis.CTSynthesizer.add_surroundings`; 0: off).
         pad_mode: how a real image smaller than the patch is padded, with its masks
             (:func:`volumed.data.transforms.pad_spatial`): ``"constant"`` (air, the default: what
             the committed model was trained with), ``"symmetric"`` (mirrored; removes the air
@@ -783,6 +786,7 @@ class PromptSegPatchDataset(Dataset):
         synthetic_texture: bool = True,
         synthetic_heart_wall: bool = False,
         synthetic_enhancement: Sequence[float] = (1.0, 1.0),
+        synthetic_surroundings: float = 0.0,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
     ):
@@ -810,9 +814,15 @@ class PromptSegPatchDataset(Dataset):
         self.case_of = self._case_order(synthetic_share)
         self.sampling = sampling
         self.augment = patch_augmentation() if augment else None
+        self.spacing = tuple(float(v) for v in spacing)
+        self.surroundings = float(synthetic_surroundings)
+        if not 0.0 <= self.surroundings <= 1.0:
+            raise ConfigError(f"synthetic_surroundings must be a probability in [0, 1], got {synthetic_surroundings!r}",
+                              "synthetic_surroundings")
         self.synthesizers = [
             CTSynthesizer(c.synthetic.class_tissues, spacing, ct_window, deform_mm=deform_mm, texture=synthetic_texture,
-                           heart_wall=synthetic_heart_wall, enhancement=synthetic_enhancement)
+                           heart_wall=synthetic_heart_wall, enhancement=synthetic_enhancement,
+                           surroundings=synthetic_surroundings, class_names=c.synthetic.class_names)
             if c.synthetic is not None else None
             for c in self.cases
         ]  # fmt: skip
@@ -860,8 +870,18 @@ class PromptSegPatchDataset(Dataset):
         ``SpatialPad``; a real image and its masks as :attr:`pad_mode`, slice indices and synthetic
         label maps with 0), with the crop-centre indices of :attr:`sampling` (never in the padding)."""
         shape = case.shape
-        target = [max(s, p) for s, p in zip(shape, self.patch_size)]
-        pads = [v for s, t in reversed(list(zip(shape, target))) for v in ((t - s) // 2, t - s - (t - s) // 2)]
+        # Room for arms beside a synthetic trunk and a table under its back
+        # (``synthetic_surroundings``): a label map is cropped to the body with a few voxels of
+        # air, so a patch would show a sliver of them at most. Air is added at both sides (96 mm)
+        # and behind the back (64 mm; RAS: the first rows are posterior); no crop centre there.
+        extra = [(0, 0), (0, 0), (0, 0)]
+        if case.synthetic is not None and self.surroundings > 0:
+            side, back = round(96.0 / self.spacing[0]), round(64.0 / self.spacing[1])
+            extra = [(side, side), (back, 0), (0, 0)]
+        before = [(max(s, p) - s) // 2 + e[0] for s, p, e in zip(shape, self.patch_size, extra)]
+        after = [max(s, p) - s - (max(s, p) - s) // 2 + e[1] for s, p, e in zip(shape, self.patch_size, extra)]
+        target = [s + b + a for s, b, a in zip(shape, before, after)]
+        pads = [v for a in (2, 1, 0) for v in (before[a], after[a])]
 
         mode = self.pad_mode if case.synthetic is None else "constant"
 
@@ -1020,6 +1040,9 @@ class PromptSegDataModule(L.LightningDataModule):
         synthetic_enhancement: ``(low, high)``: a synthetic contrast patch enhances by a fraction
             in this range of its phase's prior over native
             (:class:`volumed.data.synthesis.CTSynthesizer`'s ``enhancement``); ``(1, 1)``: the priors.
+        synthetic_surroundings: probability that a synthetic patch gets arms beside the trunk, and
+            that it gets a scanner table under the back
+            (:meth:`volumed.data.synthesis.CTSynthesizer.add_surroundings`; 0: off).
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
         synthetic_share: fraction of the patches drawn from synthetic cases (:class:`PromptSegPatchDataset`;
@@ -1065,6 +1088,7 @@ class PromptSegDataModule(L.LightningDataModule):
         synthetic_texture: bool = True,
         synthetic_heart_wall: bool = False,
         synthetic_enhancement: Sequence[float] = (1.0, 1.0),
+        synthetic_surroundings: float = 0.0,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
         terms: Sequence[str] | None = None,
@@ -1126,7 +1150,8 @@ class PromptSegDataModule(L.LightningDataModule):
             contrast_phase=hp.contrast_phase, field_of_view=hp.field_of_view, slice_thickness=hp.slice_thickness,
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
             synthetic_texture=hp.synthetic_texture, synthetic_heart_wall=hp.synthetic_heart_wall,
-            synthetic_enhancement=tuple(hp.synthetic_enhancement), pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
+            synthetic_enhancement=tuple(hp.synthetic_enhancement), synthetic_surroundings=hp.synthetic_surroundings,
+            pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         if hp.val_datalist:

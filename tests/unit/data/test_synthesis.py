@@ -278,3 +278,77 @@ def test_heart_arterial_prior_covers_the_thorax_crops_blood(shared_data):
     blood = hu[hu > 250]
     lo, hi = TISSUES["heart"].mean_range("arterial")
     assert lo <= blood.mean() <= hi and blood.mean() > 450
+
+
+def _trunk(names: tuple[str, ...] = ("liver",)) -> tuple[torch.Tensor, list[str], list[str]]:
+    """A 160 x 96 x 12 class map at 4 mm: an elliptic trunk (fat, muscle wall, soft fill, one
+    organ per name) in the middle of air, with room for whole arms beside it."""
+    x, y = np.meshgrid(np.arange(160), np.arange(96), indexing="ij")
+    r = ((x - 80) / 30.0) ** 2 + ((y - 50) / 22.0) ** 2
+    section = np.zeros((160, 96), dtype=np.int16)
+    section[r <= 1.0] = 1
+    section[r <= 0.85] = 2
+    section[r <= 0.7] = 4
+    for k, _ in enumerate(names):
+        section[(np.abs(x - 72 - 12 * k) < 5) & (np.abs(y - 50) < 5)] = 5 + k
+    classes = torch.from_numpy(np.repeat(section[:, :, None], 12, axis=2))[None]
+    tissues = [t for _, t in BODY_CLASSES] + [tissue_of(n) for n in names]
+    return classes, tissues, [n for n, _ in BODY_CLASSES] + list(names)
+
+
+def test_surroundings_draw_arms_beside_the_trunk_and_a_table_behind_it_outside_the_body_only():
+    """A real CT's field of view holds the arms and the scanner's table; a label map ends at the
+    skin (the DICOM slab's arms and table hid its spleen from every model that had not trained on
+    it). ``surroundings=1`` draws both, only in the air around the trunk: the targets and the
+    trunk's own voxels are those of the same draw without them."""
+    classes, tissues, names = _trunk()
+    body = classes[0].numpy() != 0
+    xs, ys = np.nonzero(body.any(axis=2))
+    arms_seen = 0
+    for seed in range(5):
+        plain_img, plain_cls, _ = CTSynthesizer(tissues, (4.0, 4.0, 4.0), deform_mm=0.0, seed=seed)(classes, phase="portal")
+        img, cls, _ = CTSynthesizer(tissues, (4.0, 4.0, 4.0), deform_mm=0.0, seed=seed, surroundings=1.0,
+                                    class_names=names)(classes, phase="portal")
+        assert torch.equal(cls, plain_cls)  # no target changes
+        hu, plain = img[0].numpy() * 2000 - 1000, plain_img[0].numpy() * 2000 - 1000
+        from scipy import ndimage
+
+        deep = ndimage.binary_erosion(body, iterations=3)
+        assert np.abs(hu[deep] - plain[deep]).max() < 1.0  # the trunk is drawn as before
+        dense = (hu > -500) & ~ndimage.binary_dilation(body, iterations=2)
+        # A table under the back (RAS: low y is posterior), as wide as a trunk or wider.
+        behind = dense[:, : ys.min() - 2]
+        assert behind.any(), seed
+        assert np.ptp(np.nonzero(behind.any(axis=(1, 2)))[0]) * 4.0 >= 200.0, seed
+        # Arms beside it, at the trunk's height, never in front of it.
+        beside = dense[:, ys.min():] & ((np.arange(160) < xs.min()) | (np.arange(160) > xs.max()))[:, None, None]
+        if beside.any():
+            arms_seen += 1
+            assert (hu[:, ys.min():][beside] > 300).any(), seed  # a bone's cortex inside
+        assert not dense[:, ys.max() + 3 :].any(), seed
+    assert arms_seen >= 4  # each side drawn with probability 0.8
+
+
+def test_surroundings_draw_no_arm_beside_the_thighs_and_reject_a_bad_probability():
+    """An arm beside the femurs would look like a thigh labelled background: only the table is
+    drawn in a patch that holds a femur or a hip."""
+    classes, tissues, names = _trunk(("femur_left", "hip_left"))
+    body = classes[0].numpy() != 0
+    xs, _ = np.nonzero(body.any(axis=2))
+    for seed in range(3):
+        hu = CTSynthesizer(tissues, (4.0, 4.0, 4.0), deform_mm=0.0, seed=seed, surroundings=1.0,
+                           class_names=names)(classes, phase="native")[0][0].numpy() * 2000 - 1000
+        lateral = np.zeros_like(body)
+        lateral[: xs.min() - 3] = True
+        lateral[xs.max() + 4 :] = True
+        back = np.nonzero(body.any(axis=(0, 2)))[0].min()  # RAS: low y is posterior
+        table = np.zeros_like(body)
+        # The pad reaches the back's row, and the curved table rises by up to 17 mm at 240 mm
+        # from the middle (a voxel of blur on top); an arm would reach the trunk's middle rows.
+        table[:, : back + 6] = True
+        assert not ((hu > -500) & lateral & ~table).any(), seed
+        assert ((hu > -500) & table & lateral).any(), seed  # the table reaches past the trunk
+    with pytest.raises(ConfigError, match="surroundings must be a probability"):
+        CTSynthesizer(tissues, (4.0, 4.0, 4.0), surroundings=1.5)
+    with pytest.raises(ConfigError, match="class names for"):
+        CTSynthesizer(tissues, (4.0, 4.0, 4.0), surroundings=0.5, class_names=names[:-1])

@@ -224,3 +224,25 @@ def test_enhancement_reaches_the_synthesizers_from_the_datamodule(label_maps):
         dm.setup()
         synths = [s for s in dm.train_set.synthesizers if s is not None]
         assert len(synths) == 2 and all(s.enhancement == expected for s in synths)
+
+
+def test_surroundings_reach_the_synthesizers_and_give_the_label_maps_room_around_the_body(label_maps):
+    """`--data.synthetic_surroundings 0.5` reaches every label map's synthesizer, and a label
+    map's patches get air beside the trunk (96 mm a side) and behind it (64 mm), where the arms
+    and the table are drawn; off by default, the label maps padded as before."""
+    path = _mixed_datalist(label_maps)
+    shapes = {}
+    for p in (0.0, 0.5):
+        dm = PromptSegDataModule(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=2, synthetic_surroundings=p)
+        dm.setup()
+        ds = dm.train_set
+        synths = [(k, s) for k, s in enumerate(ds.synthesizers) if s is not None]
+        assert len(synths) == 2 and all(s.surroundings == p for _, s in synths)
+        shapes[p] = [tuple(ds.base[k]["classes"].shape[1:]) for k, _ in synths]
+        real = [k for k, s in enumerate(ds.synthesizers) if s is None]
+        assert all("image" in ds.base[k] for k in real)
+        sample = ds[0]
+        assert tuple(sample["image"].shape[1:]) == (32, 32, 16)
+    spacing = dm.train_set.spacing
+    for off, on in zip(shapes[0.0], shapes[0.5]):
+        assert on[0] - off[0] == 2 * round(96 / spacing[0]) and on[1] - off[1] == round(64 / spacing[1]) and on[2] == off[2]
