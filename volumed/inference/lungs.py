@@ -133,6 +133,7 @@ def outline_lobes(
     margin: float = 1e-3,
     atlas: Mapping[str, np.ndarray] | bool | None = True,
     model_weight: float = 0.0,
+    side_margin_mm: float = 20.0,
 ) -> OutlineResult:
     """The lobes' probabilities filled to the lungs' air (module docstring).
 
@@ -153,6 +154,12 @@ def outline_lobes(
             ``min_voxels`` and touches no edge of the grid but the top.
         model_weight: on an atlas side, each voxel goes to the lobe with the largest
             ``log(atlas share) + model_weight * log(model probability)``; 0: the atlas alone.
+        side_margin_mm: an air component whose every voxel lies at least this far on one side
+            of the body's midline, and which the model calls only lobes of the other side, is
+            no lung: bowel gas on the patient's left that a model called "lower right lobe" (the
+            DICOM slab, a model trained on with arms and tables, docs/synthesis.md round 20).
+            Only where the body is whole from side to side, no tissue of it on the grid's left
+            or right face (its midline is then the patient's).
 
     Raises:
         ValueError: ``names`` are not the five lobes, or the shapes disagree.
@@ -187,13 +194,28 @@ def outline_lobes(
         kept = [c for c in range(1, count + 1)
                 if inner[c] >= min_core * sizes[c]
                 and (share[c] >= min_share or (called[c] >= 0.5 * total and called[c] >= min_voxels))]
-    lung = np.isin(labels, kept) if kept else np.zeros(hu.shape, dtype=bool)
     side_of = np.array([0 if n in LOBES_LEFT else 1 for n in names])
     # The patient's left: world x (RAS: +x is the patient's right) below the body's midline.
     affine = np.asarray(affine, dtype=np.float64)
     world_x = np.tensordot(affine[0, :3], np.indices(hu.shape, dtype=np.float32), axes=1) + affine[0, 3]
     midline = float(world_x[body].mean()) if body is not None and body.any() else float(world_x.mean())
     left = world_x < midline
+    # An air component wholly on one side of the midline (by side_margin_mm) that the model calls
+    # only lobes of the other side is no lung: bowel gas on the patient's left called "lower right
+    # lobe". Only where the body's midline is the patient's: the body is whole from side to side,
+    # no tissue of it on the grid's left or right face (a crop that cuts the patient, such as the
+    # thorax crop, has its own middle; the body mask, grown by a margin, may touch a face of a grid
+    # cropped to the foreground).
+    across = int(np.argmax(np.abs(affine[0, :3]) / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-12)))
+    tissue = (hu > -500.0) & body if body is not None else None
+    if kept and tissue is not None and not (tissue.take(0, axis=across).any() or tissue.take(-1, axis=across).any()):
+        far_left = np.bincount(labels[world_x <= midline - side_margin_mm], minlength=count + 1)
+        far_right = np.bincount(labels[world_x >= midline + side_margin_mm], minlength=count + 1)
+        calls = [np.bincount(labels[hot[side_of == s].any(axis=0)], minlength=count + 1) for s in (0, 1)]
+        kept = [c for c in kept
+                if not (far_left[c] == sizes[c] and calls[0][c] == 0)
+                and not (far_right[c] == sizes[c] and calls[1][c] == 0)]
+    lung = np.isin(labels, kept) if kept else np.zeros(hu.shape, dtype=bool)
     axis = long_axis(affine)
     filled = lung.copy()
     for side_mask in (left, ~left):

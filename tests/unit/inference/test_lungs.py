@@ -182,3 +182,52 @@ def test_a_rim_of_air_along_the_skin_is_not_a_lung_even_where_the_model_calls_it
     p[index["lung_lower_lobe_right"]][rim] = 0.9
     assert not (np.asarray(outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None).probabilities) > 0.5).any()
     assert (np.asarray(outline_lobes(p, LOBES, hu, body, AFFINE, threshold=0.5, atlas=None, min_core=0.0).probabilities) > 0.5).any()
+
+
+def test_a_lobe_wholly_on_the_other_side_of_the_midline_is_not_that_lobe():
+    """Bowel gas on the patient's left that a model calls "lower right lobe" (a model trained on
+    with arms and tables did, 4.5 mL on the DICOM slab) is no lobe: a lobe's piece wholly beyond
+    the body's midline by ``side_margin_mm`` on the wrong side is dropped. Not where the image
+    cuts the body at its side (the grid's middle is then not the patient's), and not a piece that
+    reaches its own side."""
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])  # world x = 4 * index: the right is x > 78 mm, the midline
+    hu = np.full(SHAPE, -1000.0, dtype=np.float32)
+    body = np.zeros(SHAPE, dtype=bool)
+    body[2:38, 2:28, :] = True
+    hu[body] = 40.0
+    gas = np.zeros(SHAPE, dtype=bool)
+    gas[5:13, 8:16, 10:16] = True  # world x 20-48 mm: 30-58 mm left of the midline
+    hu[gas] = -950.0
+    index = {n: i for i, n in enumerate(LOBES)}
+    p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    p[index["lung_lower_lobe_right"]][gas] = 0.85
+    rll = index["lung_lower_lobe_right"]
+
+    kept = outline_lobes(p, LOBES, hu, body, affine, 0.5, atlas=None, side_margin_mm=1e9).probabilities.numpy()
+    assert (kept[rll] > 0.5).sum() == gas.sum()  # without the rule, the gas is the lobe
+    dropped = outline_lobes(p, LOBES, hu, body, affine, 0.5, atlas=None).probabilities.numpy()
+    assert (dropped <= 0.5).all()
+    # Nor does the left lung's lobe take the gas over as unclaimed lung of its side.
+    lung = np.zeros(SHAPE, dtype=bool)
+    lung[4:16, 8:24, 26:38] = True
+    p_lung = p.copy()
+    p_lung[index["lung_upper_lobe_left"]][lung] = 0.9
+    q = outline_lobes(p_lung, LOBES, np.where(lung, np.float32(-850.0), hu), body, affine, 0.5, atlas=None).probabilities.numpy()
+    assert not (q[:, gas] > 0.5).any() and (q[index["lung_upper_lobe_left"]][lung] > 0.5).all()
+
+    # The image cuts the body at its left: no midline to trust, the lobe stays.
+    cut_body = body.copy()
+    cut_body[0:2, 2:28, :] = True
+    cut_hu = hu.copy()
+    cut_hu[0:2, 2:28, :] = 40.0
+    cut = outline_lobes(p, LOBES, cut_hu, cut_body, affine, 0.5, atlas=None).probabilities.numpy()
+    assert (cut[rll] > 0.5).sum() == gas.sum()
+
+    # A piece that reaches across to its own side is kept whole.
+    wide = np.zeros(SHAPE, dtype=bool)
+    wide[8:30, 8:16, 10:16] = True  # world x 32-116 mm, across the midline
+    wide_hu = np.where(wide, np.float32(-950.0), hu)
+    wide_p = np.full((5, *SHAPE), 0.02, dtype=np.float32)
+    wide_p[rll][wide] = 0.85
+    across = outline_lobes(wide_p, LOBES, wide_hu, body, affine, 0.5, atlas=None).probabilities.numpy()
+    assert (across[rll] > 0.5).sum() == wide.sum()
