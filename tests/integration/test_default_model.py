@@ -283,3 +283,29 @@ def test_the_masks_do_not_depend_on_how_the_image_is_stored(ts_dir, tmp_path):
         for term, mask in masks[name].items():
             assert mask.shape == given[term].shape
             assert np.count_nonzero(mask != given[term]) == 0, (name, term, int(mask.sum()), int(given[term].sum()))
+
+
+def test_no_enhancing_structure_is_brighter_than_a_native_scan_allows_on_the_74_cm_ct(shared_data, tmp_path):
+    """tcia_ccth_a01 has no contrast (its aorta measures under 100 HU): no kidney, liver, spleen or
+    heart written there may be brighter than its native range allows (the HU rule of ``volumed
+    segment``); bundle 0.6.0's network calls the iliac wings "kidney" at about 335 HU, and they
+    come out absent with the reason in statistics.json and report.txt."""
+    from volumed.data.hu_priors import TISSUES, tissue_of
+    from volumed.inference.stats import HU_MARGIN
+
+    out = tmp_path / "seg"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(shared_data / "tcia_ccth_a01" / "ct.nii.gz"), "--all", "-o", str(out), "--no-progress"])
+    assert exit_info.value.code in (0, None)
+    terms = json.loads((out / "statistics.json").read_text())["terms"]
+    assert terms["aorta"]["present"] and terms["aorta"]["intensity"]["mean"] < 100, terms["aorta"]
+    for name, entry in terms.items():
+        tissue = tissue_of(name)
+        if entry["present"] and TISSUES[tissue].blood_pool and name != "aorta":
+            assert entry["intensity"]["mean"] <= TISSUES[tissue].mean_range("native")[1] + HU_MARGIN, (name, entry)
+    rejected = {n: e["rejected"] for n, e in terms.items() if (e.get("rejected") or {}).get("rule") == "hu"}
+    assert rejected, "the network's bone 'kidneys' were not turned away"
+    for name, why in rejected.items():
+        assert why["mean_hu"] > why["expected_hu"][1] and why["phase"] == "native", why
+        assert f"{name} (rejected: " in (out / "report.txt").read_text()
+    assert "never has without contrast" in (out / "report.txt").read_text()

@@ -51,7 +51,8 @@ Outputs in ``out_dir``:
   atlas split is exempt) or ``"anatomy"`` (the anatomy check: it lies on
   the axial slices of found structures it never shares a slice with, a femur beside the liver;
   ``conflicts_with`` names them, :mod:`volumed.data.craniocaudal`) or ``"outside_body"`` (CT: all
-  of it lay outside the patient's body).
+  of it lay outside the patient's body) or ``"hu"`` (CT without contrast, its own aorta under 100
+  HU: an enhancing tissue brighter than its native range allows, :func:`_native_hu_rejects`).
   ``hu_check`` (CT, present terms): the mask's mean HU against its tissue's prior
   (:func:`volumed.inference.stats.hu_check`); an implausible one is flagged in the summary too.
 * ``preview.png``: three orthogonal slices with the label map and a legend naming each colour
@@ -145,6 +146,7 @@ from volumed.inference.stats import (
     hu_check,
     mask_evidence,
     ml_text,
+    native_hu_evidence,
     outside_body_evidence,
     presence_rejects,
     rejected_evidence,
@@ -886,6 +888,8 @@ class PromptSegPredictor:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         rejected: dict[int, MaskEvidence] = {}
         extents: dict[int, tuple] = {}  # found terms: (core S extent, box slices) for the anatomy check
+        hu_mean: dict[int, float] = {}  # found CT terms: the mask's mean HU (the native-phase HU check)
+        boxes: dict[int, tuple] = {}
         for k, pieces in self.iter_original(probs, case, components, skip=set(outlined)):
             if k in outlined:  # the lobes: filled to the lungs' air instead of the model's outline
                 pieces = self._tensor_pieces(k, outlined[k], case, components)
@@ -951,10 +955,24 @@ class PromptSegPredictor:
             # many-piece or raw mask is that of its scattered fragments, not of the structure.
             if anatomy_check and found[k][0] and components.postprocessing(k).rule == LARGEST_COMPONENT:
                 extents[k] = (s_extent(crop, volume.affine, origin, volume.shape, trim=TRIM), mask.box)
+            if found[k][0] and volume.modality == "CT":
+                boxes[k] = mask.box
+                hu_mean[k] = float(np.asarray(volume.data[mask.box], dtype=np.float64)[crop].mean())
             if on_mask is not None:
                 on_mask(k, mask)
             else:
                 kept[k] = mask.full()
+        for k, why in _native_hu_rejects(terms, found, hu_mean, voxel_ml).items():
+            voxels, total, peak = found[k]
+            rejected[k] = native_hu_evidence(voxels, total, peak, voxel_ml, hu_mean[k], *why)
+            label_box = label[boxes[k]]
+            label_box[label_box == k + 1] = 0  # its voxels leave the label map
+            found[k] = (0, 0.0, None)
+            extents.pop(k, None)
+            if on_mask is not None:
+                on_mask(k, BoxMask.empty(volume.shape))
+            else:
+                kept[k] = np.zeros(volume.shape, dtype=bool)
         if len(extents) >= 2:
             # Weight: volume times mean probability, i.e. the summed probability times a voxel's mL.
             # A lobe of a lung the atlas split weighs what its whole lung weighs: it is there
@@ -993,6 +1011,46 @@ class PromptSegPredictor:
         if body is not None:
             post = [replace(p, outside_body_ml=outside.get(k, 0.0)) for k, p in enumerate(post)]
         return Prediction(label, masks, evidence, seconds, post)
+
+
+#: The aorta of a scan without contrast measures 30-55 HU; under this, none was given (portal
+#: venous 130-220, arterial 250-600; volumed.data.hu_priors).
+NATIVE_AORTA_HU = 100.0
+
+
+def _native_hu_rejects(terms: Sequence, found: Mapping[int, tuple], hu_mean: Mapping[int, float],
+                       voxel_ml: float) -> dict[int, tuple]:
+    """Found structures whose mean HU their tissue never has without contrast, in a scan whose
+    aorta shows none: ``{k: (tissue, (low, high) expected HU, aorta's mean HU)}``.
+
+    A CT without contrast shows no enhancing tissue above its native range: a "kidney" at 270 HU
+    in a scan whose aorta measures 58 HU lies on bone (bundle 0.6.0 called tcia_ccth_a01's iliac
+    wings kidneys, docs/synthesis.md round 20). Applied only when the scan's own aorta is found
+    (at least 5 mL at mean probability 0.8) and measures under :data:`NATIVE_AORTA_HU`; to the
+    tissues that enhance (blood-pool tissues of :mod:`volumed.data.hu_priors`), with their native
+    range widened by :data:`volumed.inference.stats.HU_MARGIN` (partial volume); never to the
+    aorta itself. With contrast, or without an aorta to tell, nothing is turned away here."""
+    from volumed.data.hu_priors import TISSUES, tissue_of
+    from volumed.inference.stats import HU_MARGIN
+
+    aorta = next((k for k in hu_mean if terms[k].name == "aorta"), None)
+    if aorta is None:
+        return {}
+    voxels, total, _ = found[aorta]
+    if not voxels or voxels * voxel_ml < 5.0 or total / voxels < 0.8 or hu_mean[aorta] >= NATIVE_AORTA_HU:
+        return {}
+    out = {}
+    for k, mean in hu_mean.items():
+        if k == aorta or not found[k][0]:
+            continue
+        tissue = tissue_of(terms[k].name)
+        if not TISSUES[tissue].blood_pool:
+            continue
+        low, high = TISSUES[tissue].mean_range("native")
+        expected = (low - HU_MARGIN, high + HU_MARGIN)
+        if mean > expected[1]:
+            out[k] = (tissue, expected, hu_mean[aorta])
+    return out
 
 
 def _in_order(pieces: Iterator[tuple[int, list | None]], skipped: Sequence[int]) -> Iterator[tuple[int, list | None]]:

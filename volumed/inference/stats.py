@@ -248,6 +248,24 @@ def outside_body_evidence(voxels: int, probability_sum: float, peak: float, voxe
     return MaskEvidence(False, None, None, float(peak), info)
 
 
+def native_hu_evidence(voxels: int, probability_sum: float, peak: float, voxel_ml: float, mean_hu: float,
+                       tissue: str, expected: tuple[float, float], aorta_hu: float) -> MaskEvidence:
+    """The :class:`MaskEvidence` of a mask turned away because its mean HU is one its tissue never
+    has without contrast, in a scan whose aorta shows none (``volumed segment``): absent, with what
+    was seen, its mean HU, the native range (widened by :data:`HU_MARGIN`) and the aorta's mean."""
+    info = {"rule": "hu", "volume_ml": round(voxels * voxel_ml, 3), "confidence": float(probability_sum / voxels),
+            "max_probability": float(peak), "mean_hu": round(float(mean_hu), 1), "tissue": tissue,
+            "expected_hu": [float(expected[0]), float(expected[1])], "phase": "native",
+            "aorta_mean_hu": round(float(aorta_hu), 1)}
+    return MaskEvidence(False, None, None, float(peak), info)
+
+
+def hu_rejection_text(r: dict) -> str:
+    """Why a mask was turned away by its HU (``rule == "hu"``), after "a ... mL region"."""
+    return (f"at a mean {r['mean_hu']:g} HU, which {r['tissue']} never has without contrast (expected "
+            f"{r['expected_hu'][0]:g} to {r['expected_hu'][1]:g} HU; the aorta measures {r['aorta_mean_hu']:g} HU)")
+
+
 def ml_text(v: float) -> str:
     """A volume in mL for a sentence: one decimal from 1 mL, two below, one significant digit under
     0.01 mL (a 0.004 mL region is not "0.0 mL")."""
@@ -281,6 +299,8 @@ def rejection_text(r: dict) -> str:
         return f"{seen} {anatomy_conflict_text(r)} (craniocaudal atlas)"
     if r.get("rule") == "outside_body":
         return f"{seen}, all of it outside the patient's body (the table or the air around the patient)"
+    if r.get("rule") == "hu":
+        return f"{seen} {hu_rejection_text(r)}"
     return f"{seen}, under the presence rule ({r['min_ml']:g} mL and mean probability {r['min_confidence']:.2f})"
 
 

@@ -589,6 +589,11 @@ def build_structured_report(
             elif rejected.get("rule") == "outside_body":
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
                         f"mean probability {_num(rejected['confidence'], 2)}, all of it outside the patient's body.")
+            elif rejected.get("rule") == "hu":
+                from volumed.inference.stats import hu_rejection_text
+
+                text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
+                        f"mean probability {_num(rejected['confidence'], 2)} {hu_rejection_text(rejected)}.")
             else:
                 text = (f"The {title} is reported absent: the only candidate was a {_ml(rejected['volume_ml'])} mL region at "
                         f"mean probability {_num(rejected['confidence'], 2)}, under the model's presence rule "

@@ -495,6 +495,8 @@ def _page_html(template: str, out_dir: Path, volume: Volume, seg: _SegmentOutput
                     evidence += f", on the slices of {', '.join(s.rejected['conflicts_with'])}"
                 elif s.rejected.get("rule") == "outside_body":
                     evidence += ", outside the body"
+                elif s.rejected.get("rule") == "hu":
+                    evidence += f", {s.rejected['mean_hu']:g} HU without contrast"
         volume_ml = "" if s.volume_ml is None else ml_text(s.volume_ml)
         rows.append(
             f'<tr class="{"present" if s.present else "absent"}" data-values="{s.value}">'

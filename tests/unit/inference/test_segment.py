@@ -978,3 +978,33 @@ def test_the_default_model_on_cuda_gives_the_cpu_masks_on_the_example_ct(ts_dir,
         got = masks["cuda"][name]
         dice = 2 * (ref & got).sum() / max(1, ref.sum() + got.sum())
         assert dice >= 0.999 or (ref.sum() == got.sum() == 0), (name, dice)
+
+
+def test_an_enhancing_structure_brighter_than_it_ever_is_without_contrast_is_absent_in_a_native_scan():
+    """In a CT without contrast (its own aorta under 100 HU) a kidney, a liver or a heart never
+    measures more than its native range plus the partial-volume margin: a "kidney" at 333 HU lies
+    on bone (bundle 0.6.0 on tcia_ccth_a01's iliac wings). Such a mask is turned away; with
+    contrast (a bright aorta), without a found aorta, or an unsure one, nothing is; bone is never
+    judged by it; and the reason reads in words."""
+    from types import SimpleNamespace
+
+    from volumed.inference.segment import _native_hu_rejects
+    from volumed.inference.stats import native_hu_evidence, rejection_text
+
+    terms = [SimpleNamespace(name=n) for n in ("aorta", "kidney_left", "liver", "femur_left", "heart")]
+    found = {0: (1000, 900.0, 0.99), 1: (500, 420.0, 0.95), 2: (9000, 8500.0, 1.0), 3: (800, 700.0, 0.97),
+             4: (3000, 2700.0, 0.98)}
+    voxel_ml = 0.01  # the aorta: 10 mL at mean probability 0.9
+    native = {0: 58.0, 1: 333.0, 2: 60.0, 3: 450.0, 4: 45.0}
+    assert _native_hu_rejects(terms, found, native, voxel_ml) == {1: ("kidney", (-140.0, 195.0), 58.0)}
+    assert _native_hu_rejects(terms, found, {**native, 0: 180.0}, voxel_ml) == {}  # portal venous
+    assert _native_hu_rejects(terms, found, {k: v for k, v in native.items() if k}, voxel_ml) == {}  # no aorta
+    unsure = {**found, 0: (1000, 600.0, 0.9)}  # mean probability 0.6
+    assert _native_hu_rejects(terms, unsure, native, voxel_ml) == {}
+    small = {**found, 0: (400, 380.0, 0.99)}  # 4 mL
+    assert _native_hu_rejects(terms, small, native, voxel_ml) == {}
+    evidence = native_hu_evidence(500, 420.0, 0.95, voxel_ml, 333.0, "kidney", (-140.0, 195.0), 58.0)
+    assert not evidence.present and evidence.rejected["rule"] == "hu"
+    assert rejection_text(evidence.rejected) == (
+        "a 5.0 mL region at mean probability 0.84 at a mean 333 HU, which kidney never has without contrast "
+        "(expected -140 to 195 HU; the aorta measures 58 HU)")
