@@ -888,8 +888,9 @@ class PromptSegPredictor:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         rejected: dict[int, MaskEvidence] = {}
         extents: dict[int, tuple] = {}  # found terms: (core S extent, box slices) for the anatomy check
-        hu_mean: dict[int, float] = {}  # found CT terms: the mask's mean HU (the native-phase HU check)
+        hu_mean: dict[int, float] = {}  # found CT terms of enhancing tissues: the mask's mean HU
         boxes: dict[int, tuple] = {}
+        blood_pool = _enhancing_terms(terms) if volume.modality == "CT" else set()
         for k, pieces in self.iter_original(probs, case, components, skip=set(outlined)):
             if k in outlined:  # the lobes: filled to the lungs' air instead of the model's outline
                 pieces = self._tensor_pieces(k, outlined[k], case, components)
@@ -955,9 +956,9 @@ class PromptSegPredictor:
             # many-piece or raw mask is that of its scattered fragments, not of the structure.
             if anatomy_check and found[k][0] and components.postprocessing(k).rule == LARGEST_COMPONENT:
                 extents[k] = (s_extent(crop, volume.affine, origin, volume.shape, trim=TRIM), mask.box)
-            if found[k][0] and volume.modality == "CT":
+            if found[k][0] and k in blood_pool:  # the mask's own voxels only, for the native HU rule
                 boxes[k] = mask.box
-                hu_mean[k] = float(np.asarray(volume.data[mask.box], dtype=np.float64)[crop].mean())
+                hu_mean[k] = float(volume.data[mask.box][crop].mean(dtype=np.float64))
             if on_mask is not None:
                 on_mask(k, mask)
             else:
@@ -1018,6 +1019,14 @@ class PromptSegPredictor:
 NATIVE_AORTA_HU = 100.0
 
 
+def _enhancing_terms(terms: Sequence) -> set[int]:
+    """Indices of the terms whose tissue enhances with contrast (blood-pool tissues of
+    :mod:`volumed.data.hu_priors`: the aorta, kidneys, liver, heart...)."""
+    from volumed.data.hu_priors import TISSUES, tissue_of
+
+    return {k for k, t in enumerate(terms) if TISSUES[tissue_of(t.name)].blood_pool}
+
+
 def _native_hu_rejects(terms: Sequence, found: Mapping[int, tuple], hu_mean: Mapping[int, float],
                        voxel_ml: float) -> dict[int, tuple]:
     """Found structures whose mean HU their tissue never has without contrast, in a scan whose
@@ -1027,12 +1036,10 @@ def _native_hu_rejects(terms: Sequence, found: Mapping[int, tuple], hu_mean: Map
     in a scan whose aorta measures 58 HU lies on bone (bundle 0.6.0 called tcia_ccth_a01's iliac
     wings kidneys, docs/synthesis.md round 20). Applied only when the scan's own aorta is found
     (at least 5 mL at mean probability 0.8) and measures under :data:`NATIVE_AORTA_HU`; to the
-    tissues that enhance (blood-pool tissues of :mod:`volumed.data.hu_priors`), with their native
-    range widened by :data:`volumed.inference.stats.HU_MARGIN` (partial volume); never to the
-    aorta itself. With contrast, or without an aorta to tell, nothing is turned away here."""
-    from volumed.data.hu_priors import TISSUES, tissue_of
-    from volumed.inference.stats import HU_MARGIN
-
+    tissues that enhance (``hu_mean`` holds only those), judged by
+    :func:`volumed.inference.stats.hu_check` in the native phase (its range widened for partial
+    volume); never to the aorta itself, and never for being too dark. With contrast, or without an
+    aorta to tell, nothing is turned away here."""
     aorta = next((k for k in hu_mean if terms[k].name == "aorta"), None)
     if aorta is None:
         return {}
@@ -1043,13 +1050,9 @@ def _native_hu_rejects(terms: Sequence, found: Mapping[int, tuple], hu_mean: Map
     for k, mean in hu_mean.items():
         if k == aorta or not found[k][0]:
             continue
-        tissue = tissue_of(terms[k].name)
-        if not TISSUES[tissue].blood_pool:
-            continue
-        low, high = TISSUES[tissue].mean_range("native")
-        expected = (low - HU_MARGIN, high + HU_MARGIN)
-        if mean > expected[1]:
-            out[k] = (tissue, expected, hu_mean[aorta])
+        check = hu_check(terms[k].name, mean, "HU", phase="native")
+        if check and mean > check["expected_hu"][1]:
+            out[k] = (check["tissue"], tuple(check["expected_hu"]), hu_mean[aorta])
     return out
 
 

@@ -309,9 +309,10 @@ def rejection_text(r: dict) -> str:
 HU_MARGIN = 150.0
 
 
-def hu_check(name: str, mean: float | None, unit: str) -> dict | None:
+def hu_check(name: str, mean: float | None, unit: str, phase: str | None = None) -> dict | None:
     """Whether a CT mask's mean HU fits what its structure is made of
-    (:mod:`volumed.data.hu_priors`: any contrast phase, widened by :data:`HU_MARGIN`).
+    (:mod:`volumed.data.hu_priors`: any contrast phase, or ``phase`` when the scan's is known,
+    widened by :data:`HU_MARGIN`).
 
     ``{"tissue", "expected_hu": [low, high], "plausible"}``, or ``None`` where no prior applies
     (not HU, no mean, or a structure no rule knows). A "trachea" at 527 HU is bone, not air: the
@@ -323,6 +324,6 @@ def hu_check(name: str, mean: float | None, unit: str) -> dict | None:
     tissue = tissue_of(name)
     if tissue == "soft":
         return None
-    ranges = TISSUES[tissue].mean.values()
+    ranges = [TISSUES[tissue].mean_range(phase)] if phase else TISSUES[tissue].mean.values()
     low, high = min(r[0] for r in ranges) - HU_MARGIN, max(r[1] for r in ranges) + HU_MARGIN
     return {"tissue": tissue, "expected_hu": [low, high], "plausible": bool(low <= float(mean) <= high)}

@@ -106,6 +106,12 @@ def test_hu_check_flags_a_mask_on_the_wrong_tissue():
     assert hu_check("sacrum", -682.0, "HU")["plausible"] is False
     assert hu_check("liver", 53.0, "HU")["plausible"] is True
     assert hu_check("aorta", 553.0, "HU")["plausible"] is True  # an arterial phase is allowed
+    # A known phase narrows an enhancing tissue's range: a 333 HU "kidney" fits an arterial scan,
+    # not one without contrast (bone on tcia_ccth_a01); a bone's range is the same in every phase.
+    assert hu_check("kidney_left", 333.0, "HU")["plausible"] is True
+    assert hu_check("kidney_left", 333.0, "HU", phase="native") == {
+        "tissue": "kidney", "expected_hu": [10.0 - HU_MARGIN, 45.0 + HU_MARGIN], "plausible": False}
+    assert hu_check("femur_left", 450.0, "HU", phase="native") == hu_check("femur_left", 450.0, "HU")
     assert hu_check("lung_upper_lobe_left", -624.0, "HU")["tissue"] == "lung"
     # No prior: not CT, no mean, or a structure no rule knows.
     assert hu_check("liver", 53.0, "intensity") is None and hu_check("liver", None, "HU") is None
