@@ -123,6 +123,10 @@ VARIANTS["M-hw-ft-e"] = [*VARIANTS["M-hw-ft"], "--data.synthetic_enhancement", "
 # (docs/synthesis.md, round 20: the arms and table of the DICOM slab hid its spleen from every
 # model that had not trained on that scan).
 VARIANTS["M-hw-ft-s"] = [*VARIANTS["M-hw-ft"], "--data.synthetic_surroundings", "0.5"]
+# M-hw-ft-s with a quarter of the patches, real and synthetic, cut to a box of 10-30 cm in air, as
+# an exported crop is (docs/synthesis.md, round 21: the thorax crop's heart, and a real CT cut to
+# an 18 cm box lost its liver and lower lobes).
+VARIANTS["M-hw-ft-sb"] = [*VARIANTS["M-hw-ft-s"], "--data.box_crop", "0.25"]
 # M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's own M-hw-ft model, heart
 # wall on (docs/synthesis.md, round 15).
 VARIANTS["M-hw-ft2"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw-ft/{run}/package/model.safetensors",
@@ -347,6 +351,9 @@ VARIANT_TEXT = {
     "M-hw-ft2": "M-hw-ft, then M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's M-hw-ft model",
     "M-hw-ft": "M-ft's recipe (70% synthetic patches) from the M-hw synthetic-only model, heart wall on",
     "M-hw-ft-e": "M-hw-ft with synthetic contrast patches enhanced by 40-100 % of their phase's prior over native",
+    "M-hw-ft-s": "M-hw-ft with arms beside half of the synthetic trunks and a table under half of them",
+    "M-hw-ft-sb": "M-hw-ft-s with a quarter of the patches, real and synthetic, cut to a box of 10-30 cm in air "
+                  "(`--data.box_crop 0.25`)",
     "M-hw": "size M with the synthetic contrast heart drawn as blood inside a darker wall and septum, and the "
             "heart's arterial prior up to 600 HU (docs/synthesis.md, round 14)",
 }

@@ -16,6 +16,12 @@ What a new hospital's CT differs in, beyond what rotation, scaling and intensity
   filled as inference pads a scan thinner than the patch: by default the kept slab mirrored at
   its ends, image and targets alike (``fill="mirror"``, :func:`volumed.data.transforms.pad_spatial`),
   or air with empty targets (``fill="air"``, for packages that pad with air).
+* **Box crop** (:class:`BoxCrop`, every patch). Exported crops (a heart crop, a CTA of the aorta)
+  are a box of tissue 10-30 cm wide: inference pads such a scan with air in-plane (and mirrors it
+  along the slices when it is thinner than the patch), so the network sees straight edges of
+  tissue in air that no whole-field CT shows. A network that never saw them lost the liver and
+  both lower lobes of a real CT cut to an 18 cm box (docs/synthesis.md, round 21). A random box
+  around the patch centre is kept; the rest is filled as inference fills it.
 * **Slice thickness** (:func:`slice_thickness`, every patch). Slices from 1 to 5 mm: TorchIO's
   ``RandomAnisotropy`` down-samples the slice axis by a random factor and resamples back, as
   thick slices lose through-plane detail. At a 4 mm model spacing only thicknesses above 4 mm
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 
 from volumed.data.hu_priors import PHASES, TISSUES, tissue_of
 
-__all__ = ["REGIONS", "ContrastPhase", "FieldOfView", "POOL_TISSUES", "region_of", "slice_thickness"]
+__all__ = ["REGIONS", "BoxCrop", "ContrastPhase", "FieldOfView", "POOL_TISSUES", "region_of", "slice_thickness"]
 
 #: Tissues moved by the contrast-phase augmentation.
 POOL_TISSUES: tuple[str, ...] = tuple(sorted(t for t, v in TISSUES.items() if v.blood_pool))
@@ -196,6 +202,83 @@ class FieldOfView:
             if key in data:
                 m = torch.as_tensor(data[key])
                 out[key] = m * keep.to(m.dtype)
+        return out
+
+
+class BoxCrop:
+    """Keep a random box of a patch, as a scan exported as a crop shows it (module docstring).
+
+    In-plane, the box is ``inplane_mm`` wide on each axis (drawn per axis), placed at random so
+    that it holds the patch centre (the voxel the patch was drawn for); outside it the image is
+    air (0) and every mask empty, as :func:`volumed.data.transforms.pad_spatial` pads in-plane.
+    Along the slices, the box is ``slab_mm`` deep; when that is thinner than the patch, the slab
+    is kept and the other slices are filled as inference pads a thin scan: mirrored
+    (``fill="mirror"``, pad mode ``symmetric``/``symmetric_z``) or air (``fill="air"``).
+
+    Args:
+        spacing: the patch's voxel size, mm.
+        prob: probability that a patch is cut at all.
+        inplane_mm: ``(low, high)`` width of the box on each in-plane axis, mm.
+        slab_mm: ``(low, high)`` depth of the box along the slices, mm.
+        fill: ``"mirror"`` or ``"air"``, as :class:`FieldOfView`.
+        seed: the generator's seed.
+    """
+
+    KEYS: tuple[str, ...] = ("image", "masks", "fg", "zindex", "pools")
+
+    def __init__(self, spacing: Sequence[float], prob: float = 0.2, inplane_mm: tuple[float, float] = (100.0, 300.0),
+                 slab_mm: tuple[float, float] = (100.0, 300.0), fill: str = "mirror", seed: int = 0):  # fmt: skip
+        if fill not in ("mirror", "air"):
+            raise ValueError(f"BoxCrop fill must be 'mirror' or 'air', got {fill!r}")
+        for name, (lo, hi) in (("inplane_mm", inplane_mm), ("slab_mm", slab_mm)):
+            if not 0.0 < float(lo) <= float(hi):
+                raise ValueError(f"BoxCrop {name} must be (low, high) with 0 < low <= high, got {(lo, hi)!r}")
+        self.spacing = tuple(float(s) for s in spacing)
+        self.prob = float(prob)
+        self.inplane_mm = (float(inplane_mm[0]), float(inplane_mm[1]))
+        self.slab_mm = (float(slab_mm[0]), float(slab_mm[1]))
+        self.fill = fill
+        self.rng = np.random.default_rng(seed)
+
+    def set_random_state(self, seed: int) -> "BoxCrop":
+        self.rng = np.random.default_rng(seed)
+        return self
+
+    def _span(self, n: int, mm: tuple[float, float], spacing: float) -> tuple[int, int]:
+        """``(start, width)`` of a box of a random width on an axis of ``n`` voxels, holding its centre."""
+        width = int(round(self.rng.uniform(*mm) / spacing))
+        width = min(max(width, 1), n)
+        c = n // 2
+        start = int(self.rng.integers(max(0, c - width + 1), min(c, n - width) + 1))
+        return start, width
+
+    def __call__(self, data: Mapping[str, torch.Tensor]) -> dict:
+        out = dict(data)
+        out["box"] = None
+        if self.rng.random() >= self.prob:
+            return out
+        image = torch.as_tensor(data["image"])
+        nx, ny, nz = image.shape[-3:]
+        (x0, wx), (y0, wy) = self._span(nx, self.inplane_mm, self.spacing[0]), self._span(ny, self.inplane_mm, self.spacing[1])
+        z0, wz = self._span(nz, self.slab_mm, self.spacing[2])
+        keep = torch.zeros((nx, ny, nz), dtype=torch.bool)
+        keep[x0 : x0 + wx, y0 : y0 + wy] = True
+        out["box"] = ((x0, x0 + wx), (y0, y0 + wy), (z0, z0 + wz))
+        src = None
+        if wz < nz:
+            if self.fill == "mirror":
+                r = (torch.arange(nz) - z0) % (2 * wz)
+                src = z0 + torch.where(r >= wz, 2 * wz - 1 - r, r)
+            else:
+                keep[:, :, :z0] = False
+                keep[:, :, z0 + wz :] = False
+        for key in self.KEYS:
+            if key not in data:
+                continue
+            x = torch.as_tensor(data[key])
+            if src is not None:
+                x = x.index_select(-1, src)
+            out[key] = x * keep.to(x.dtype) if key != "image" else torch.where(keep, x, torch.zeros((), dtype=x.dtype))
         return out
 
 

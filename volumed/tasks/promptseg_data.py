@@ -79,7 +79,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset, RandomSampler
 
-from volumed.data.ct_augment import POOL_TISSUES, ContrastPhase, FieldOfView, region_of
+from volumed.data.ct_augment import POOL_TISSUES, BoxCrop, ContrastPhase, FieldOfView, region_of
 from volumed.data.ct_augment import slice_thickness as slice_thickness_transform
 from volumed.data.datalist import DatalistEntry, load_datalist, split_terms
 from volumed.data.hu_priors import tissue_of
@@ -738,6 +738,9 @@ class PromptSegPatchDataset(Dataset):
             (:class:`volumed.data.ct_augment.FieldOfView`; 0: off).
         slice_thickness: probability that a patch is resampled as 1-5 mm slices
             (:func:`volumed.data.ct_augment.slice_thickness`; 0: off).
+        box_crop: probability that a patch, real or synthetic, keeps only a random box of 10-30 cm
+            around its centre, the rest filled as inference pads an exported crop
+            (:class:`volumed.data.ct_augment.BoxCrop`; 0: off).
         spacing: model-space voxel size, mm (synthesis and slice thickness).
         ct_window: the HU window of the ``[0, 1]`` scale (synthesis, contrast phase).
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
@@ -759,8 +762,8 @@ class PromptSegPatchDataset(Dataset):
             way (the package records it). Synthetic label maps are always padded with air.
 
     Per patch: crop -> synthetic: :class:`volumed.data.synthesis.CTSynthesizer` (deformation,
-    image from the labels, targets from the deformed labels); real CT: contrast phase -> field of
-    view -> ``augment`` -> slice thickness.
+    image from the labels, targets from the deformed labels); real CT: contrast phase; both: field
+    of view -> box crop -> ``augment`` -> slice thickness.
 
     Item: ``{"image": (1, px, py, pz) float32, "target": (T, px, py, pz) uint8,
     "annotated": (T,) bool, "modality": 0 (CT) | 1 (MR), "center_fg": bool, "synthetic": bool,
@@ -789,6 +792,7 @@ class PromptSegPatchDataset(Dataset):
         synthetic_surroundings: float = 0.0,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
+        box_crop: float = 0.0,
     ):
         if pad_mode not in PAD_MODES:
             raise ConfigError(f"pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}", "pad_mode")
@@ -797,7 +801,8 @@ class PromptSegPatchDataset(Dataset):
             raise ConfigError(f"fg_rate must be a probability in [0, 1], got {fg_rate!r}", "fg_rate")
         if sampling not in ("class", "union"):
             raise ConfigError(f"sampling must be 'class' or 'union', got {sampling!r}", "sampling")
-        for name, p in (("contrast_phase", contrast_phase), ("field_of_view", field_of_view), ("slice_thickness", slice_thickness)):
+        for name, p in (("contrast_phase", contrast_phase), ("field_of_view", field_of_view), ("slice_thickness", slice_thickness),
+                        ("box_crop", box_crop)):
             if not 0.0 <= float(p) <= 1.0:
                 raise ConfigError(f"{name} must be a probability in [0, 1], got {p!r}", name)
         if not cases:
@@ -833,6 +838,7 @@ class PromptSegPatchDataset(Dataset):
         ]  # fmt: skip
         fill = "mirror" if pad_mode.startswith("symmetric") else "air"
         self.fov = [FieldOfView(c.regions, prob=field_of_view, fill=fill) if field_of_view > 0 and c.regions else None for c in self.cases]
+        self.box = BoxCrop(self.spacing, prob=float(box_crop), fill=fill) if box_crop > 0 else None
         self.thickness = slice_thickness_transform(float(spacing[2]), prob=slice_thickness) if slice_thickness > 0 else None
         self._torch_rng = np.random.default_rng(0)
         # Per case, once: the tensors padded to at least one patch (0: air, no structure, no
@@ -922,6 +928,8 @@ class PromptSegPatchDataset(Dataset):
         for k, part in enumerate([*self.synthesizers, *self.contrast, *self.fov]):
             if part is not None:
                 part.set_random_state(seed + 15485863 + 31 * k)
+        if self.box is not None:
+            self.box.set_random_state(seed + 32452843)
         if self.augment is not None:
             self.augment.set_random_state(seed=seed + 104729)
         self._torch_rng = np.random.default_rng(seed + 1299709)
@@ -970,6 +978,8 @@ class PromptSegPatchDataset(Dataset):
             out = self.contrast[k](out)
         if self.fov[k] is not None:
             out = self.fov[k](out)
+        if self.box is not None:
+            out = self.box(out)
         if self.augment is not None:
             out = self.augment({key: out[key] for key in ("image", "masks", "fg")})
         image = _plain(out["image"]).float()
@@ -1030,8 +1040,8 @@ class PromptSegDataModule(L.LightningDataModule):
         synthetic_section: the JSON section of those entries.
         exclude: leave out every entry whose image path (or label-map name / path) contains one
             of these strings: how leave-one-scan-out folds are made from one datalist.
-        contrast_phase, field_of_view, slice_thickness: probabilities of the CT augmentations
-            (:class:`PromptSegPatchDataset`; 0: off).
+        contrast_phase, field_of_view, slice_thickness, box_crop: probabilities of the CT
+            augmentations (:class:`PromptSegPatchDataset`; 0: off).
         deform_mm: largest elastic displacement of a synthetic patch's label map, mm.
         synthetic_texture: lung vessels and bone cortex in synthetic patches
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_texture`).
@@ -1084,6 +1094,7 @@ class PromptSegDataModule(L.LightningDataModule):
         contrast_phase: float = 0.0,
         field_of_view: float = 0.0,
         slice_thickness: float = 0.0,
+        box_crop: float = 0.0,
         deform_mm: float = 6.0,
         synthetic_texture: bool = True,
         synthetic_heart_wall: bool = False,
@@ -1151,7 +1162,7 @@ class PromptSegDataModule(L.LightningDataModule):
             spacing=self.preprocess_config.target_spacing or (1.0, 1.0, 1.0), ct_window=hp.ct_window, deform_mm=hp.deform_mm,
             synthetic_texture=hp.synthetic_texture, synthetic_heart_wall=hp.synthetic_heart_wall,
             synthetic_enhancement=tuple(hp.synthetic_enhancement), synthetic_surroundings=hp.synthetic_surroundings,
-            pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share,
+            pad_mode=hp.pad_mode, synthetic_share=hp.synthetic_share, box_crop=hp.box_crop,
         )  # fmt: skip
         self.train_set.set_random_state(hp.seed)
         if hp.val_datalist:

@@ -1,12 +1,12 @@
 """CT augmentations of training patches (volumed.data.ct_augment): contrast phase, field of view,
-slice thickness."""
+box crop, slice thickness."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from volumed.data.ct_augment import POOL_TISSUES, ContrastPhase, FieldOfView, region_of, slice_thickness
+from volumed.data.ct_augment import POOL_TISSUES, BoxCrop, ContrastPhase, FieldOfView, region_of, slice_thickness
 from volumed.data.hu_priors import TISSUES
 
 WINDOW = (-1000.0, 1000.0)
@@ -134,3 +134,56 @@ def test_field_of_view_mirrors_the_kept_slab_into_the_rest():
     assert torch.equal(out["fg"], out["masks"])
     with pytest.raises(ValueError, match="fill"):
         FieldOfView({"chest": (1, 2)}, fill="noise")
+
+
+def _box_patch(shape=(40, 30, 24)) -> dict:
+    zindex = torch.arange(1, shape[2] + 1, dtype=torch.int16).view(1, 1, 1, -1).expand(1, *shape).clone()
+    image = 0.3 + zindex.float() / 100.0  # every voxel tissue; its value tells the slice it came from
+    masks = torch.ones((2, *shape), dtype=torch.uint8)
+    return {"image": image, "masks": masks, "fg": masks[:1].clone(), "zindex": zindex}
+
+
+def test_box_crop_keeps_a_box_around_the_centre_and_fills_the_rest_with_air():
+    """As inference sees an exported crop: tissue inside a box that holds the patch centre, air
+    and no structure around it in-plane; along the slices a slab (air outside, fill="air")."""
+    data = _box_patch()
+    spacing = (4.0, 4.0, 4.0)
+    for seed in range(20):
+        out = BoxCrop(spacing, prob=1.0, inplane_mm=(40.0, 80.0), slab_mm=(40.0, 60.0), fill="air", seed=seed)(data)
+        (x0, x1), (y0, y1), (z0, z1) = out["box"]
+        assert 10 <= x1 - x0 <= 20 and 10 <= y1 - y0 <= 20 and 10 <= z1 - z0 <= 15
+        assert x0 <= 20 < x1 and y0 <= 15 < y1 and z0 <= 12 < z1  # the patch centre is kept
+        keep = torch.zeros(data["image"].shape[1:], dtype=torch.bool)
+        keep[x0:x1, y0:y1, z0:z1] = True
+        assert torch.equal(out["image"][0] > 0, keep)
+        assert torch.equal(out["image"][0][keep], data["image"][0][keep])
+        assert torch.equal(out["masks"][1] > 0, keep) and torch.equal(out["fg"][0] > 0, keep)
+        assert torch.equal(out["zindex"][0] > 0, keep)  # outside the box reads as padding
+    assert float(data["image"].min()) > 0.3  # the input is not modified
+    assert BoxCrop(spacing, prob=0.0)(data)["box"] is None
+
+
+def test_box_crop_mirrors_a_thin_slab_along_the_slices_as_inference_pads_it():
+    data = _box_patch()
+    out = BoxCrop((4.0, 4.0, 4.0), prob=1.0, inplane_mm=(40.0, 40.0), slab_mm=(20.0, 20.0), seed=3)(data)
+    (x0, x1), (y0, y1), (z0, z1) = out["box"]
+    assert z1 - z0 == 5
+    src = [int(v) for v in ((out["image"][0, x0, y0] - 0.3) * 100).round()]
+    kept = list(range(z0 + 1, z1 + 1))  # 1-based slice numbers of the slab
+    assert src[z0:z1] == kept
+    # Reflected at both ends of the slab, repeatedly (numpy's "symmetric" padding).
+    assert src[z1 : z1 + 5] == kept[::-1] and src[z0 - 5 : z0] == kept[::-1]
+    assert set(src) == set(kept)  # every slice a copy of one in the slab
+    assert torch.equal(out["zindex"][0, x0, y0], torch.tensor(src, dtype=torch.int16))
+    assert float(out["image"][0, :x0].abs().max() if x0 else 0.0) == 0.0 and out["masks"][:, x1:].sum() == 0
+    # A slab as deep as the patch: no slice is touched.
+    deep = BoxCrop((4.0, 4.0, 4.0), prob=1.0, inplane_mm=(40.0, 40.0), slab_mm=(200.0, 300.0), seed=3)(data)
+    (a0, a1), (b0, b1), _ = deep["box"]
+    assert torch.equal(deep["image"][0, a0:a1, b0:b1], data["image"][0, a0:a1, b0:b1])
+
+
+def test_box_crop_refuses_bad_settings():
+    with pytest.raises(ValueError, match="fill"):
+        BoxCrop((4.0, 4.0, 4.0), fill="noise")
+    with pytest.raises(ValueError, match="inplane_mm"):
+        BoxCrop((4.0, 4.0, 4.0), inplane_mm=(300.0, 100.0))

@@ -246,3 +246,35 @@ def test_surroundings_reach_the_synthesizers_and_give_the_label_maps_room_around
     spacing = dm.train_set.spacing
     for off, on in zip(shapes[0.0], shapes[0.5]):
         assert on[0] - off[0] == 2 * round(96 / spacing[0]) and on[1] - off[1] == round(64 / spacing[1]) and on[2] == off[2]
+
+
+def test_box_crop_cuts_real_and_synthetic_patches_to_a_box_in_air(label_maps):
+    """`--data.box_crop 1`: every patch, real or synthetic, keeps a box around its centre with
+    air and no target around it in-plane (what inference gives a scan exported as a crop)."""
+    path = _mixed_datalist(label_maps)
+
+    def widths(box_crop: float) -> list[tuple[int, int, bool]]:
+        dm = PromptSegDataModule(datalist=str(path), patch_size=(32, 32, 16), samples_per_epoch=8, box_crop=box_crop,
+                                 target_spacing=(10.0, 10.0, 10.0))  # fmt: skip
+        dm.setup()
+        ds = dm.train_set
+        assert (ds.box is not None) == (box_crop > 0)
+        out = []
+        for i in range(len(ds)):
+            item = ds[i]
+            image, target = item["image"][0], item["target"]
+            cols = (image > 0).any(1).any(1).nonzero().flatten()
+            rows = (image > 0).any(0).any(1).nonzero().flatten()
+            outside = torch.ones_like(image, dtype=torch.bool)
+            outside[int(cols.min()) : int(cols.max()) + 1, int(rows.min()) : int(rows.max()) + 1] = False
+            assert int(target[:, outside].sum()) == 0
+            out.append((len(cols), len(rows), bool(item["synthetic"])))
+        return out
+
+    # A box of 100-300 mm is 10-30 voxels at 10 mm (the patch: 32); outside it air and no target.
+    cut = widths(1.0)
+    assert {s for _, _, s in cut} == {True, False}
+    assert all(0 < w <= 30 and 0 < h <= 30 for w, h, _ in cut)
+    assert any(w > 30 or h > 30 for w, h, _ in widths(0.0))  # without it, the body reaches further
+    with pytest.raises(ConfigError, match="box_crop"):
+        PromptSegDataModule(datalist=str(path), patch_size=(32, 32, 16), box_crop=1.5).setup()
