@@ -127,6 +127,12 @@ VARIANTS["M-hw-ft-s"] = [*VARIANTS["M-hw-ft"], "--data.synthetic_surroundings", 
 # an exported crop is (docs/synthesis.md, round 21: the thorax crop's heart, and a real CT cut to
 # an 18 cm box lost its liver and lower lobes).
 VARIANTS["M-hw-ft-sb"] = [*VARIANTS["M-hw-ft-s"], "--data.box_crop", "0.25"]
+# M-hw-ft-s with half the patches cut to a box: does more of it close the thorax crop's heart?
+VARIANTS["M-hw-ft-sb5"] = [*VARIANTS["M-hw-ft-s"], "--data.box_crop", "0.5"]
+# M-hw-ft-sb with 12-20 cm of thighs drawn below s0327, the one label map that ends across the
+# femoral shafts: no training source reached mid-thigh, and every fold called tcia_ccth_a01's
+# femoral shafts "hip" (docs/synthesis.md, round 21).
+VARIANTS["M-hw-ft-sbt"] = [*VARIANTS["M-hw-ft-sb"], "--data.synthetic_thighs", "true"]
 # M-ft2's second phase (30% synthetic patches, lr 1e-3) from each fold's own M-hw-ft model, heart
 # wall on (docs/synthesis.md, round 15).
 VARIANTS["M-hw-ft2"] = [*VARIANTS["M-hw"], "--model.init_weights", "runs/generalisation/M-hw-ft/{run}/package/model.safetensors",
@@ -354,6 +360,9 @@ VARIANT_TEXT = {
     "M-hw-ft-s": "M-hw-ft with arms beside half of the synthetic trunks and a table under half of them",
     "M-hw-ft-sb": "M-hw-ft-s with a quarter of the patches, real and synthetic, cut to a box of 10-30 cm in air "
                   "(`--data.box_crop 0.25`)",
+    "M-hw-ft-sb5": "M-hw-ft-s with half of the patches cut to a box of 10-30 cm in air (`--data.box_crop 0.5`)",
+    "M-hw-ft-sbt": "M-hw-ft-sb with thighs drawn below the label map that ends across the femoral shafts "
+                   "(`--data.synthetic_thighs true`)",
     "M-hw": "size M with the synthetic contrast heart drawn as blood inside a darker wall and septum, and the "
             "heart's arterial prior up to 600 HU (docs/synthesis.md, round 14)",
 }

@@ -32,7 +32,9 @@ Body layers. A label map labels organs, bones and some muscles, not the body aro
 body is rebuilt: per axial slice, the convex hull of everything labelled (the trunk) is filled
 with ``soft`` and ``fat`` (a smooth random split: mesentery, retroperitoneal fat), then wrapped in
 a ``muscle`` wall and a ``fat`` subcutaneous layer of random thickness; everything outside is
-``air``. Those four classes are never training targets.
+``air``. Those four classes are never training targets. Optionally (:func:`extend_thighs`), a map
+that ends across both femoral shafts gets thighs drawn below it, since no label map here reaches
+mid-thigh.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "CTSynthesizer",
     "LabelMapCase",
     "add_body_layers",
+    "extend_thighs",
     "read_colour_table",
     "read_structures",
 ]
@@ -229,6 +232,94 @@ def add_body_layers(
     out[free & (field <= 0)] = 4
     out[wall & ~trunk] = 2
     out[body & ~wall] = 1
+    return out
+
+
+def extend_thighs(
+    layered: np.ndarray, names: Sequence[str], spacing: Sequence[float], rng: np.random.Generator, *,
+    length_mm: tuple[float, float] = (120.0, 200.0), thigh_mm: tuple[float, float] = (55.0, 75.0),
+    fat_mm: tuple[float, float] = (8.0, 25.0), adduction_deg: tuple[float, float] = (3.0, 8.0), min_femur_mm: float = 60.0,
+    gap_mm: float = 10.0,
+) -> np.ndarray:
+    """Thighs drawn below a body-layered class map that ends across both femoral shafts.
+
+    A label map that stops at the upper thigh (TotalSegmentator s0327: the top 11 cm of the femurs)
+    teaches no mid-thigh, and its body layers hull both thighs into one blob; a real CT that goes on
+    to the knees then shows femoral shafts in two separate thighs that no training image held (the
+    leave-one-out models call them "hip", docs/synthesis.md round 21). Where the lowest labelled
+    slice holds both femurs, no hip bone, and each femur reaches at least ``min_femur_mm`` above it
+    (a shaft, not a femoral head), the map is padded below with ``length_mm`` of thighs: each femur's
+    lowest cross-section carried down, drifting towards the midline by the adduction angle, in a
+    thigh of muscle (an ellipse of ``thigh_mm`` half-axes round a point a little medial and anterior
+    of the femur, tapering by up to a fifth) inside subcutaneous fat, with at least ``gap_mm`` of air
+    between the thighs.
+    Other maps are returned as they are.
+
+    Args:
+        layered: ``(X, Y, Z)`` int16 from :func:`add_body_layers` (RAS, ``Z`` axial, structures from
+            class ``len(BODY_CLASSES)`` on, in the order of ``names``).
+        names: structure names, class ``len(BODY_CLASSES) + i`` is ``names[i]``.
+        spacing: voxel size in mm.
+    """
+    offset = len(BODY_CLASSES)
+    ids = {n: offset + i for i, n in enumerate(names)}
+    femurs = [ids.get("femur_left"), ids.get("femur_right")]
+    if None in femurs:
+        return layered
+    body_z = np.flatnonzero((layered > 0).any((0, 1)))
+    if len(body_z) == 0:
+        return layered
+    k0 = int(body_z[0])
+    bottom = layered[:, :, k0]
+    hips = [ids[n] for n in ("hip_left", "hip_right") if n in ids]
+    if not all((bottom == f).any() for f in femurs) or any((bottom == h).any() for h in hips):
+        return layered
+    for f in femurs:
+        zs = np.flatnonzero((layered == f).any((0, 1)))
+        if (zs.max() - k0) * spacing[2] < min_femur_mm:
+            return layered
+    n_new = int(round(rng.uniform(*length_mm) / spacing[2]))
+    out = np.pad(layered, ((0, 0), (0, 0), (n_new, 0)))
+    centres = [np.argwhere(bottom == f).mean(0) for f in femurs]
+    mid_x = 0.5 * (centres[0][0] + centres[1][0]) * spacing[0]
+    body = np.argwhere(bottom > 0)
+    body_lo, body_hi = body.min(0) * np.asarray(spacing[:2]), (body.max(0) + 1) * np.asarray(spacing[:2])
+    xs, ys = np.meshgrid(np.arange(out.shape[0]) * spacing[0], np.arange(out.shape[1]) * spacing[1], indexing="ij")
+    draws = []
+    for f, c in zip(femurs, centres):
+        side = np.sign(c[0] * spacing[0] - mid_x)  # +1: the femur lies at higher x than the midline
+        femur_x = np.argwhere(bottom == f)[:, 0] * spacing[0]
+        femur_lateral = float(femur_x.max() + spacing[0] if side > 0 else femur_x.min())
+        body_lateral = float(body_hi[0] if side > 0 else body_lo[0])
+        room = abs(body_lateral - femur_lateral)  # body wall and fat lateral to the femur at the lowest slice
+        fat = min(rng.uniform(*fat_mm), max(2.0, room - 8.0))
+        lateral_edge = femur_lateral + side * min(room, fat + rng.uniform(8.0, 20.0))
+        half_x = min(rng.uniform(*thigh_mm), abs(lateral_edge - mid_x) / 2.0)
+        half_y = min(rng.uniform(*thigh_mm), (body_hi[1] - body_lo[1]) / 2.0 + 10.0)
+        shape = dict(
+            cx=lateral_edge - side * half_x, cy=c[1] * spacing[1] + rng.uniform(0.0, 10.0),  # a little anterior (RAS: +y)
+            a=half_x, b=half_y, fat=fat, side=side,
+            tan=math.tan(math.radians(rng.uniform(*adduction_deg))), taper=rng.uniform(0.0, 0.2),
+        )
+        draws.append((f, shape))
+    for k in range(n_new):  # new slices 0..n_new-1; the map's old lowest slice is now n_new
+        depth_mm = (n_new - k) * spacing[2]
+        sl = np.zeros(out.shape[:2], dtype=out.dtype)
+        femur_here = []
+        for f, d in draws:
+            dx_mm = -d["side"] * depth_mm * d["tan"]  # the shaft converges on the knee
+            scale = 1.0 - d["taper"] * depth_mm / (n_new * spacing[2])
+            a, b = d["a"] * scale, d["b"] * scale
+            cx = d["cx"] + dx_mm + d["side"] * (d["a"] - a)  # tapering keeps the lateral edge's drift
+            r = ((xs - cx) / a) ** 2 + ((ys - d["cy"]) / b) ** 2
+            inner = ((xs - cx) / max(a - d["fat"], 1.0)) ** 2 + ((ys - d["cy"]) / max(b - d["fat"], 1.0)) ** 2
+            from_mid = d["side"] * (xs - mid_x)  # the thighs stay apart, each wrapped in its fat
+            sl[(r <= 1.0) & (from_mid >= gap_mm / 2.0) & (sl == 0)] = 1  # subcutaneous fat
+            sl[(inner <= 1.0) & (from_mid >= gap_mm / 2.0 + d["fat"]) & (sl <= 1)] = 2  # muscle
+            femur_here.append((f, np.roll(bottom == f, int(round(dx_mm / spacing[0])), axis=0)))
+        for f, m in femur_here:
+            sl[m] = f
+        out[:, :, k] = sl
     return out
 
 
@@ -637,6 +728,7 @@ def load_label_map_case(
     target_spacing: Sequence[float] | None,
     margin: int = 8,
     seed: int = 0,
+    thighs: bool = False,
     **source: str | Path | Mapping[str, str | Path] | None,
 ) -> LabelMapCase:
     """Read a label-map source (:func:`read_structures` keywords), bring it to model space, add
@@ -650,11 +742,15 @@ def load_label_map_case(
         target_spacing: model spacing, mm.
         margin: voxels of air kept around the body.
         seed: the body layers' random thicknesses and fat/soft split.
+        thighs: draw thighs below a map that ends across both femoral shafts
+            (:func:`extend_thighs`, seeded from ``seed``).
     """
     classes, affine, names = read_structures(**source)  # type: ignore[arg-type]
     model = to_model_space(classes, affine, target_spacing)
     spacing = tuple(float(s) for s in (target_spacing or np.sqrt((affine[:3, :3] ** 2).sum(0))))
     layered = add_body_layers(model, spacing, np.random.default_rng(seed))
+    if thighs:
+        layered = extend_thighs(layered, names, spacing, np.random.default_rng([seed, 1]))
     box = crop_to_body(layered, margin)
     layered = layered[box]
     offset = len(BODY_CLASSES) - 1

@@ -507,12 +507,13 @@ def load_synthetic_sources(
     return sources
 
 
-def load_synthetic_case(source: SyntheticSource, config: PreprocessConfig, seed: int = 0) -> PromptSegCase:
+def load_synthetic_case(source: SyntheticSource, config: PreprocessConfig, seed: int = 0, thighs: bool = False) -> PromptSegCase:
     """A :class:`SyntheticSource` in model space (:func:`volumed.data.synthesis.load_label_map_case`)
-    as a training case whose image is drawn anew for every patch."""
+    as a training case whose image is drawn anew for every patch; ``thighs``: thighs drawn below a
+    map that ends across both femoral shafts (:func:`volumed.data.synthesis.extend_thighs`)."""
     lm = load_label_map_case(name=source.name, terms=source.terms, term_structures=source.term_structures,
                              target_spacing=config.target_spacing, margin=int(np.max(config.margin)), seed=seed,
-                             **source.files)  # fmt: skip
+                             thighs=thighs, **source.files)  # fmt: skip
     structures = {n: lm.classes[0] == c for c, n in enumerate(lm.class_names) if c >= len(BODY_CLASSES)}
     regions = _regions(structures)
     return PromptSegCase(None, lm.masks(), lm.terms, "CT", f"synthetic:{source.name}", regions=regions, synthetic=lm)
@@ -1053,6 +1054,8 @@ class PromptSegDataModule(L.LightningDataModule):
         synthetic_surroundings: probability that a synthetic patch gets arms beside the trunk, and
             that it gets a scanner table under the back
             (:meth:`volumed.data.synthesis.CTSynthesizer.add_surroundings`; 0: off).
+        synthetic_thighs: draw 12-20 cm of thighs below a label map that ends across both femoral
+            shafts (:func:`volumed.data.synthesis.extend_thighs`; no label map here reaches mid-thigh).
         pad_mode: how real images smaller than the patch are padded (:class:`PromptSegPatchDataset`);
             recorded in the trained package, whose inference pads the same way.
         synthetic_share: fraction of the patches drawn from synthetic cases (:class:`PromptSegPatchDataset`;
@@ -1100,6 +1103,7 @@ class PromptSegDataModule(L.LightningDataModule):
         synthetic_heart_wall: bool = False,
         synthetic_enhancement: Sequence[float] = (1.0, 1.0),
         synthetic_surroundings: float = 0.0,
+        synthetic_thighs: bool = False,
         pad_mode: str = "constant",
         synthetic_share: float | None = None,
         terms: Sequence[str] | None = None,
@@ -1149,7 +1153,8 @@ class PromptSegDataModule(L.LightningDataModule):
                     "data",
                 )
             self.cases = [load_case(s, self.preprocess_config) for s in sources]
-            self.cases += [load_synthetic_case(s, self.preprocess_config, seed=hp.seed + k) for k, s in enumerate(synthetic)]
+            self.cases += [load_synthetic_case(s, self.preprocess_config, seed=hp.seed + k, thighs=hp.synthetic_thighs)
+                           for k, s in enumerate(synthetic)]  # fmt: skip
         else:
             self.cases = phantom_cases(
                 hp.phantom_cases, hp.phantom_seed, hp.phantom_shape, hp.phantom_spacing, self.preprocess_config, hp.phantom_terms

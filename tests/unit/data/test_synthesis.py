@@ -14,6 +14,7 @@ from volumed.data.synthesis import (
     BODY_CLASSES,
     CTSynthesizer,
     add_body_layers,
+    extend_thighs,
     load_label_map_case,
     read_colour_table,
     read_structures,
@@ -352,3 +353,76 @@ def test_surroundings_draw_no_arm_beside_the_thighs_and_reject_a_bad_probability
         CTSynthesizer(tissues, (4.0, 4.0, 4.0), surroundings=1.5)
     with pytest.raises(ConfigError, match="class names for"):
         CTSynthesizer(tissues, (4.0, 4.0, 4.0), surroundings=0.5, class_names=names[:-1])
+
+
+def _pelvis_ending_across_the_femurs(femur_slices: int = 40, hip: bool = False) -> tuple[np.ndarray, list[str]]:
+    """A body-layered map (2 mm voxels) whose lowest slices cut both femurs: femur_left at low x,
+    femur_right at high x, a sacrum on top; with ``hip`` a hip bone reaches the lowest slice."""
+    names = ["femur_left", "femur_right", "sacrum", "hip_left"]
+    c = np.zeros((120, 80, 60), np.int16)
+    f_left, f_right, sacrum, hip_left = (len(BODY_CLASSES) - 1 + 1 + i for i in range(4))
+    c[28:38, 35:45, 10 : 10 + femur_slices] = f_left - (len(BODY_CLASSES) - 1)
+    c[82:92, 35:45, 10 : 10 + femur_slices] = f_right - (len(BODY_CLASSES) - 1)
+    c[50:70, 30:50, 35:50] = sacrum - (len(BODY_CLASSES) - 1)
+    if hip:
+        c[14:24, 30:40, 10:30] = hip_left - (len(BODY_CLASSES) - 1)
+    return add_body_layers(c, (2.0, 2.0, 2.0), np.random.default_rng(0)), names
+
+
+def test_thighs_carry_both_femoral_shafts_down_in_two_thighs_apart():
+    layered, names = _pelvis_ending_across_the_femurs()
+    out = extend_thighs(layered, names, (2.0, 2.0, 2.0), np.random.default_rng(3))
+    n_new = out.shape[2] - layered.shape[2]
+    assert 60 <= n_new <= 100  # 12-20 cm at 2 mm
+    np.testing.assert_array_equal(out[:, :, n_new:], layered)  # the map itself is unchanged
+    f_left, f_right = len(BODY_CLASSES), len(BODY_CLASSES) + 1
+    k0 = int(np.flatnonzero((layered > 0).any((0, 1)))[0])
+    for k in (0, n_new // 2, n_new - 1):
+        sl = out[:, :, k]
+        for f in (f_left, f_right):
+            assert (sl == f).sum() == (layered[:, :, k0] == f).sum()  # the lowest cross-section, carried down
+            ring = ndimage_ring(sl == f)
+            assert np.isin(sl[ring], [2, f_left, f_right]).all()  # each shaft lies in muscle
+        assert {0, 1, 2} <= set(np.unique(sl).tolist()) and not np.isin(sl, [3, 4]).any()
+        # Air between the thighs: the column midway between the femurs is outside the body.
+        assert (sl[58:62] == 0).all()
+    # Adduction: the shafts converge on the knee, the lowest slice's nearer the midline.
+    x_top = [np.argwhere(out[:, :, n_new - 1] == f)[:, 0].mean() for f in (f_left, f_right)]
+    x_low = [np.argwhere(out[:, :, 0] == f)[:, 0].mean() for f in (f_left, f_right)]
+    assert x_low[0] > x_top[0] and x_low[1] < x_top[1]
+
+
+def ndimage_ring(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2) & ~mask
+
+
+@pytest.mark.parametrize("variant", ["hip in the lowest slice", "femoral heads only", "no femur"])
+def test_thighs_are_not_drawn_below_a_map_that_does_not_end_across_the_femoral_shafts(variant):
+    layered, names = _pelvis_ending_across_the_femurs(femur_slices=25 if variant == "femoral heads only" else 40,
+                                                      hip=variant == "hip in the lowest slice")  # fmt: skip
+    if variant == "no femur":
+        names = ["other_left", "other_right", "sacrum", "hip_left"]
+    out = extend_thighs(layered, names, (2.0, 2.0, 2.0), np.random.default_rng(0))  # 25 slices: 50 mm of femur
+    assert out is layered
+
+
+def test_thighs_below_totalsegmentator_s0327_not_below_s0328(shared_data):
+    """s0327 ends 11 cm down the femurs; s0328 at the femoral heads (the two label maps with femurs)."""
+    from volumed.tasks.promptseg_data import load_synthetic_sources
+
+    sources = {s.name: s for s in load_synthetic_sources("configs/datalists/promptseg_ct_all.json")}
+    grown = {}
+    for name in ("s0327", "s0328"):
+        src = sources[name]
+        case = load_label_map_case(name=name, terms=src.terms, term_structures=src.term_structures,
+                                   target_spacing=(4.0, 4.0, 4.0), **src.files)  # fmt: skip
+        layered = case.classes[0].numpy()
+        out = extend_thighs(layered, case.class_names[len(BODY_CLASSES):], (4.0, 4.0, 4.0), np.random.default_rng(0))
+        grown[name] = out.shape[2] - layered.shape[2]
+        np.testing.assert_array_equal(out[:, :, grown[name]:], layered)
+        if grown[name]:
+            femurs = [case.class_names.index(f) for f in ("femur_left", "femur_right")]
+            assert all((out[:, :, 0] == f).any() for f in femurs)  # both shafts reach the new lowest slice
+    assert grown["s0327"] >= 30 and grown["s0328"] == 0, grown
