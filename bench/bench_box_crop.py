@@ -70,21 +70,12 @@ def cut(volume, box: tuple[slice, slice, slice]):
 def scores(package: Path, scans: list[str], sizes: list[float]) -> dict:
     """``{scan: {f"{anchor}@{size}": {term: {"whole": d, "cropped": d}}}}`` of one package."""
     import bench_generalisation as bg
-    from volumed.inference.package import load_package
-    from volumed.io import read_volume
-    from volumed.tasks.promptseg import encode_terms, predict_probabilities
+    from volumed.tasks.promptseg import predict_probabilities
 
-    model, config = load_package(package)
-    sources = bg._sources()
+    model, config, found = bg.target_scans(package, scans)
     out: dict = {}
-    for scan in scans:
-        src = sources[scan]
-        volume = read_volume(src.image, modality=src.modality)
-        refs = bg.reference_masks(src, volume, list(config.terms))
-        terms = [t for t in config.terms if t in refs and t in bg.TARGETS and refs[t].any()]
-        if not terms:
-            continue
-        emb, _ = encode_terms(terms, config.text_model)
+    for ts in found:
+        scan, volume, refs, terms, emb = ts.name, ts.volume, ts.refs, ts.terms, ts.embeddings
         whole = predict_probabilities(model, config, volume, terms, emb) > config.threshold
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         out[scan] = {}

@@ -195,6 +195,39 @@ def _sources():
     return {name: next(s for s in sources if pick in str(s.image)) for name, pick in SCANS.items()}
 
 
+@dataclass
+class TargetScan:
+    """One real scan with the package's target terms it annotates (for the robustness benches)."""
+
+    name: str
+    volume: object
+    refs: dict
+    terms: list[str]
+    embeddings: torch.Tensor
+
+
+def target_scans(package: Path, scans: list[str]):
+    """``(model, config)`` of ``package`` and, lazily, a :class:`TargetScan` for each of ``scans``
+    that annotates at least one of its target terms (:data:`TARGETS`)."""
+    from volumed.inference.package import load_package
+    from volumed.io import read_volume
+    from volumed.tasks.promptseg import encode_terms
+
+    model, config = load_package(package)
+    sources = _sources()
+
+    def each():
+        for scan in scans:
+            src = sources[scan]
+            volume = read_volume(src.image, modality=src.modality)
+            refs = reference_masks(src, volume, list(config.terms))
+            terms = [t for t in config.terms if t in refs and t in TARGETS and refs[t].any()]
+            if terms:
+                yield TargetScan(scan, volume, refs, terms, encode_terms(terms, config.text_model)[0])
+
+    return model, config, each()
+
+
 def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview_dir: Path | None = None) -> dict:
     """``{scan: {"dice": {term: value}, "too_small": {...}, "seconds": s}}`` of one package."""
     from volumed.inference.package import load_package

@@ -68,19 +68,12 @@ def with_surroundings(padded, seed: int):
 def scores(package: Path, scans: list[str], seeds: list[int]) -> dict:
     """``{scan: {"as_is"|"padded"|"seed<k>": {term: dice}}}`` of one package."""
     import bench_generalisation as bg
-    from volumed.inference.package import load_package
-    from volumed.io import read_volume
-    from volumed.tasks.promptseg import encode_terms, predict_probabilities
+    from volumed.tasks.promptseg import predict_probabilities
 
-    model, config = load_package(package)
-    sources = bg._sources()
+    model, config, found = bg.target_scans(package, scans)
     out: dict = {}
-    for scan in scans:
-        src = sources[scan]
-        volume = read_volume(src.image, modality=src.modality)
-        refs = bg.reference_masks(src, volume, list(config.terms))
-        terms = [t for t in config.terms if t in refs and t in bg.TARGETS and refs[t].any()]
-        emb, _ = encode_terms(terms, config.text_model)
+    for ts in found:
+        scan, volume, refs, terms, emb = ts.name, ts.volume, ts.refs, ts.terms, ts.embeddings
 
         def dice_of(v, where) -> dict:
             p = predict_probabilities(model, config, v, terms, emb) > config.threshold
