@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +58,6 @@ def box_around(volume, mask: np.ndarray, size_mm: float) -> tuple[slice, slice, 
     return tuple(out)  # type: ignore[return-value]
 
 
-def cut(volume, box: tuple[slice, slice, slice]):
-    """The sub-volume ``volume[box]`` with its affine (the voxels keep their world positions)."""
-    start = np.array([b.start for b in box], dtype=float)
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.affine[:3, :3] @ start + volume.affine[:3, 3]
-    return replace(volume, data=np.ascontiguousarray(volume.data[box]), affine=affine)
-
-
 def scores(package: Path, scans: list[str], sizes: list[float]) -> dict:
     """``{scan: {f"{anchor}@{size}": {term: {"whole": d, "cropped": d}}}}`` of one package."""
     import bench_generalisation as bg
@@ -87,7 +78,7 @@ def scores(package: Path, scans: list[str], sizes: list[float]) -> dict:
                 kept = [t for t in terms if refs[t][box].sum() * voxel_ml >= MIN_ML]
                 if not kept:
                     continue
-                sub = cut(volume, box)
+                sub = volume.crop(box)
                 cropped = predict_probabilities(model, config, sub, kept, emb[[terms.index(t) for t in kept]]) > config.threshold
                 row = {}
                 for i, t in enumerate(kept):
@@ -123,15 +114,10 @@ def report(results: dict, command: str) -> str:
              "| model | scan | box (anchor @ mm) | structure | whole scan, in the box | the box alone |",
              "|---|---|---|---|---:|---:|"]  # fmt: skip
     for name, per_scan in results.items():
-        means_w, means_c = [], []
         for scan, boxes in per_scan.items():
             for box, row in boxes.items():
                 for term, d in row.items():
                     lines.append(f"| {name} | {scan} | {box} | {term} | {d['whole']:.3f} | {d['cropped']:.3f} |")
-                    means_w.append(d["whole"])
-                    means_c.append(d["cropped"])
-        if means_w:
-            lines.append(f"| {name} | all | all | **mean of {len(means_w)}** | {np.mean(means_w):.3f} | {np.mean(means_c):.3f} |")
     return "\n".join(lines) + "\n"
 
 

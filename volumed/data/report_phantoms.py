@@ -36,7 +36,6 @@ from typing import Sequence
 import numpy as np
 
 from volumed.data.phantoms import PHANTOM_LABELS, PhantomCase, make_case
-from volumed.io.volume import Volume
 from volumed.errors import ConfigError
 
 __all__ = ["ReportPhantom", "make_report_cohort", "nodule_report"]
@@ -86,16 +85,10 @@ def _crop(case: PhantomCase, field_of_view: str, margin_mm: float) -> PhantomCas
     for a in range(3):
         idx = np.flatnonzero(lungs.any(axis=tuple(b for b in range(3) if b != a)))
         sl.append(slice(max(0, int(idx[0]) - pad[a]), min(lungs.shape[a], int(idx[-1]) + 1 + pad[a])))
-    start = np.array([s.start for s in sl], dtype=np.float64)
-
-    def cut(v: Volume) -> Volume:
-        affine = v.affine.copy()
-        affine[:3, 3] = v.affine[:3, :3] @ start + v.affine[:3, 3]
-        return Volume(np.ascontiguousarray(v.data[tuple(sl)]), affine, modality=v.modality, source=v.source)
-
-    present = set(int(i) for i in np.unique(case.label.data[tuple(sl)]) if i)
+    box = tuple(sl)
+    present = set(int(i) for i in np.unique(case.label.data[box]) if i)
     names = {i: nm for i, nm in case.label_names.items() if i in present}
-    return replace(case, image=cut(case.image), label=cut(case.label), lesion_map=cut(case.lesion_map),
+    return replace(case, image=case.image.crop(box), label=case.label.crop(box), lesion_map=case.lesion_map.crop(box),
                    label_names=names, terms=tuple(names.values()))
 
 

@@ -95,6 +95,16 @@ class Volume:
             raise ValueError(f"data shape {tuple(data.shape)} does not match the grid {self.shape}")
         return replace(self, data=data, modality=modality or self.modality)
 
+    def crop(self, box: tuple[slice, slice, slice]) -> "Volume":
+        """The sub-volume ``data[box]`` (slices with unit step) whose voxels keep their world
+        positions: the affine's origin moves to the box's first voxel."""
+        starts = [b.indices(n) for b, n in zip(box, self.shape)]
+        if len(starts) != 3 or any(step != 1 for _, _, step in starts):
+            raise ValueError(f"crop takes three slices with unit step, got {box!r}")
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ np.array([lo for lo, _, _ in starts], dtype=np.float64) + self.affine[:3, 3]
+        return replace(self, data=np.ascontiguousarray(self.data[tuple(box)]), affine=affine)
+
     def world_to_voxel(self, points_ras: np.ndarray) -> np.ndarray:
         """Map ``(N, 3)`` RAS mm points to continuous voxel indices ``(N, 3)``."""
         pts = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)

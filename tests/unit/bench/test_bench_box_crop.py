@@ -1,5 +1,5 @@
 """bench/bench_box_crop.py: the box is a cube of the asked size round the anchor, clipped to the
-scan, and the cut keeps every voxel at its world position."""
+scan (the cut itself is Volume.crop, tests/unit/io/test_volume.py), and the summary's means."""
 
 from __future__ import annotations
 
@@ -33,19 +33,6 @@ def test_the_box_is_a_cube_of_the_asked_size_round_the_anchor_clipped_to_the_sca
     assert [(b.start, b.stop) for b in box] == [(10, 50), (10, 40), (10, 30)]
     # a box larger than the scan along an axis keeps the whole axis
     assert [(b.start, b.stop) for b in bench_box_crop.box_around(volume, anchor, 200.0)] == [(0, 60), (0, 50), (0, 40)]
-
-
-def test_the_cut_keeps_every_voxel_at_its_world_position():
-    volume = _oblique_volume()
-    box = (slice(7, 31), slice(12, 45), slice(3, 19))
-    sub = bench_box_crop.cut(volume, box)
-    assert sub.shape == (24, 33, 16)
-    np.testing.assert_array_equal(sub.data, volume.data[box])
-    for ijk in [(0, 0, 0), (23, 32, 15), (5, 17, 9)]:
-        world_sub = sub.affine @ np.array([*ijk, 1.0])
-        world_full = volume.affine @ np.array([ijk[0] + 7, ijk[1] + 12, ijk[2] + 3, 1.0])
-        np.testing.assert_allclose(world_sub, world_full)
-    assert sub.data.flags["C_CONTIGUOUS"]
 
 
 def test_the_summary_means_each_models_scores_per_scan():
