@@ -228,8 +228,13 @@ def target_scans(package: Path, scans: list[str]):
     return model, config, each()
 
 
-def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview_dir: Path | None = None) -> dict:
-    """``{scan: {"dice": {term: value}, "too_small": {...}, "seconds": s}}`` of one package."""
+def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview_dir: Path | None = None,
+             threshold: float | None = None) -> dict:
+    """``{scan: {"dice": {term: value}, "dice_segment": {...}, "present_ml": {term: mL}, "too_small": {...},
+    "seconds": s}}`` of one package. ``present_ml``: every term `volumed segment --all` reports
+    present, with its volume. ``threshold`` replaces the package's mask threshold."""
+    from dataclasses import replace
+
     from volumed.inference.package import load_package
     from volumed.inference.segment import PromptSegPredictor
     from volumed.io import read_volume
@@ -238,6 +243,8 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
     from volumed.data.lobe_atlas import atlas_subjects, build_atlas
 
     model, config = load_package(package)
+    if threshold is not None:
+        config = replace(config, threshold=float(threshold))
     predictor = PromptSegPredictor(model, config)
     sources = _sources()
     subjects = atlas_subjects(DATALIST)
@@ -265,7 +272,9 @@ def evaluate(package: Path, scans: tuple[str, ...], min_ml: float = 1.0, preview
         every = predictor.resolve_prompts([], volume.modality, all_terms=True)
         written = predictor.predict(volume, every)
         kept = {t.name: np.asarray(m, dtype=bool) for t, m in zip(every, written.masks) if t.name in refs}
+        present = {t.name: round(float(np.count_nonzero(np.asarray(m, dtype=bool))) * voxel_ml, 1) for t, m in zip(every, written.masks)}
         out[scan] = {"dice": scores, "dice_segment": _scores(kept, refs, [t for t in terms if t in kept]),
+                     "present_ml": {t: v for t, v in present.items() if v > 0},
                      "too_small": small, "seconds": round(seconds, 1)}
         if preview_dir is not None:
             from volumed.inference.preview import render_preview
@@ -420,6 +429,7 @@ def comparison(base: dict) -> str:
     if not cols:
         return ""
     synth = {v: stored[v]["synthetic_only"] for v in VARIANTS if "synthetic_only" in stored[v]}
+    repeats = {v: _stored_repeats(v) for v in cols}
     head = "| left-out scan | structure | " + " | ".join(f"`{v}`" for v in cols)
     head += "".join(f" | synthetic only (`{v}`)" for v in synth) + " | HU baseline | target |"
     lines = ["### Recipes compared", "",
@@ -428,7 +438,9 @@ def comparison(base: dict) -> str:
              "The synthetic-only runs saw no real CT at all. **Bold**: target met. In brackets, where it differs: "
              "the mask as `volumed segment --all` wrote it when the run was evaluated (largest component, body mask, "
              "presence rule, anatomy check; from 2026-12-06 on also the lobes filled to the lungs' air and split by "
-             "a lobe atlas without the scan, so only for runs evaluated since then: their tables below give the date).", "",
+             "a lobe atlas without the scan, so only for runs evaluated since then: their tables below give the date). "
+             "After \"before:\", the same fold trained earlier (another seed, step budget or thread count; the capacity "
+             "table's repeat rows), as written when evaluated: their spread is the noise of a single run.", "",
              head, "|---|---|" + "---:|" * (len(cols) + len(synth) + 2)]  # fmt: skip
     for scan in SCANS:
         fold = f"loso_{scan}"
@@ -445,7 +457,17 @@ def comparison(base: dict) -> str:
                     text += f" ({_dice_cell(t, written)})"
                 return text
 
-            row = [cell(stored[v].get(fold)) for v in cols] + [cell(e) for e in synth.values()]
+            def earlier(v: str) -> str:
+                # The same fold trained before (another seed, step budget or thread count), as written.
+                vals = []
+                for e in repeats[v].get(fold, []):
+                    found = e.get("scans", {}).get(scan, {})
+                    x = found.get("dice_segment", {}).get(t, found.get("dice", {}).get(t))
+                    if x is not None:
+                        vals.append(f"{x:.3f}")
+                return f"; before: {', '.join(vals)}" if vals else ""
+
+            row = [cell(stored[v].get(fold)) + earlier(v) for v in cols] + [cell(e) for e in synth.values()]
             b = base.get(scan, {}).get(t)
             row += [f"{b[0]:.3f}" if b else "", _fmt(TARGETS[t]) if t in TARGETS else ""]
             lines.append(f"| {scan} | {t} | " + " | ".join(row) + " |")
@@ -558,7 +580,8 @@ def capacity_table() -> str:
         "same data; S and M differ in widths only, S-ft in its recipe (`VARIANTS` in the bench); steps as listed "
         "with each run. A \"synthetic CTs only\" row is one run that saw no real CT, tested on all four: every "
         "column is an unseen scan, so it compares sizes at the cost of one run instead of four. \"Repeat k of n\" rows "
-        "are the same recipe trained again (seed 0 both times; another step budget or thread count): their gap is "
+        "are the same recipe trained again (another seed where the run's overrides give `--seed_everything`, else seed 0 "
+        "with another step budget or thread count): their gap is "
         "the noise of a single run, larger than most gaps between recipes in this table.", "",
         head, "|---|---|---|" + "---:|" * len(SCANS), *rows, "",
     ])  # fmt: skip
