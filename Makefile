@@ -55,11 +55,11 @@ test-slow: venv
 bench: venv
 	$(BIN)/python bench/bench_encoders.py
 
-# The default segmenter (bundle 0.7.0) from scratch: five phases of configs/train_promptseg-cpu.yaml
+# The default segmenter (bundle 0.8.0) from scratch: five phases of configs/train_promptseg-cpu.yaml
 # at size M (its header; the fourth draws arms and a table around 70 % of the synthetic trunks, the
-# fifth also cuts a quarter of the patches to a box in air), about 4 h on one CPU thread, then the
+# fifth also cuts half of the patches to a box in air), about 4 h on one CPU thread, then the
 # bundle (version bumped) and its training-scan Dice.
-# Runs go to $(RUNS)/default_M0, default_M, default_M2, default_M3s, default_M4b.
+# Runs go to $(RUNS)/default_M0, default_M, default_M2, default_M3s, default_M4b5.
 RUNS ?= runs
 SIZE_M := --model.encoder_kwargs '{"channels": [16, 32, 64, 128, 192, 192], "strides": [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1], [2, 2, 1]]}' \
 	--model.decoder_kwargs '{"embed_dim": 96, "num_layers": 2, "num_heads": 8, "pixel_dim": 32, "num_memory_levels": 2, "pixel_levels": [1, 2, 3, 4, 5]}'
@@ -73,10 +73,10 @@ train-default: venv
 	$(TRAIN) --out $(RUNS)/default_M3s --model.init_weights $(RUNS)/default_M2/package/model.safetensors \
 		--model.lr 1.0e-3 --model.warmup_steps 20 --data.synthetic_share 0.5 --data.synthetic_surroundings 0.7 \
 		--trainer.max_steps 700 --trainer.max_time 00:00:40:00
-	$(TRAIN) --out $(RUNS)/default_M4b --model.init_weights $(RUNS)/default_M3s/package/model.safetensors \
+	$(TRAIN) --out $(RUNS)/default_M4b5 --model.init_weights $(RUNS)/default_M3s/package/model.safetensors \
 		--model.lr 1.0e-3 --model.warmup_steps 20 --data.synthetic_share 0.5 --data.synthetic_surroundings 0.7 \
-		--data.box_crop 0.25 --trainer.max_steps 700 --trainer.max_time 00:00:40:00
-	$(BIN)/volumed bundle new volumed_promptseg_ct --from-checkpoint $(RUNS)/default_M4b/package --overwrite \
+		--data.box_crop 0.5 --trainer.max_steps 700 --trainer.max_time 00:00:40:00
+	$(BIN)/volumed bundle new volumed_promptseg_ct --from-checkpoint $(RUNS)/default_M4b5/package --overwrite \
 		--changelog "retrained with make train-default"
 	$(BIN)/python bench/bench_promptseg_dice.py --model $(BUNDLE)/models --datalist configs/datalists/promptseg_ct_all.json --update-metrics
 

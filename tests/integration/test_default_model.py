@@ -213,7 +213,9 @@ def test_an_atlas_lobe_weighs_its_whole_lung_in_the_anatomy_check(ts_dir, monkey
     own = {n: by_name[n][0].sum() * voxel_ml * by_name[n][1].confidence for n in ("lung_upper_lobe_left", "lung_lower_lobe_left")}
     assert seen["lung_upper_lobe_left"].weight == pytest.approx(seen["lung_lower_lobe_left"].weight, rel=1e-6)
     assert seen["lung_upper_lobe_left"].weight == pytest.approx(sum(own.values()), rel=1e-3)
-    assert seen["lung_upper_lobe_left"].weight > 5 * own["lung_upper_lobe_left"]
+    # The small upper lobe's own weight is a fraction of its lung's (bundle 0.7.0: under a fifth;
+    # 0.8.0: 7.8 of 36.5).
+    assert seen["lung_upper_lobe_left"].weight > 3 * own["lung_upper_lobe_left"]
     assert seen["liver"].weight == pytest.approx(by_name["liver"][0].sum() * voxel_ml * by_name["liver"][1].confidence, rel=1e-3)
 
 
