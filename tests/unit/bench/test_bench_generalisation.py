@@ -95,6 +95,24 @@ def test_the_recipe_table_shows_the_written_figure_where_it_differs(tmp_path, mo
     assert "evaluated 2026-12-06" in bench_generalisation.report({"loso_tcia_ccth_a01": fold}, {}, "M-hw-ft")
 
 
+def test_the_recipe_table_prints_a_folds_earlier_trainings(tmp_path, monkeypatch):
+    """A fold trained again (another seed) keeps its earlier result under "repeats"; the comparison
+    table prints those after "before:", since one seed moved a kidney by 0.35 (round 22)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bench_generalisation, "RESULTS", results)
+
+    def fold(kidney):
+        return {"scans": {"example_ct_sm": {"dice": {"kidney_left": kidney}, "dice_segment": {"kidney_left": kidney},
+                                            "too_small": {}, "seconds": 1.0}}, "run": {"steps": 700}}
+
+    doc = {"results": {"loso_example_ct_sm": fold(0.588)}, "repeats": {"loso_example_ct_sm": [fold(0.241)]}}
+    (results / "generalisation_M-hw-ft-sb5.json").write_text(json.dumps(doc))
+    table = bench_generalisation.comparison({})
+    row = next(line for line in table.splitlines() if line.startswith("| example_ct_sm | kidney_left |"))
+    assert "| 0.588; before: 0.241 |" in row
+
+
 def test_a_fine_tuning_variant_has_no_synthetic_only_run():
     """A recipe that mixes real and synthetic patches cannot train without real CTs: the bench
     neither trains such a run (it failed at once) nor lists it as not run."""
