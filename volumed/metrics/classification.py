@@ -78,6 +78,8 @@ class ZeroShotMetrics:
 def _as_vectors(probabilities, labels, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.as_tensor(probabilities, dtype=torch.float32).flatten()
     y = torch.as_tensor(labels).flatten()
+    if y.dtype == torch.bool:  # torch.isin has no bool kernel
+        y = y.long()
     if p.shape != y.shape or p.numel() == 0:
         raise ConfigError(f"{what}: probabilities and labels must be non-empty and of one length, "
                           f"got {tuple(p.shape)} and {tuple(y.shape)}")

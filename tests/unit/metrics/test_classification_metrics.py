@@ -33,6 +33,15 @@ def test_perfect_reversed_and_one_class_findings():
     assert "good" in table and "macro" in table and m.to_dict()["macro"]["auroc"] == pytest.approx(0.5)
 
 
+def test_bool_labels_score_as_0_and_1():
+    """Labels as Python or torch bools (a phantom's ``nodule`` flag) are what the error message
+    promises to take: the same scores as 0/1."""
+    probs = [0.1, 0.4, 0.35, 0.8]
+    want = score_binary("x", probs, [0, 0, 1, 1])
+    assert score_binary("x", probs, [False, False, True, True]) == want
+    assert score_binary("x", probs, torch.tensor([False, False, True, True])) == want
+
+
 def test_tensor_input_matches_dict_input():
     p = torch.tensor([[0.9, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])
     y = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
