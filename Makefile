@@ -14,7 +14,7 @@ TCIA ?= $(SHARED)/tcia_ccth_a01/ct.nii.gz
 BUNDLE ?= bundles/volumed_promptseg_ct
 OUT ?= demo_out
 
-.PHONY: demo test test-slow bench venv clean train-default
+.PHONY: demo test test-slow bench venv clean train-default train-ground
 
 venv: $(BIN)/.installed
 
@@ -79,6 +79,28 @@ train-default: venv
 	$(BIN)/volumed bundle new volumed_promptseg_ct --from-checkpoint $(RUNS)/default_M4b5/package --overwrite \
 		--changelog "retrained with make train-default"
 	$(BIN)/python bench/bench_promptseg_dice.py --model $(BUNDLE)/models --datalist configs/datalists/promptseg_ct_all.json --update-metrics
+
+# The grounding bundle (volumed_ground_ct 0.6.0's five phases, models/grounding.json "history") from
+# the default segmenter's weights: configs/train_ground-cpu.yaml (8000 steps on 200 phantoms), 5000
+# more steps on them, 3000 on 200 new phantoms, then 2500 and 3000 on two sets of 1000 new phantoms
+# with the small-finding weight; 3-4 h on two CPU threads (0.4-0.6 s a step). Then the bundle (version bumped) and
+# its held-out phantom hit rate (BENCHMARKS.md, "Grounding: findings and their search regions").
+# Runs go to $(RUNS)/ground_1 ... ground_5.
+GROUND := $(BIN)/volumed train ground --config configs/train_ground-cpu.yaml --num_threads 2
+GROUND_ON := --model.lr 1.0e-3 --model.warmup_steps 50
+train-ground: venv
+	$(GROUND) --out $(RUNS)/ground_1
+	$(GROUND) --out $(RUNS)/ground_2 --model.init_weights $(RUNS)/ground_1/package/model.safetensors $(GROUND_ON) \
+		--trainer.max_steps 5000
+	$(GROUND) --out $(RUNS)/ground_3 --model.init_weights $(RUNS)/ground_2/package/model.safetensors $(GROUND_ON) \
+		--trainer.max_steps 3000 --data.phantom_seed 2
+	$(GROUND) --out $(RUNS)/ground_4 --model.init_weights $(RUNS)/ground_3/package/model.safetensors $(GROUND_ON) \
+		--model.pos_weight_voxels 32 --trainer.max_steps 2500 --data.phantoms 1000 --data.phantom_seed 8
+	$(GROUND) --out $(RUNS)/ground_5 --model.init_weights $(RUNS)/ground_4/package/model.safetensors $(GROUND_ON) \
+		--model.pos_weight_voxels 32 --trainer.max_steps 3000 --data.phantoms 1000 --data.phantom_seed 10
+	$(BIN)/volumed bundle new volumed_ground_ct --task ground --from-checkpoint $(RUNS)/ground_5/package --overwrite \
+		--changelog "retrained with make train-ground"
+	$(BIN)/python bench/bench_grounding_findings.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

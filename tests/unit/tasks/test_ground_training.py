@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -206,12 +205,14 @@ def test_fpn_key_map_refuses_weights_whose_memory_levels_cannot_be_placed(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 19 item 3 goal not reached: see docs/grounding.md, 'Phantom result'")
 @pytest.mark.skipif(not (ANATOMY / "model.safetensors").is_file(), reason="no anatomy model in bundles/ to start from")
-def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
-    """The issue's target: hit rate >= 0.9 on held-out phantoms after CPU training with the
-    recipe of configs/train_ground-cpu.yaml (its steps: about 25 minutes on two cores), starting
-    from the anatomy model."""
+def test_the_recipes_first_phase_grounds_most_held_out_lesions(tmp_path):
+    """The first of `make train-ground`'s five phases, configs/train_ground-cpu.yaml from the
+    default segmenter's weights (8000 steps: 55-80 minutes on two cores), finds most held-out
+    phantom lesions: measured 18 of 22 on seed 1 (0.82; 160 of 189 over the five held-out sets)
+    from segmenter 0.8.0 in 7684 steps, 0.77 from segmenter 0.5.0. The issue's 0.9 takes all five
+    phases; the shipped bundle's figures are asserted by
+    test_the_shipped_bundle_hits_0_9_of_held_out_phantom_lesions."""
     import yaml
 
     recipe = yaml.safe_load((REPO / "configs" / "train_ground-cpu.yaml").read_text())
@@ -225,18 +226,21 @@ def test_held_out_phantom_hit_rate_reaches_0_9(tmp_path):
               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
     predictor = GroundingPredictor.from_package(module.export_package(tmp_path / "pkg"))
     metrics, _ = evaluate_grounding(predictor, load_grounding_datalist(test))
-    assert metrics.hit_rate >= 0.9 and not math.isnan(metrics.hit_rate)
+    assert metrics.n_present == 22 and metrics.hit_rate >= 0.7
 
 
 @pytest.mark.skipif(not (GROUND / "model.safetensors").is_file(), reason="no grounding bundle weights")
-def test_the_shipped_bundle_hits_0_9_of_held_out_phantom_lesions(tmp_path):
-    """Issue 19 item 3 on the CPU-trained bundle as `volumed ground` runs it (default search
-    regions): 30 phantoms of a seed it never trained on (67 lesions; bundle 0.6.0: 65 hit, 23 of
-    90 sentences about a lesion-free organ answered with a mask; 0.5.0: 62 and 19)."""
-    assert 9 not in json.loads((GROUND / "grounding.json").read_text())["training"]["phantom_seeds"]
-    cases = load_grounding_datalist(write_grounding_phantoms(tmp_path, 30, 9))
+@pytest.mark.parametrize("seed, cases, lesions", [(9, 30, 67), (1, 10, 22)], ids=["seed9", "seed1"])
+def test_the_shipped_bundle_hits_0_9_of_held_out_phantom_lesions(tmp_path, seed, cases, lesions):
+    """Issue 19 item 3 on the CPU-trained bundle (`make train-ground`'s five phases) as `volumed
+    ground` runs it (default search regions from the default segmenter), on phantoms of seeds it
+    never trained on: 30 cases of seed 9 (67 lesions; bundle 0.6.0 with segmenter 0.8.0: 65 hit,
+    24 of 90 sentences about a lesion-free organ answered with a mask), and the 10 of seed 1 that
+    every grounding model has been scored on since 0.2.0 (22 lesions; 20 hit, 4 of 30)."""
+    assert seed not in json.loads((GROUND / "grounding.json").read_text())["training"]["phantom_seeds"]
+    cases = load_grounding_datalist(write_grounding_phantoms(tmp_path, cases, seed))
     metrics, _ = evaluate_grounding(GroundingPredictor.from_package(GROUND), cases)
-    assert metrics.n_present == 67 and metrics.n_absent == 90
+    assert metrics.n_present == lesions and metrics.n_absent == 3 * len(cases)
     assert metrics.hit_rate >= 0.9
     assert metrics.false_positive_rate <= 0.3 and metrics.mean_dice >= 0.7
 
@@ -267,3 +271,36 @@ def test_input_windows_start_from_a_package_unchanged_and_travel_in_its_config(t
     assert model.state_dict()[first].shape[1] == 2
     with pytest.raises(ConfigError, match="input_windows"):
         PromptSegConfig.from_dict({"encoder": "stunet_tiny", "input_windows": [[240, -160]]})
+
+
+def _flags(command: str) -> dict[str, str]:
+    """``--key value`` pairs of a `volumed train ground` command line (backslash continuations joined)."""
+    words = command.replace("\\\n", " ").split()
+    return {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+
+
+@pytest.mark.skipif(not (GROUND / "grounding.json").is_file(), reason="no grounding bundle record")
+def test_make_train_ground_runs_the_phases_the_shipped_bundle_records():
+    """`make train-ground` must retrain what ships: five phases of the recipe, each from the weights
+    of the one before, the last two with the hyperparameters and phantom sets that
+    `models/grounding.json` records for bundle 0.6.0's own last two runs (their output folders,
+    thread counts and time limits aside), then the bundle and the bench."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    printed = subprocess.run(["make", "-n", "-o", "venv", "-o", ".venv/bin/.installed", "train-ground", "RUNS=r"],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+    phases = [_flags(line) for line in printed.replace("\\\n", " ").splitlines() if "train ground" in line]
+    assert len(phases) == 5
+    assert all(p["--config"] == "configs/train_ground-cpu.yaml" for p in phases)
+    assert "--model.init_weights" not in phases[0]  # the recipe's own start: the default segmenter
+    for k in range(1, 5):
+        assert phases[k]["--model.init_weights"] == f"{phases[k - 1]['--out']}/package/model.safetensors"
+    record = json.loads((GROUND / "grounding.json").read_text())["training"]
+    ignore = {"--out", "--model.init_weights", "--num_threads", "--trainer.max_time"}
+    for phase, run in ((phases[3], record["previous_stage"]), (phases[4], record)):
+        recorded = {k: v for k, v in _flags(run["command"]).items() if k not in ignore}
+        assert {k: v for k, v in phase.items() if k not in ignore} == recorded
+    assert f"--from-checkpoint {phases[4]['--out']}/package" in printed and "bench_grounding_findings.py" in printed
